@@ -1,0 +1,120 @@
+"""The interface every active-reasoning task implements (plain Python: no veRL, no Ray).
+
+An episode is built from a dataset row's ``extra_info["env"]`` dict. The agent loop feeds it the
+text of each agent turn (already cut right after the first closing tag) and gets back the feedback
+to show the agent, the turn's directional critique and whether the episode is over. Rounds
+alternate Action (odd turns, AS critique), Update (even turns, BT critique), ..., and the turn
+``max_turns`` is the answer turn (critique 0). An ``<answer>`` block in any turn ends the episode.
+
+To add a task: subclass :class:`ActiveReasoningEnv`, decorate it with ``@register_env("name")``,
+and write rows whose ``extra_info["env"]["task"] == "name"``.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from verl_selflock.protocol import TurnLabel
+
+
+class RoundKind(str, enum.Enum):
+    ACTION = "action"
+    UPDATE = "update"
+    ANSWER = "answer"
+
+
+def round_kind(turn: int, max_turns: int) -> RoundKind:
+    """Kind of the 1-based ``turn`` in an episode of ``max_turns`` (even) turns."""
+    if turn >= max_turns:
+        return RoundKind.ANSWER
+    return RoundKind.ACTION if turn % 2 == 1 else RoundKind.UPDATE
+
+
+@dataclass
+class StepResult:
+    """What the environment answers to one agent turn."""
+
+    observation: str | None
+    """Text shown to the agent as the next user message; None when the episode is over."""
+    label: TurnLabel
+    """The turn's critique (and channel)."""
+    done: bool
+    """The episode is over (answer given, answer turn reached, or nothing more to say)."""
+    valid: bool = True
+    """The turn's action/guess/answer parsed and was admissible."""
+    repeated: bool = False
+    """The action repeated an earlier one."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Task-specific details (parsed action, feedback, Psi_hat ...) for diagnostics and tests."""
+
+
+@dataclass
+class EpisodeResult:
+    """Outcome of a finished (or cut) episode."""
+
+    reward: float
+    """Outcome reward of the answer the episode actually produced (0 if none)."""
+    success: bool
+    answered: bool
+    """The agent produced a well-formed final answer."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Per-sample scalars: turns, invalid/repeated actions, AS/BT positive/negative counts ..."""
+
+
+class ActiveReasoningEnv(ABC):
+    """One episode of an active-reasoning task."""
+
+    task: ClassVar[str] = ""
+
+    def __init__(self, spec: Mapping[str, Any], max_turns: int | None = None) -> None:
+        self.spec = dict(spec)
+        self.max_turns = int(max_turns if max_turns is not None else spec["max_turns"])
+        if self.max_turns < 2 or self.max_turns % 2:
+            raise ValueError(f"max_turns must be an even number >= 2, got {self.max_turns}")
+        self.turn = 0  # number of agent turns received so far
+
+    @abstractmethod
+    async def step(self, text: str) -> StepResult:
+        """Consume the agent's turn ``self.turn + 1`` (its generated text) and answer it."""
+
+    @abstractmethod
+    def result(self) -> EpisodeResult:
+        """Score the episode as it stands (callable at any time, e.g. after a cut)."""
+
+    def next_round(self) -> RoundKind:
+        return round_kind(self.turn + 1, self.max_turns)
+
+
+_ENV_REGISTRY: dict[str, type[ActiveReasoningEnv]] = {}
+
+
+def register_env(name: str) -> Callable[[type[ActiveReasoningEnv]], type[ActiveReasoningEnv]]:
+    """Class decorator registering an environment under the task name used in dataset rows."""
+
+    def decorator(cls: type[ActiveReasoningEnv]) -> type[ActiveReasoningEnv]:
+        existing = _ENV_REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"environment {name!r} is already registered to {existing.__qualname__}")
+        cls.task = name
+        _ENV_REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def registered_envs() -> list[str]:
+    return sorted(_ENV_REGISTRY)
+
+
+def make_env(spec: Mapping[str, Any], max_turns: int | None = None) -> ActiveReasoningEnv:
+    """Build an episode from a row's ``extra_info["env"]`` (which names its ``task``)."""
+    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
+
+    task = spec.get("task")
+    if task not in _ENV_REGISTRY:
+        raise ValueError(f"unknown task {task!r}; registered tasks: {registered_envs()}")
+    return _ENV_REGISTRY[task](spec, max_turns=max_turns)
