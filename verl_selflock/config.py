@@ -1,0 +1,80 @@
+"""Start-up validation of a veRL config that uses our estimators (runs on the driver, before Ray).
+
+veRL does not validate ``algorithm.adv_estimator`` until the first advantage step inside the
+TaskRunner, and it silently drops the critic unless the estimator is literally ``gae``. A run that
+asks for ``arew`` without the data AREW needs must not train silently without critiques: every such
+misconfiguration fails here with a message that says exactly what to set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from verl_selflock.algorithms.arew import ArewConfig
+
+TRAINER_MODE = "selflock"
+"""Our v1 trainer mode (``trainer.v1.trainer_mode``): veRL's sync trainer plus the AREW bonus."""
+
+SELFLOCK_ESTIMATORS = ("arew",)
+"""``algorithm.adv_estimator`` values that need :data:`TRAINER_MODE`."""
+
+
+class SelflockConfigError(ValueError):
+    """A veRL config asks for one of our features with settings that cannot work."""
+
+
+def _get(node: Any, dotted: str, default: Any = None) -> Any:
+    for key in dotted.split("."):
+        if node is None:
+            return default
+        node = node.get(key) if isinstance(node, Mapping) or hasattr(node, "get") else None
+    return default if node is None else node
+
+
+def uses_selflock_estimator(config: Any) -> bool:
+    return str(_get(config, "algorithm.adv_estimator", "")) in SELFLOCK_ESTIMATORS
+
+
+def arew_config_of(config: Any) -> ArewConfig:
+    """The validated ``algorithm.arew`` node of a full veRL config (defaults if absent)."""
+    return ArewConfig.from_mapping(_get(config, "algorithm.arew"))
+
+
+def validate_selflock_config(config: Any) -> None:
+    """Raise :class:`SelflockConfigError` if ``config`` asks for ``arew`` with settings that cannot work.
+
+    Args:
+        config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides).
+    """
+    estimator = str(_get(config, "algorithm.adv_estimator", ""))
+    has_arew_node = _get(config, "algorithm.arew") is not None
+    if estimator not in SELFLOCK_ESTIMATORS:
+        if has_arew_node:
+            # Not an error (a recipe may keep the node for an A/B run), but worth validating.
+            arew_config_of(config)
+        return
+
+    try:
+        arew = arew_config_of(config)
+        arew.validate_base()
+    except ValueError as err:
+        raise SelflockConfigError(str(err)) from None
+
+    if not bool(_get(config, "trainer.use_v1", True)):
+        raise SelflockConfigError(
+            f"algorithm.adv_estimator={estimator} runs on veRL's v1 trainer only: set trainer.use_v1=true "
+            f"trainer.v1.trainer_mode={TRAINER_MODE}"
+        )
+    mode = _get(config, "trainer.v1.trainer_mode", "sync")
+    if mode != TRAINER_MODE:
+        raise SelflockConfigError(
+            f"algorithm.adv_estimator={estimator} needs the per-turn critiques that only our trainer mode "
+            f"passes to the advantage step: set trainer.v1.trainer_mode={TRAINER_MODE} (got {mode!r})"
+        )
+    critic_enable = _get(config, "critic.enable")
+    if arew.base == "gae" and not critic_enable:
+        raise SelflockConfigError(
+            "algorithm.arew.base=gae needs critic values, and veRL only builds a critic for "
+            f"adv_estimator=gae unless told otherwise: set critic.enable=True (got critic.enable={critic_enable})"
+        )

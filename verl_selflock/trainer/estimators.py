@@ -1,0 +1,28 @@
+"""Our names in veRL's advantage-estimator registry.
+
+``arew`` is registered so that ``algorithm.adv_estimator=arew`` is a name veRL knows. The
+computation itself happens in our trainer mode (:mod:`verl_selflock.trainer.trainer_mode`), because
+veRL's ``compute_advantage`` passes registered estimators neither critic values nor the per-turn
+critiques. Reaching this function means the run bypassed our trainer mode: fail loudly rather than
+train without critiques.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from verl.trainer.ppo.core_algos import register_adv_est
+
+from verl_selflock.config import TRAINER_MODE
+
+
+@register_adv_est("arew")
+def compute_arew_outcome_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any = None, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guard: AREW runs inside the ``selflock`` trainer mode's advantage step, never here."""
+    raise RuntimeError(
+        "algorithm.adv_estimator=arew reached veRL's generic estimator call, which carries no critiques "
+        f"and no critic values. Run it with trainer.use_v1=true trainer.v1.trainer_mode={TRAINER_MODE}."
+    )

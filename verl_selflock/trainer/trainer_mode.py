@@ -1,0 +1,85 @@
+"""Our v1 trainer mode: veRL's sync trainer whose advantage step adds the AREW bonus.
+
+veRL's ``compute_advantage`` hands registered estimators neither critic values nor per-sample
+fields, and the v1 trainer fetches a fixed list of fields from TransferQueue. veRL 0.9.1 lets a
+plugin register a trainer mode (``trainer.v1.trainer_mode``); ours runs veRL's own advantage step
+with the *base* estimator (so GAE gets its values, GRPO its multi-trajectory grouping, KL-in-reward
+and rollout correction stay veRL's), then fetches the agent loops' ``extra_fields`` and the base
+advantages, adds the bonus and writes the advantages back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+import transfer_queue as tq
+from omegaconf import open_dict
+from tensordict import TensorDict
+from transfer_queue import KVBatchMeta
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.workers.utils.padding import response_to_nested
+
+from verl_selflock.config import SELFLOCK_ESTIMATORS, TRAINER_MODE, arew_config_of, validate_selflock_config
+from verl_selflock.trainer.advantage import apply_arew_bonus
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
+
+
+def _padded(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.nested.to_padded_tensor(tensor, value) if tensor.is_nested else tensor
+
+
+@register_trainer(TRAINER_MODE)
+class SelflockTrainer(PPOTrainerSync):
+    """Synchronous PPO trainer (colocated rollout) with critique-aware advantage estimators."""
+
+    def __init__(self, config) -> None:
+        # Validated again here: the driver-side check does not run when a user builds the
+        # TaskRunner themselves.
+        validate_selflock_config(config)
+        super().__init__(config=config)
+
+    @contextlib.contextmanager
+    def _base_estimator(self, name: str) -> Iterator[None]:
+        """Let veRL's advantage step run ``name`` (the base) while the config says ``arew``."""
+        algorithm = self.config.algorithm
+        requested = algorithm.adv_estimator
+        with open_dict(algorithm):
+            algorithm.adv_estimator = name
+        try:
+            yield
+        finally:
+            with open_dict(algorithm):
+                algorithm.adv_estimator = requested
+
+    def _compute_advantage(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        estimator = str(self.config.algorithm.adv_estimator)
+        if estimator not in SELFLOCK_ESTIMATORS:
+            return super()._compute_advantage(batch, metrics)
+
+        arew = arew_config_of(self.config)
+        with self._base_estimator(arew.base):
+            batch = super()._compute_advantage(batch, metrics)
+
+        data = tq.kv_batch_get(
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            select_fields=["advantages", "response_mask", "extra_fields"],
+        )
+        # Both are jagged (one row per sample, its own response length): pad for the tensor maths.
+        response_mask = data["response_mask"]
+        advantages = _padded(data["advantages"], 0.0)
+        padded_mask = _padded(response_mask, 0)
+        extra_fields = list(data["extra_fields"])
+        advantages, arew_metrics = apply_arew_bonus(
+            advantages, padded_mask, extra_fields, arew, global_step=int(self.global_steps)
+        )
+        metrics.update(arew_metrics)
+        output = TensorDict({"advantages": response_to_nested(advantages, response_mask)}, batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
