@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,13 +69,18 @@ def test_register_is_idempotent():
     assert verl_hooks.registered_trainer_modes() == modes
 
 
+def _console_script() -> str:
+    """The installed `verl-selflock` script of this interpreter's environment."""
+    return str(Path(sys.executable).parent / "verl-selflock")
+
+
 def test_doctor_reports_success_and_failure():
-    ok = subprocess.run(["verl-selflock", "doctor"], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run([_console_script(), "doctor"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "advantage estimators: arew" in ok.stdout and "FAIL" not in ok.stdout
 
     env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}
-    bad = subprocess.run(["verl-selflock", "doctor"], capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run([_console_script(), "doctor"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1
     assert "[FAIL] plugin loaded by `import verl`" in bad.stdout
 

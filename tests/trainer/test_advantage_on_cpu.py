@@ -194,9 +194,12 @@ def test_selflock_trainer_mode_advantage_step_through_transfer_queue(verl_config
     base_adv, base_ret = core_algos.compute_gae_advantage_return(
         data.batch["token_level_rewards"], data.batch["values"], response_mask, gamma=1.0, lam=1.0
     )
+    # Rows come back at their own lengths (padding is not stored): compare inside each row.
     width = advantages.shape[1]
-    torch.testing.assert_close(advantages, (base_adv + expected_bonus * response_mask)[:, :width])
-    torch.testing.assert_close(returns, base_ret[:, :width])
+    inside = torch.arange(width)[None, :] < lengths[:, None]
+    expected = (base_adv + expected_bonus * response_mask)[:, :width]
+    torch.testing.assert_close(advantages[inside], expected[inside])
+    torch.testing.assert_close(returns[inside], base_ret[:, :width][inside])
     assert config.algorithm.adv_estimator == "arew"  # restored after the base step
     assert metrics["arew/samples_without_critique"] == 1.0
     assert np.isclose(metrics["arew/active"], 1.0)
