@@ -11,6 +11,9 @@ from verl_selflock.envs.base import (
     round_kind,
 )
 
+# Built-in tasks register themselves on import (make_env imports this package first).
+from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
+
 __all__ = [
     "ActiveReasoningEnv",
     "EpisodeResult",
