@@ -55,5 +55,5 @@ def apply_arew_bonus(
     metrics["arew/frac_samples_without_critique"] = missing / max(bs, 1)
     if config.lam == 0 or not metrics.get("arew/active", 0.0) or missing == bs:
         return advantages, metrics
-    mask = response_mask.to(advantages.dtype)
-    return advantages + mask * bonus.to(advantages.dtype), metrics
+    # compute_arew_bonus already returns exactly 0.0 where response_mask is 0 (A + mask * bonus).
+    return advantages + bonus.to(advantages.dtype), metrics
