@@ -42,6 +42,12 @@ def _cpu_backend() -> list[str]:
     return list(cpu.register())
 
 
+def _config_resolvers() -> list[str]:
+    from verl_selflock.resolvers import register_resolvers
+
+    return register_resolvers()
+
+
 def _config_validation() -> list[str]:
     from verl_selflock.verl_hooks import install_config_validation
 
@@ -56,6 +62,7 @@ _COMPONENTS: dict[str, tuple[Callable[[], list[str]], list[str]]] = {
     "estimators": (_import("verl_selflock.trainer.estimators"), ["arew"]),
     "trainer_mode": (_import("verl_selflock.trainer.trainer_mode"), ["selflock"]),
     "config_validation": (_config_validation, []),
+    "config_resolvers": (_config_resolvers, []),
     "agent_loops": (_import("verl_selflock.agent_loop.active_reasoning"), ["active_reasoning"]),
     "reward_managers": (_import("verl_selflock.reward.manager"), ["active_reasoning"]),
 }

@@ -1,0 +1,126 @@
+"""Per-episode scalars that the ``active_reasoning`` agent loop hands to the reward manager.
+
+The agent loop stores :meth:`EpisodeStats.as_extra_fields` in ``AgentLoopOutput.extra_fields``; veRL
+passes that dict to the reward loop as the sample's ``tool_extra_fields`` (and, on the legacy
+trainer without streaming reward, spreads its keys as ``non_tensor_batch`` columns). The reward
+manager reads it back with :meth:`EpisodeStats.from_extra_fields`. Plain Python: no veRL import, so
+both sides (and tests) share one definition of the key names.
+
+==============================  =====  ===========================================================
+key                             type   meaning
+==============================  =====  ===========================================================
+``selflock_reward``             float  outcome reward of the answer the episode actually produced
+                                       (``EpisodeResult.reward``; 0 when it never answered)
+``selflock_success``            bool   the answer counts as a success
+``selflock_answered``           bool   the agent produced a well-formed final answer
+``selflock_turns``              int    agent turns generated (incl. a turn cut by the length budget)
+``selflock_invalid_actions``    int    turns the environment judged invalid (``StepResult.valid`` False:
+                                       a bad action, guess or answer, or a repeated action)
+``selflock_repeated_actions``   int    turns that repeated an earlier action
+``selflock_as_pos``/``_as_neg`` int    Action-round turns critiqued +1 / -1
+``selflock_bt_pos``/``_bt_neg`` int    Update-round turns critiqued +1 / -1
+``selflock_truncated``          bool   the episode was cut by ``rollout.response_length``
+``selflock_obs_truncated``      int    observations whose text was capped at ``max_obs_tokens``
+``selflock_stop_reason``        str    ``answer`` | ``done`` | ``max_turns`` | ``response_length``
+``selflock_task``               str    the environment's task name
+``selflock_env_metrics``        dict   ``EpisodeResult.metrics`` (task-specific scalars)
+==============================  =====  ===========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "selflock_"
+REWARD = "selflock_reward"
+SUCCESS = "selflock_success"
+ANSWERED = "selflock_answered"
+TURNS = "selflock_turns"
+INVALID_ACTIONS = "selflock_invalid_actions"
+REPEATED_ACTIONS = "selflock_repeated_actions"
+AS_POS = "selflock_as_pos"
+AS_NEG = "selflock_as_neg"
+BT_POS = "selflock_bt_pos"
+BT_NEG = "selflock_bt_neg"
+TRUNCATED = "selflock_truncated"
+OBS_TRUNCATED = "selflock_obs_truncated"
+STOP_REASON = "selflock_stop_reason"
+TASK = "selflock_task"
+ENV_METRICS = "selflock_env_metrics"
+
+STOP_ANSWER = "answer"
+STOP_DONE = "done"
+STOP_MAX_TURNS = "max_turns"
+STOP_RESPONSE_LENGTH = "response_length"
+
+
+@dataclass
+class EpisodeStats:
+    """What one ``active_reasoning`` episode produced, as the reward manager needs it."""
+
+    reward: float = 0.0
+    success: bool = False
+    answered: bool = False
+    turns: int = 0
+    invalid_actions: int = 0
+    repeated_actions: int = 0
+    as_pos: int = 0
+    as_neg: int = 0
+    bt_pos: int = 0
+    bt_neg: int = 0
+    truncated: bool = False
+    obs_truncated: int = 0
+    stop_reason: str = ""
+    task: str = ""
+    env_metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_extra_fields(self) -> dict[str, Any]:
+        return {
+            REWARD: float(self.reward),
+            SUCCESS: bool(self.success),
+            ANSWERED: bool(self.answered),
+            TURNS: int(self.turns),
+            INVALID_ACTIONS: int(self.invalid_actions),
+            REPEATED_ACTIONS: int(self.repeated_actions),
+            AS_POS: int(self.as_pos),
+            AS_NEG: int(self.as_neg),
+            BT_POS: int(self.bt_pos),
+            BT_NEG: int(self.bt_neg),
+            TRUNCATED: bool(self.truncated),
+            OBS_TRUNCATED: int(self.obs_truncated),
+            STOP_REASON: str(self.stop_reason),
+            TASK: str(self.task),
+            ENV_METRICS: {str(k): float(v) for k, v in self.env_metrics.items()},
+        }
+
+    @classmethod
+    def from_extra_fields(cls, fields: Mapping[str, Any] | None) -> EpisodeStats | None:
+        """Read the stats back; None if ``fields`` does not carry an outcome (another agent loop)."""
+        if not fields or fields.get(REWARD) is None:
+            return None
+
+        def scalar(key: str, default: Any) -> Any:
+            value = fields.get(key, default)
+            # Columns of the legacy trainer arrive as numpy scalars: unwrap them.
+            return value.item() if hasattr(value, "item") else value
+
+        env_metrics = fields.get(ENV_METRICS) or {}
+        return cls(
+            reward=float(scalar(REWARD, 0.0)),
+            success=bool(scalar(SUCCESS, False)),
+            answered=bool(scalar(ANSWERED, False)),
+            turns=int(scalar(TURNS, 0)),
+            invalid_actions=int(scalar(INVALID_ACTIONS, 0)),
+            repeated_actions=int(scalar(REPEATED_ACTIONS, 0)),
+            as_pos=int(scalar(AS_POS, 0)),
+            as_neg=int(scalar(AS_NEG, 0)),
+            bt_pos=int(scalar(BT_POS, 0)),
+            bt_neg=int(scalar(BT_NEG, 0)),
+            truncated=bool(scalar(TRUNCATED, False)),
+            obs_truncated=int(scalar(OBS_TRUNCATED, 0)),
+            stop_reason=str(scalar(STOP_REASON, "")),
+            task=str(scalar(TASK, "")),
+            env_metrics=dict(env_metrics) if isinstance(env_metrics, Mapping) else {},
+        )

