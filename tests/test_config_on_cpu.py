@@ -67,10 +67,10 @@ def test_main_ppo_sees_the_wrapped_validation():
     assert getattr(main_ppo.validate_config, "__verl_selflock_wrapped__", False)
 
 
-def test_real_main_ppo_fails_before_ray_starts():
+def test_real_main_ppo_fails_before_ray_starts(tmp_path):
     """The stock entry point with a missing trainer mode stops on the driver with our message."""
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "algorithm.adv_estimator=arew", "critic.enable=True"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode != 0
     assert "trainer.v1.trainer_mode=selflock" in out.stdout + out.stderr
     assert "ray init kwargs" not in out.stdout  # main_ppo prints this right before ray.init

@@ -7,7 +7,7 @@ can be shown to the agent and logged.
 Rules (shared by every task and by the agent loop):
 
 * **The first closing tag decides.** A turn ends right after the first ``</interact>`` or
-  ``</answer>`` in the generation (the agent loop stops generation on these strings; the
+  ``</answer>`` in the generation (the agent loop cuts the generated tokens there; the
   environments cut again, so they never see text past that tag). Whatever the agent wrote after it
   is dropped. Consequently ``<scratch>... <answer>1,2</answer> ...</scratch>`` is an answer turn,
   and a second ``<interact>`` block in the same turn is never read.
