@@ -218,7 +218,7 @@ def _server_on(model, tokenizer_eos: int, response_length: int) -> HFGenerationS
     """An HFGenerationServer around an in-memory model (skips the file loading in __init__)."""
     server = HFGenerationServer.__new__(HFGenerationServer)
     server.config = SimpleNamespace(
-        prompt_length=32, response_length=response_length, temperature=1.0, max_model_len=None, max_num_seqs=8,
+        prompt_length=256, response_length=response_length, temperature=1.0, max_model_len=None, max_num_seqs=8,
         repetition_penalty=1.0, ignore_eos=False,
     )
     server.model, server.eos_token_ids, server.pad_token_id = model, [tokenizer_eos], 0
@@ -246,6 +246,9 @@ def test_server_caps_lengths_batches_concurrent_requests_and_tags_steps(tiny_lm)
     assert len(first.token_ids) <= 6 and len(second.token_ids) <= 2 and len(third.token_ids) <= 6
     assert len(first.log_probs) == len(first.token_ids)
     assert first.extra_fields["global_steps"] == 3
+    # veRL's default budget when no max_tokens is given: prompt_length + response_length - len(prompt)
+    assert server._request_from(list(range(200)), {}).max_tokens == 6
+    assert server._request_from(list(range(258)), {}).max_tokens == 4
     assert server.stats["batches"] == 1 and server.stats["requests"] == 3  # gathered into one batch
 
 
