@@ -8,7 +8,6 @@ misconfiguration fails here with a message that says exactly what to set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from verl_selflock.algorithms.arew import ArewConfig
@@ -28,7 +27,7 @@ def _get(node: Any, dotted: str, default: Any = None) -> Any:
     for key in dotted.split("."):
         if node is None:
             return default
-        node = node.get(key) if isinstance(node, Mapping) or hasattr(node, "get") else None
+        node = node.get(key) if hasattr(node, "get") else None  # dict or OmegaConf DictConfig
     return default if node is None else node
 
 
