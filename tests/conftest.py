@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "tests") not in sys.path:  # makes ``fixtures`` (tests/fixtures) importable everywhere
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
@@ -33,3 +36,15 @@ def smollm2_dir() -> str:
     from verl_selflock.models import smollm2_path
 
     return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def chat_server(smollm2_dir, tmp_path_factory):
+    """A real ``transformers serve`` with SmolLM2-135M-Instruct (OpenAI-compatible), shared by the session."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from fixtures.openai_servers import start_transformers_serve
+
+    server = start_transformers_serve(smollm2_dir, tmp_path_factory.mktemp("serve") / "transformers_serve.log")
+    yield server
+    server.stop()

@@ -73,8 +73,9 @@ from verl_selflock.agent_loop.token_cut import (
     cut_turn,
     end_of_turn_ids,
 )
-from verl_selflock.envs import make_env
+from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, ResponseLayout
+from verl_selflock.simulators import SimulatorConfig, shared_client
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -107,8 +108,14 @@ class ActiveReasoningLoopConfig:
     the authority). Saves generating past the tag; leave off for servers that reject unknown keys."""
     obs_truncation_marker: str = " ...(truncated)"
     """Appended to a capped observation (counted inside ``max_obs_tokens``)."""
+    simulator: dict[str, Any] | None = None
+    """OpenAI-compatible endpoint of the simulated user/patient for tasks that have one (MediQ, FloDial,
+    tau2): keys of :class:`verl_selflock.simulators.SimulatorConfig`. One client per worker process is
+    shared by all its episodes (concurrency limit, reply cache)."""
 
     def __post_init__(self) -> None:
+        if self.simulator is not None:
+            self.simulator = SimulatorConfig.from_mapping(self.simulator).as_dict()
         for name in ("max_turn_tokens", "max_obs_tokens", "min_turn_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -130,6 +137,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         min_turn_tokens: int = 16,
         stop_on_closing_tag: bool = False,
         obs_truncation_marker: str = " ...(truncated)",
+        simulator: Mapping[str, Any] | None = None,
         tools: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -143,6 +151,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             min_turn_tokens=int(min_turn_tokens),
             stop_on_closing_tag=bool(stop_on_closing_tag),
             obs_truncation_marker=str(obs_truncation_marker),
+            simulator=None if simulator is None else dict(simulator.items()),
         )
         self.response_length = int(self.rollout_config.response_length)
         multi_turn = self.rollout_config.get("multi_turn", None) or {}
@@ -170,7 +179,8 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
 
         # 1. the episode and the prompt
         messages: list[dict[str, Any]] = list(kwargs["raw_prompt"])
-        env = make_env(self._env_spec(kwargs), max_turns=cfg.max_turns)
+        spec = self._env_spec(kwargs)
+        env = make_env(spec, max_turns=cfg.max_turns, context=self._env_context(spec))
         turn_cap = env.max_turns if not self.max_assistant_turns else min(env.max_turns, self.max_assistant_turns)
         prompt_ids = await self.ct_build_initial_tokens(messages)
         runtime_ids = list(prompt_ids)
@@ -309,6 +319,11 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
                 f"got extra_info keys {sorted(extra_info) if isinstance(extra_info, Mapping) else type(extra_info)}"
             )
         return spec
+
+    def _env_context(self, spec: Mapping[str, Any]) -> EnvContext:
+        """Shared services for one episode. Rows built for evaluation (``split: test``) are not training."""
+        simulator = shared_client(self.loop_config.simulator) if self.loop_config.simulator else None
+        return EnvContext(simulator=simulator, training=str(spec.get("split", "train")) != "test")
 
     @staticmethod
     def _merge_tags(tags: dict[str, Any], fields: Mapping[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from verl_selflock.envs.base import (
     ActiveReasoningEnv,
+    EnvContext,
     EpisodeResult,
     RoundKind,
     StepResult,
@@ -16,6 +17,7 @@ from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
 
 __all__ = [
     "ActiveReasoningEnv",
+    "EnvContext",
     "EpisodeResult",
     "RoundKind",
     "StepResult",

@@ -65,13 +65,28 @@ class EpisodeResult:
     """Per-sample scalars: turns, invalid/repeated actions, AS/BT positive/negative counts ..."""
 
 
+@dataclass
+class EnvContext:
+    """What an episode may use besides its spec: shared services and the run's mode."""
+
+    simulator: Any = None
+    """The simulated user/patient: an object with ``async chat(messages, *, cache_key=None, ...)
+    -> ChatReply`` (:class:`verl_selflock.simulators.ChatClient`); None for tasks that need none."""
+    training: bool = True
+    """Training rollouts (False for validation/eval): training-only extras such as counterfactual
+    branches are skipped otherwise."""
+
+
 class ActiveReasoningEnv(ABC):
     """One episode of an active-reasoning task."""
 
     task: ClassVar[str] = ""
 
-    def __init__(self, spec: Mapping[str, Any], max_turns: int | None = None) -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
+    ) -> None:
         self.spec = dict(spec)
+        self.context = context if context is not None else EnvContext()
         self.max_turns = int(max_turns if max_turns is not None else spec["max_turns"])
         if self.max_turns < 2 or self.max_turns % 2:
             raise ValueError(f"max_turns must be an even number >= 2, got {self.max_turns}")
@@ -110,11 +125,13 @@ def registered_envs() -> list[str]:
     return sorted(_ENV_REGISTRY)
 
 
-def make_env(spec: Mapping[str, Any], max_turns: int | None = None) -> ActiveReasoningEnv:
+def make_env(
+    spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
+) -> ActiveReasoningEnv:
     """Build an episode from a row's ``extra_info["env"]`` (which names its ``task``)."""
     import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
 
     task = spec.get("task")
     if task not in _ENV_REGISTRY:
         raise ValueError(f"unknown task {task!r}; registered tasks: {registered_envs()}")
-    return _ENV_REGISTRY[task](spec, max_turns=max_turns)
+    return _ENV_REGISTRY[task](spec, max_turns=max_turns, context=context)

@@ -59,6 +59,7 @@ import numpy as np
 
 from verl_selflock.envs.base import (
     ActiveReasoningEnv,
+    EnvContext,
     EpisodeResult,
     RoundKind,
     StepResult,
@@ -192,9 +193,11 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
     bookkeeping keys (``id``, ``seed``) that the environment ignores.
     """
 
-    def __init__(self, spec: Mapping[str, Any], max_turns: int | None = None) -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
+    ) -> None:
         spec_turns = spec.get("max_turns", DEFAULT_MAX_TURNS.get(str(spec.get("variant")), 0))
-        super().__init__({**spec, "max_turns": spec_turns}, max_turns=max_turns)
+        super().__init__({**spec, "max_turns": spec_turns}, max_turns=max_turns, context=context)
         self.variant = str(spec.get("variant"))
         if self.variant not in PE_VARIANTS:
             raise ValueError(f"PE variant must be one of {PE_VARIANTS}, got {self.variant!r}")

@@ -1,0 +1,11 @@
+"""Clients for the LLMs an episode talks to: simulated users/patients, or a policy under evaluation."""
+
+from verl_selflock.simulators.client import (
+    ChatClient,
+    ChatReply,
+    SimulatorConfig,
+    SimulatorConfigError,
+    shared_client,
+)
+
+__all__ = ["ChatClient", "ChatReply", "SimulatorConfig", "SimulatorConfigError", "shared_client"]
