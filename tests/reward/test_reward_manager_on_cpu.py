@@ -129,7 +129,8 @@ def _manager(config, tokenizer):
 
 def test_scores_the_env_outcome_from_tool_extra_fields(config, tokenizer):
     stats = ef.EpisodeStats(
-        reward=1.0, success=True, answered=True, turns=4, invalid_actions=1, as_pos=1, as_neg=1, bt_pos=1, bt_neg=0
+        reward=1.0, success=True, answered=True, turns=4, invalid_actions=1, as_pos=1, as_neg=1, bt_pos=1, bt_neg=0,
+        env_metrics={"sim_calls": 3.0, "sim_cache_hits": 2.0, "cos_final": 0.5},
     )
     fields = {**stats.as_extra_fields(), "turn_ids": [0, 0, -1]}
     data = one_row({"data_source": "pe_g_s3", "tool_extra_fields": fields})
@@ -146,6 +147,8 @@ def test_scores_the_env_outcome_from_tool_extra_fields(config, tokenizer):
         0.0,
     )
     assert info[MISSING_OUTCOME] == 0.0
+    # simulator counters surface from the env's metrics (0 where the task has no simulator)
+    assert (info["selflock/sim_calls"], info["selflock/sim_cache_hits"], info["selflock/sim_failures"]) == (3.0, 2.0, 0.0)
     assert all(isinstance(v, float) for v in info.values())
 
 

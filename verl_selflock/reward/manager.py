@@ -50,10 +50,19 @@ EXTRA_INFO_KEYS = (
     "selflock/bt_pos",
     "selflock/bt_neg",
     "selflock/truncated",
+    "selflock/sim_calls",
+    "selflock/sim_cache_hits",
+    "selflock/sim_failures",
     MISSING_OUTCOME,
 )
 """``reward_extra_info`` keys, identical for every sample (veRL stacks them by the first sample's
-keys). ``acc`` = success, so veRL's ``val-core`` metrics report the success rate."""
+keys). ``acc`` = success, so veRL's ``val-core`` metrics report the success rate. ``sim_*`` come from the
+environment's metrics of the same name (:data:`SIMULATOR_METRICS`; 0 for tasks without a simulator)."""
+
+SIMULATOR_METRICS = ("sim_calls", "sim_cache_hits", "sim_failures")
+"""Per-episode ``EpisodeResult.metrics`` keys of tasks with a simulated user: questions put to the
+simulator, answers served from the client's cache, and calls that failed after all retries (the turn
+was degraded to the task's "cannot answer" reply with critique 0)."""
 
 
 def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float]:
@@ -74,6 +83,7 @@ def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float]:
         "selflock/bt_pos": float(stats.bt_pos),
         "selflock/bt_neg": float(stats.bt_neg),
         "selflock/truncated": float(stats.truncated),
+        **{f"selflock/{key}": float(stats.env_metrics.get(key, 0.0)) for key in SIMULATOR_METRICS},
         MISSING_OUTCOME: 0.0,
     }
 
