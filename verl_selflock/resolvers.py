@@ -19,11 +19,12 @@ The plugin registers them in every veRL process, so they resolve wherever veRL r
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from filelock import FileLock
 from omegaconf import OmegaConf
 
-from verl_selflock.models.smollm2 import cache_dir, smollm2_path
+from verl_selflock.cache import build_once, cache_dir
+from verl_selflock.models.smollm2 import smollm2_path
 
 RESOLVERS = ("selflock.smollm2", "selflock.pe_data", "selflock.agent_loop_yaml")
 
@@ -33,18 +34,14 @@ def pe_data_dir(variant: str, size_param: int, n_train: int, n_test: int, seed: 
     from verl_selflock.data.pe import build_pe_dataset
 
     name = f"pe_{variant}_{size_param}_train{n_train}_test{n_test}_seed{seed}_turns{max_turns or 'default'}"
-    folder = cache_dir() / "data" / name
-    done = folder / ".complete"
-    if not done.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
-            if not done.exists():
-                build_pe_dataset(
-                    str(variant), int(size_param), int(n_train), int(n_test), int(seed), folder,
-                    max_turns=int(max_turns) or None, progress=False,
-                )
-                done.write_text("ok\n")
-    return str(folder)
+
+    def build(folder: Path) -> None:
+        build_pe_dataset(
+            str(variant), int(size_param), int(n_train), int(n_test), int(seed), folder,
+            max_turns=int(max_turns) or None, progress=False,
+        )
+
+    return str(build_once(cache_dir() / "data" / name, build))
 
 
 def agent_loop_yaml(*knobs: str) -> str:

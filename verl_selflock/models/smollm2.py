@@ -15,19 +15,11 @@ import logging
 import os
 from pathlib import Path
 
-from filelock import FileLock
+from verl_selflock.cache import build_once, cache_dir
 
 logger = logging.getLogger(__name__)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_ENV = "VERL_SELFLOCK_CACHE"
-# Weights stay fp32: the GGUF is dequantised, and CPU training runs in fp32 anyway.
-_MARKER = ".verl_selflock_complete"
-
-
-def cache_dir() -> Path:
-    """Root of our caches: ``$VERL_SELFLOCK_CACHE`` or ``~/.cache/verl_selflock``."""
-    return Path(os.environ.get(_CACHE_ENV, Path.home() / ".cache" / "verl_selflock"))
 
 
 def gguf_path() -> Path:
@@ -54,26 +46,22 @@ def smollm2_path(target: str | os.PathLike | None = None) -> str:
         The folder path, loadable with ``AutoModelForCausalLM.from_pretrained`` offline.
     """
     folder = Path(target) if target is not None else cache_dir() / "smollm2-135m-instruct"
-    if (folder / _MARKER).exists():
-        return str(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes (pytest workers, Ray actors) may ask at once: convert exactly once.
-    with FileLock(str(folder) + ".lock"):
-        if (folder / _MARKER).exists():
-            return str(folder)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    return str(build_once(folder, _convert_gguf))
 
-        source = gguf_path()
-        logger.warning("Converting %s to a Hugging Face folder at %s (once, ~40 s)", source.name, folder)
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-        # The GGUF's metadata names <|im_start|> as the end token; the released tokenizer (and the
-        # model's generation config) end turns with <|im_end|> and pad with it.
-        tokenizer.eos_token = "<|im_end|>"
-        tokenizer.pad_token = "<|im_end|>"
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-        (folder / _MARKER).write_text(source.name + "\n")
-    return str(folder)
+
+def _convert_gguf(folder: Path) -> None:
+    # Weights stay fp32: the GGUF is dequantised, and CPU training runs in fp32 anyway.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    logger.warning("Converting %s to a Hugging Face folder at %s (once, ~40 s)", source.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    # The GGUF's metadata names <|im_start|> as the end token; the released tokenizer (and the
+    # model's generation config) end turns with <|im_end|> and pad with it.
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
