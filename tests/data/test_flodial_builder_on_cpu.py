@@ -22,6 +22,7 @@ from verl_selflock.data.flodial import (
 )
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.flodial import normalise_query
+from verl_selflock.protocol import CHANNEL_AS
 from verl_selflock.simulators import ChatReply
 
 REAL_FLODIAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flodial"
@@ -56,7 +57,12 @@ def test_paths_tables_and_separating_questions_of_a_hand_built_chart():
 @pytest.mark.parametrize(
     "difficulty, n_candidates, faults, n_rows",
     # With all 5 faults as candidates there is one episode per true fault (up to candidate order).
-    [("easy", 5, {"3", "5"}, 2), ("hard", 5, {"6", "8", "10"}, 3), ("easy", 3, set(FAULTS), 20), ("hard", 4, {"6", "8", "10"}, 6)],
+    [
+        ("easy", 5, {"3", "5"}, 2),
+        ("hard", 5, {"6", "8", "10"}, 3),
+        ("easy", 3, set(FAULTS), 20),
+        ("hard", 4, {"6", "8", "10"}, 6),
+    ],
 )
 def test_difficulty_decides_which_faults_and_sets_are_drawn(difficulty, n_candidates, faults, n_rows):
     charts = {"laptop_screen": load_flowchart(laptop_chart())}
@@ -133,7 +139,8 @@ def play_table(spec) -> tuple[list[int], float]:
     K, gt = len(spec["candidates"]), int(spec["answer_index"])
     script = []
     for row in list(spec["table"])[: spec["max_turns"] // 2]:
-        script += [f"<interact>Query: {row['question']}</interact>", "<interact>Guess: " + ",".join(["1"] * K) + "</interact>"]
+        uniform = ",".join(["1"] * K)
+        script += [f"<interact>Query: {row['question']}</interact>", f"<interact>Guess: {uniform}</interact>"]
     script = script[: spec["max_turns"] - 1]
     script.append("<answer>" + ",".join("1" if i == gt else "0" for i in range(K)) + "</answer>")
 
@@ -141,7 +148,7 @@ def play_table(spec) -> tuple[list[int], float]:
         return [await env.step(text) for text in script]
 
     steps = asyncio.run(main())
-    return [s.label.critique for s in steps if s.label.channel == 1], env.result().reward
+    return [s.label.critique for s in steps if s.label.channel == CHANNEL_AS], env.result().reward
 
 
 def test_cli_builds_reproducible_rows_on_fixture_charts(tmp_path):
@@ -181,6 +188,34 @@ def test_cli_builds_reproducible_rows_on_fixture_charts(tmp_path):
     # A row read back from parquet runs in the environment: a perfect player is rewarded.
     labels, reward = play_table(train.extra_info[0]["env"])
     assert reward == 1.0 and all(z in (0, 1) for z in labels)
+
+
+def test_rows_survive_verls_dataset_and_play(tmp_path, monkeypatch, smollm2_dir):
+    """veRL's RLHFDataset reads the parquet (nothing filtered as overlong at veRL's default 1024 prompt
+    tokens) and hands back a spec the environment plays to the end."""
+    datasets = pytest.importorskip("datasets")
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    source = write_charts(tmp_path, [laptop_chart()])
+    build_with_cli(tmp_path, source, "--n-candidates", "3", "--train", "3", "--test", "1")
+    config = OmegaConf.create(
+        {
+            "max_prompt_length": 1024,
+            "filter_overlong_prompts": True,
+            "filter_overlong_prompts_workers": 1,
+            "cache_dir": str(tmp_path / "verl_cache"),
+        }
+    )
+    dataset = RLHFDataset(str(tmp_path / "out" / "train.parquet"), AutoTokenizer.from_pretrained(smollm2_dir), config)
+    assert len(dataset) == 3
+    for index in range(3):
+        item = dataset[index]
+        assert item["agent_name"] == "active_reasoning" and item["data_source"] == "flodial_easy"
+        labels, reward = play_table(item["extra_info"]["env"])
+        assert reward == 1.0 and -1 not in labels
 
 
 def test_u_flo_holds_out_the_test_charts(tmp_path):

@@ -216,7 +216,8 @@ def test_simulator_faults_degrade_to_unknown_with_zero_critique(mode):
         if server is not None:
             server.__enter__()
         try:
-            env = make_env(episode_spec(), context=EnvContext(simulator=_client(down_url() if server is None else server.base_url)))
+            client = _client(down_url() if server is None else server.base_url)
+            env = make_env(episode_spec(), context=EnvContext(simulator=client))
             steps = [await env.step(action("Does the laptop power on?")), await env.step(guess("1,1,1,1,1"))]
             return env, steps, server
         finally:

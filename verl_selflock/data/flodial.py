@@ -77,9 +77,12 @@ __all__ = [
     "Flowchart",
     "load_flowchart",
     "load_flowcharts",
+    "knowledge_sources_dir",
+    "split_node",
     "separating_questions",
     "difficulty_of",
     "FloDialDataConfig",
+    "make_flodial_spec",
     "build_flodial_rows",
     "build_flodial_dataset",
     "flodial_messages",
@@ -116,7 +119,9 @@ class Flowchart:
 
     def table(self, fault: str) -> list[dict[str, str]]:
         """The reference table of ``fault``: its root path's questions with the answers toward it."""
-        return [{"node": node, "question": self.questions[node], "answer": branch} for node, branch in self.paths[fault]]
+        return [
+            {"node": node, "question": self.questions[node], "answer": branch} for node, branch in self.paths[fault]
+        ]
 
 
 def load_flowchart(data: Mapping[str, Any], name: str | None = None) -> Flowchart:
@@ -217,6 +222,7 @@ def separating_questions(chart: Flowchart, fault: str, distractors: Sequence[str
 
 
 def difficulty_of(separating: int) -> str:
+    """"easy" for at most ``EASY_MAX_SEPARATING`` separating questions, else "hard"."""
     return "easy" if separating <= EASY_MAX_SEPARATING else "hard"
 
 
@@ -281,7 +287,9 @@ class FloDialDataConfig:
         return sorted(name for name in charts if (name in held_out) == (split == "test"))
 
 
-def _eligible_faults(config: FloDialDataConfig, charts: Mapping[str, Flowchart], names: Sequence[str]):
+def _eligible_faults(
+    config: FloDialDataConfig, charts: Mapping[str, Flowchart], names: Sequence[str]
+) -> list[tuple[str, str]]:
     """(chart, fault) pairs that admit a distractor set of the configured difficulty."""
     pairs = [
         (name, fault)
@@ -335,7 +343,8 @@ def build_flodial_rows(
         pairs = _eligible_faults(config, charts, config.charts_of(split, charts)) if count else []
         for index in range(count):
             for attempt in range(_MAX_REDRAWS):
-                rng = np.random.default_rng([seed, difficulty_code, config.n_candidates, _SPLITS[split], index, attempt])
+                entropy = [seed, difficulty_code, config.n_candidates, _SPLITS[split], index, attempt]
+                rng = np.random.default_rng(entropy)
                 name, fault = pairs[int(rng.integers(len(pairs)))]
                 sets = _distractor_sets(charts[name], fault, config.n_candidates - 1, config.difficulty)
                 distractors = sets[int(rng.integers(len(sets)))]
@@ -468,7 +477,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", type=int, default=300, help="test rows")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (same seed, same files)")
     parser.add_argument("--max-turns", type=int, default=DEFAULT_MAX_TURNS, help="even turn budget")
-    parser.add_argument("--bt-variant", choices=BT_VARIANTS, default="v1", help="BT critique after uninformative feedback")
+    parser.add_argument(
+        "--bt-variant", choices=BT_VARIANTS, default="v1", help="BT critique after uninformative feedback"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
