@@ -9,10 +9,11 @@ import pytest
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GPU_RECIPES = sorted(
     (path.parent.name, path.stem)
-    for path in RECIPES.glob("pe_*/*.yaml")
+    for task in ("pe_g", "pe_f", "flodial")
+    for path in RECIPES.glob(f"{task}/*.yaml")
     if path.stem not in ("base",) and not path.stem.startswith("cpu_")
 )
-LAM = {"pe_g": 0.2, "pe_f": 1.0}
+LAM = {"pe_g": 0.2, "pe_f": 1.0, "flodial": 0.5}
 
 
 def compose_recipe(task: str, name: str, model_dir: str, overrides: list[str] | None = None):
@@ -28,6 +29,7 @@ def test_every_task_has_the_issue_recipes():
     names = {name for task, name in GPU_RECIPES if task == "pe_g"}
     assert {"vanilla_ppo", "arew_as", "arew_as_bt", "grpo", "gspo", "arew_grpo", "arew_gspo"} <= names
     assert {name for task, name in GPU_RECIPES if task == "pe_f"} == names
+    assert {name for task, name in GPU_RECIPES if task == "flodial"} == {"vanilla_ppo", "arew_as", "arew_as_bt"}
 
 
 @pytest.mark.parametrize("task, name", GPU_RECIPES)
@@ -62,3 +64,37 @@ def test_recipe_with_a_bad_override_fails_validation(smollm2_dir):
     config = compose_recipe("pe_g", "arew_as_bt", smollm2_dir, ["algorithm.arew.lam=-0.5"])
     with pytest.raises(SelflockConfigError, match=r"algorithm\.arew\.lam"):
         validate_config(config, use_reference_policy=False, use_critic=True)
+
+
+def test_flodial_recipe_selects_the_split_and_wires_the_simulator(smollm2_dir, monkeypatch):
+    """``flodial.difficulty`` picks the data folder; the agent-loop YAML written by our resolver carries
+    the simulator endpoint (environment variables win over the defaults) and max_turns 10."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import verl_selflock.resolvers as resolvers
+
+    resolvers.register_resolvers()
+    monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://sim.example:9000/v1")
+    monkeypatch.delenv("SELFLOCK_SIMULATOR_MODEL", raising=False)
+    with initialize_config_dir(config_dir=str(RECIPES / "flodial"), version_base=None):
+        config = compose(
+            config_name="arew_as_bt",
+            overrides=[f"actor_rollout_ref.model.path={smollm2_dir}", "flodial.difficulty=hard", "flodial.data_root=/d"],
+        )
+    assert config.data.train_files == "/d/flodial_hard/train.parquet"
+    assert config.data.val_files == "/d/flodial_hard/test.parquet"
+    assert config.trainer.experiment_name == "flodial_hard_arew_as_bt"
+    path = OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")
+    (entry,) = yaml.safe_load(Path(path).read_text())
+    assert entry["name"] == "active_reasoning" and entry["max_turns"] == 10
+    assert entry["simulator"] == {
+        "base_url": "http://sim.example:9000/v1",
+        "model": "Qwen/Qwen2.5-14B-Instruct",
+        "api_key_env": "SELFLOCK_SIMULATOR_API_KEY",
+        "temperature": 0.0,
+        "max_tokens": 16,
+        "timeout_s": 30,
+        "max_concurrency": 64,
+    }

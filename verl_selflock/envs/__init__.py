@@ -13,6 +13,7 @@ from verl_selflock.envs.base import (
 )
 
 # Built-in tasks register themselves on import (make_env imports this package first).
+from verl_selflock.envs import flodial as _flodial  # noqa: E402,F401  registers "flodial"
 from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
 
 __all__ = [
