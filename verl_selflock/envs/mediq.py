@@ -86,7 +86,7 @@ N_OPTIONS = len(OPTION_LETTERS)
 MAX_FACTS_PER_REPLY = 2
 MARGIN_TOL = 1e-6  # "the margin did not change" on normalised beliefs
 DISTANCE_TOL = 1e-9  # float round-off in the counterfactual distance comparison
-_INT_RE = re.compile(r"(?<![0-9.])[0-9]{1,6}(?![0-9])")
+_INT_RE = re.compile(r"(?<![0-9.])[0-9]{1,6}(?![0-9]|\.[0-9])")  # whole numbers, not decimals
 _UNKNOWN_RE = re.compile(r"\bunknown\b", re.IGNORECASE)
 
 
