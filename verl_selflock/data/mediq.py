@@ -64,7 +64,8 @@ OFFICIAL_URLS = {
     "all_dev_good.jsonl": "https://raw.githubusercontent.com/stellalisy/mediQ/main/data/all_dev_good.jsonl",
     "all_craft_md.jsonl": "https://raw.githubusercontent.com/stellalisy/mediQ/main/data/all_craft_md.jsonl",
 }
-_FACT_PREFIX_RE = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*")
+# "3. text", "3) text" or a bullet; "1.5 hours after ..." keeps its number (no space after the dot).
+_FACT_PREFIX_RE = re.compile(r"^\s*(?:\d+[.)]\s+|[-*\u2022]\s*)")
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
 
 
