@@ -82,7 +82,11 @@ def test_counterfactual_branch_is_judged_but_never_trained_on(make_config, chatm
     server = ScriptedServer(tok, script, stop_ids={im_end})
     with FaultServer("ok", reply="1") as patient:  # the patient names fact 1 every time
         _, out = run_episode(
-            make_config(), server, tok, mediq_row(), knobs={"simulator": simulator_knob(patient.base_url)}
+            make_config(),
+            server,
+            tok,
+            mediq_row(),
+            knobs={"simulator": simulator_knob(patient.base_url), "max_turn_tokens": 512},
         )
         assert len(patient.requests) == 2  # Q1 and Q2; the branch asks no patient
 

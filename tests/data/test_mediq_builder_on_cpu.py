@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA
-
 from verl_selflock.cli import main as cli_main
 from verl_selflock.data import mediq as mediq_data
 from verl_selflock.data.mediq import MediQDataError, build_mediq_dataset, download_official, read_cases
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.simulators import ChatReply
 
-REAL_MEDIQ = SHARED_DATA / "mediq"
+# ../shared/data/mediq relative to the project root (not imported from conftest: that name is ambiguous).
+REAL_MEDIQ = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mediq"
 
 
 def official_row(case_id: int, answer: str = "B", **overrides) -> dict:
