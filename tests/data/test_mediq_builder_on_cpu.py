@@ -31,7 +31,11 @@ def official_row(case_id: int, answer: str = "B", **overrides) -> dict:
         "answer": "Heparin",
         "answer_idx": answer,
         "explanation": "",
-        "facts": [f"1. Hidden fact alpha {case_id}.", f"2. Hidden fact beta {case_id}.", f"- Hidden fact gamma {case_id}."],
+        "facts": [
+            f"1. Hidden fact alpha {case_id}.",
+            f"2. Hidden fact beta {case_id}.",
+            f"- Hidden fact gamma {case_id}.",
+        ],
         "patient": {"gender": "Male", "age": f"{20 + case_id} years old"},
     }
     row.update(overrides)
