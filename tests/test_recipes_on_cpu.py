@@ -9,11 +9,11 @@ import pytest
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GPU_RECIPES = sorted(
     (path.parent.name, path.stem)
-    for task in ("pe_g", "pe_f", "flodial")
+    for task in ("pe_g", "pe_f", "mediq", "flodial")
     for path in RECIPES.glob(f"{task}/*.yaml")
     if path.stem not in ("base",) and not path.stem.startswith("cpu_")
 )
-LAM = {"pe_g": 0.2, "pe_f": 1.0, "flodial": 0.5}
+LAM = {"pe_g": 0.2, "pe_f": 1.0, "mediq": 1.0, "flodial": 0.5}
 
 
 def compose_recipe(task: str, name: str, model_dir: str, overrides: list[str] | None = None):
@@ -30,6 +30,7 @@ def test_every_task_has_the_issue_recipes():
     assert {"vanilla_ppo", "arew_as", "arew_as_bt", "grpo", "gspo", "arew_grpo", "arew_gspo"} <= names
     assert {name for task, name in GPU_RECIPES if task == "pe_f"} == names
     assert {name for task, name in GPU_RECIPES if task == "flodial"} == {"vanilla_ppo", "arew_as", "arew_as_bt"}
+    assert {name for task, name in GPU_RECIPES if task == "mediq"} >= {"vanilla_ppo", "arew_as", "arew_as_bt"}
 
 
 @pytest.mark.parametrize("task, name", GPU_RECIPES)
@@ -98,3 +99,32 @@ def test_flodial_recipe_selects_the_split_and_wires_the_simulator(smollm2_dir, m
         "timeout_s": 30,
         "max_concurrency": 64,
     }
+    assert entry["max_turn_tokens"] == 512 and entry["max_obs_tokens"] == 512
+
+
+def test_mediq_recipe_reaches_the_agent_loop(smollm2_dir, monkeypatch):
+    """The MediQ recipes hand the simulator endpoint (environment variables or overrides) and the
+    counterfactual switch to the agent loop through the YAML file that veRL loads."""
+    import yaml
+
+    from verl_selflock.agent_loop.active_reasoning import ActiveReasoningLoopConfig
+    from verl_selflock.simulators import SimulatorConfig
+
+    monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://sim.example:9000/v1")
+    monkeypatch.delenv("SELFLOCK_SIMULATOR_MODEL", raising=False)
+    config = compose_recipe("mediq", "arew_as_bt", smollm2_dir)
+    (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
+    knobs = {k: v for k, v in entry.items() if k not in ("name", "_target_")}
+    loop_config = ActiveReasoningLoopConfig(**knobs)
+    assert loop_config.counterfactual_bt is True and loop_config.max_turn_tokens == 512
+    simulator = SimulatorConfig.from_mapping(loop_config.simulator)
+    assert simulator.base_url == "http://sim.example:9000/v1"
+    assert simulator.model == "Qwen/Qwen2.5-14B-Instruct" and simulator.temperature == 0.0
+    assert config.algorithm.arew.channels == "both"
+
+    config = compose_recipe(
+        "mediq", "vanilla_ppo", smollm2_dir,
+        ["selflock_agent_loop.simulator.model=/models/patient", "selflock_agent_loop.counterfactual_bt=false"],
+    )
+    (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
+    assert entry["simulator"]["model"] == "/models/patient" and entry["counterfactual_bt"] is False

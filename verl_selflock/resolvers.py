@@ -7,8 +7,9 @@
 * ``${selflock.pe_data:gated,3,16,8,0,4}`` -> a folder with ``train.parquet`` / ``test.parquet``
   built by our PE builder (variant, S or D, train rows, test rows, seed, max_turns), cached by its
   arguments;
-* ``${selflock.agent_loop_yaml:'max_turn_tokens=48','max_obs_tokens=160'}`` -> the absolute path of an
-  agent-loop config file (``rollout.agent.agent_loop_config_path``) for our ``active_reasoning`` loop
+* ``${selflock.agent_loop_yaml:'max_turn_tokens=48','max_obs_tokens=160'}`` or
+  ``${selflock.agent_loop_yaml:${selflock_agent_loop}}`` (a node of knobs, e.g. with a ``simulator:``
+  block) -> the absolute path of an agent-loop config file (``rollout.agent.agent_loop_config_path``) for our ``active_reasoning`` loop
   with those knobs, so a recipe can set them without shipping a path that depends on the working
   directory of each Ray worker.
 
@@ -19,9 +20,11 @@ The plugin registers them in every veRL process, so they resolve wherever veRL r
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from verl_selflock.cache import build_once, cache_dir
 from verl_selflock.models.smollm2 import smollm2_path
@@ -44,8 +47,12 @@ def pe_data_dir(variant: str, size_param: int, n_train: int, n_test: int, seed: 
     return str(build_once(cache_dir() / "data" / name, build))
 
 
-def agent_loop_yaml(*knobs: str) -> str:
-    """Write (once) an agent-loop config for ``active_reasoning`` with ``key=value`` knobs; return its path."""
+def agent_loop_yaml(*knobs: Any) -> str:
+    """Write (once) an agent-loop config for ``active_reasoning`` with the given knobs; return its path.
+
+    Each argument is a ``'key=value'`` string (the value is read as YAML) or a mapping of knobs (a
+    config node such as ``${selflock_agent_loop}``); later arguments win.
+    """
     import hashlib
 
     import yaml
@@ -54,9 +61,13 @@ def agent_loop_yaml(*knobs: str) -> str:
 
     entry: dict = {"name": "active_reasoning", "_target_": f"{ActiveReasoningAgentLoop.__module__}.ActiveReasoningAgentLoop"}
     for knob in knobs:
+        if isinstance(knob, DictConfig | Mapping):
+            node = OmegaConf.to_container(knob, resolve=True) if isinstance(knob, DictConfig) else dict(knob)
+            entry.update({str(key): value for key, value in node.items()})
+            continue
         key, sep, value = str(knob).partition("=")
         if not sep:
-            raise ValueError(f"selflock.agent_loop_yaml takes key=value knobs, got {knob!r}")
+            raise ValueError(f"selflock.agent_loop_yaml takes key=value knobs or a mapping of knobs, got {knob!r}")
         entry[key.strip()] = yaml.safe_load(value)
     # Fail here, on the driver, on a misspelt knob rather than in an agent-loop worker.
     ActiveReasoningLoopConfig(**{k: v for k, v in entry.items() if k not in ("name", "_target_")})

@@ -27,6 +27,13 @@ assistant message and never needs a blind cut. A turn that stops only because th
 ran out is not shown to the environment (critique 0, ``selflock_truncated``); a turn that exhausts
 its own ``max_turn_tokens`` is, and the environment judges it (usually an invalid action).
 
+Counterfactual branches (training rows only, knob ``counterfactual_bt``): when a step carries
+``counterfactual_observation``, the loop also renders that text as the user message in place of the
+real observation and samples the next turn from there (same template, per-turn cap and token cut),
+hands the text to ``env.observe_counterfactual`` and discards the tokens: they never enter the
+response, mask, log-probs or layout. Counted in ``extra_fields`` (``selflock_cf_branches``,
+``selflock_cf_time_s``).
+
 Reward: the loop does not set ``AgentLoopOutput.reward_score``. It stores the environment's outcome
 (:mod:`verl_selflock.agent_loop.episode_fields`) in ``extra_fields``; veRL's reward loop hands those to
 our ``active_reasoning`` reward manager (:mod:`verl_selflock.reward.manager`) as ``tool_extra_fields``,
@@ -84,6 +91,11 @@ AGENT_NAME = "active_reasoning"
 AGENT_LOOP_CONFIG_PATH = str(Path(__file__).with_name("active_reasoning.yaml"))
 """Absolute path of the default agent-loop YAML, for ``rollout.agent.agent_loop_config_path``."""
 
+CF_BRANCHES = "selflock_cf_branches"
+"""``extra_fields`` key: counterfactual side branches generated in the episode (their tokens are not trained on)."""
+CF_TIME = "selflock_cf_time_s"
+"""``extra_fields`` key: seconds spent on those branches (also included in ``generate_sequences``)."""
+
 # TokenOutput tags the trainer needs per sample (trap: without them the metrics step fails).
 _STEP_TAGS = ("global_steps", "min_global_steps", "max_global_steps")
 
@@ -112,6 +124,10 @@ class ActiveReasoningLoopConfig:
     """OpenAI-compatible endpoint of the simulated user/patient for tasks that have one (MediQ, FloDial,
     tau2): keys of :class:`verl_selflock.simulators.SimulatorConfig`. One client per worker process is
     shared by all its episodes (concurrency limit, reply cache)."""
+    counterfactual_bt: bool = True
+    """Honour environments' requests for counterfactual branches (``StepResult.counterfactual_observation``,
+    MediQ's counterfactual BT critique) in training rollouts: the next turn is also sampled after the
+    counterfactual observation, on a side branch whose tokens never enter the response. False: never."""
 
     def __post_init__(self) -> None:
         if self.simulator is not None:
@@ -138,6 +154,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         stop_on_closing_tag: bool = False,
         obs_truncation_marker: str = " ...(truncated)",
         simulator: Mapping[str, Any] | None = None,
+        counterfactual_bt: bool = True,
         tools: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -152,6 +169,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             stop_on_closing_tag=bool(stop_on_closing_tag),
             obs_truncation_marker=str(obs_truncation_marker),
             simulator=None if simulator is None else dict(simulator.items()),
+            counterfactual_bt=bool(counterfactual_bt),
         )
         self.response_length = int(self.rollout_config.response_length)
         multi_turn = self.rollout_config.get("multi_turn", None) or {}
@@ -192,6 +210,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         stats = EpisodeStats(task=env.task)
         tags: dict[str, Any] = {}
         timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
+        branches = {"count": 0, "time_s": 0.0}  # counterfactual side branches (training only)
         num_preempted: int | None = None
         user_turns = 0
         request_id = f"det-{priority}" if self.rollout_config.get("full_determinism", False) else uuid4().hex
@@ -254,6 +273,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
                 break
 
             # 5. the observation as a user message + the next assistant header (mask 0, turn id -1)
+            before_obs = (messages, runtime_ids, response_mask)  # never mutated in place: a branch may start here
             obs_text, obs_cut = cap_text_tokens(
                 self.tokenizer, step.observation, cfg.max_obs_tokens, cfg.obs_truncation_marker
             )
@@ -269,6 +289,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             messages = new_messages
             user_turns += 1
             stats.obs_truncated += int(obs_cut)
+            if step.counterfactual_observation and cfg.counterfactual_bt and env.context.training:
+                start = time.perf_counter()
+                branches["count"] += await self._counterfactual_turn(
+                    env, step.counterfactual_observation, *before_obs, request_id, sampling_params, priority
+                )
+                branches["time_s"] += time.perf_counter() - start
 
         # 6. outcome and output
         result = env.result()
@@ -295,6 +321,8 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         extra_fields.update({"turn_scores": [], "tool_rewards": []})  # veRL's multi-turn schema
         extra_fields.update(layout.as_extra_fields())
         extra_fields.update(stats.as_extra_fields())
+        extra_fields.update({CF_BRANCHES: branches["count"], CF_TIME: branches["time_s"]})
+        timing["generate_sequences"] += branches["time_s"]
         metrics: dict[str, Any] = dict(timing)
         metrics["num_preempted"] = num_preempted if num_preempted is not None else -1
         return AgentLoopOutput(
@@ -308,6 +336,41 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         )
 
     # ------------------------------------------------------------------ helpers
+
+    async def _counterfactual_turn(
+        self,
+        env: Any,
+        observation: str,
+        messages: list[dict[str, Any]],
+        runtime_ids: list[int],
+        response_mask: list[int],
+        request_id: str,
+        sampling_params: dict[str, Any],
+        priority: int,
+    ) -> int:
+        """Sample the next turn after ``observation`` instead of the real one, on a side branch, and hand
+        its text to ``env.observe_counterfactual``. The branch is templated, capped and cut exactly like a
+        real turn but touches none of the episode's ids, mask, log-probs or layout. Returns 1 if a
+        branch was generated, 0 if the response budget left no room for it."""
+        cfg = self.loop_config
+        obs_text, _ = cap_text_tokens(self.tokenizer, observation, cfg.max_obs_tokens, cfg.obs_truncation_marker)
+        branch_messages = messages + [{"role": "user", "content": obs_text}]
+        merge, branch_mask, _ = await self.ct_merge_context_msg(
+            messages, branch_messages, list(runtime_ids), list(response_mask), None
+        )
+        max_tokens = min(cfg.max_turn_tokens, self.response_length - len(branch_mask) - len(self.eot_ids))
+        if max_tokens < cfg.min_turn_tokens:
+            return 0
+        params = {**sampling_params, "max_tokens": max_tokens}
+        if cfg.stop_on_closing_tag:
+            params.update(stop=["</interact>", "</answer>"], include_stop_str_in_output=True)
+        # Same request id: the branch shares the episode's prefix (sticky session, prefix cache).
+        output: TokenOutput = await self.server_manager.generate(
+            request_id=request_id, prompt_ids=list(merge.token_ids), sampling_params=params, priority=priority
+        )
+        cut = cut_turn(self.tokenizer, list(output.token_ids)[:max_tokens], self.eot_ids, self.stop_ids)
+        env.observe_counterfactual(cut.text)
+        return 1
 
     @staticmethod
     def _env_spec(row: Mapping[str, Any]) -> Mapping[str, Any]:

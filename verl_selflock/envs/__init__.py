@@ -15,6 +15,7 @@ from verl_selflock.envs.base import (
 # Built-in tasks register themselves on import (make_env imports this package first).
 from verl_selflock.envs import flodial as _flodial  # noqa: E402,F401  registers "flodial"
 from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
+from verl_selflock.envs import mediq as _mediq  # noqa: E402,F401  registers "mediq"
 
 __all__ = [
     "ActiveReasoningEnv",

@@ -50,6 +50,11 @@ class StepResult:
     """The action repeated an earlier one."""
     info: dict[str, Any] = field(default_factory=dict)
     """Task-specific details (parsed action, feedback, Psi_hat ...) for diagnostics and tests."""
+    counterfactual_observation: str | None = None
+    """Training-only request: also sample the agent's next turn after *this* text instead of
+    ``observation``, on a side branch whose tokens are never trained on, and hand that turn to
+    :meth:`ActiveReasoningEnv.observe_counterfactual` before the real next turn (MediQ's
+    counterfactual BT critique: how far does the belief move after a null reply?)."""
 
 
 @dataclass
@@ -99,6 +104,13 @@ class ActiveReasoningEnv(ABC):
     @abstractmethod
     def result(self) -> EpisodeResult:
         """Score the episode as it stands (callable at any time, e.g. after a cut)."""
+
+    def observe_counterfactual(self, text: str) -> None:
+        """The agent's turn sampled on the counterfactual branch that the last step asked for.
+
+        Called by the agent loop (training rollouts only) before the real next turn. Tasks that never
+        set :attr:`StepResult.counterfactual_observation` ignore it.
+        """
 
     def next_round(self) -> RoundKind:
         return round_kind(self.turn + 1, self.max_turns)
