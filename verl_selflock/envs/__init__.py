@@ -14,6 +14,7 @@ from verl_selflock.envs.base import (
 
 # Built-in tasks register themselves on import (make_env imports this package first).
 from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
+from verl_selflock.envs import tau2_telecom as _tau2_telecom  # noqa: E402,F401  registers "tau2_telecom" (tau2 imported lazily)
 
 __all__ = [
     "ActiveReasoningEnv",
