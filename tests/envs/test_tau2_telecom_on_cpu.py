@@ -253,10 +253,8 @@ def test_user_simulator_on_a_real_transformers_server(chat_server):
     async def main():
         config = SimulatorConfig(base_url=chat_server.base_url, model=chat_server.model, max_tokens=24, timeout_s=120)
         client = ChatClient(config)
-        env = new_env(client)
-        steps = [await env.step(say("Hi! How can I help you today?"))]
-        if not steps[-1].done:
-            steps.append(await env.step(say("Please check your status bar.")))
+        env = new_env(client, max_user_tool_steps=1)  # at most two user-model calls per turn
+        steps = [await env.step(say("Please check your status bar."))]
         await client.aclose()
         return env, steps
 
@@ -264,6 +262,6 @@ def test_user_simulator_on_a_real_transformers_server(chat_server):
     result = env.result()
     assert result.metrics["sim_calls"] >= len(steps) and result.metrics["sim_failures"] == 0
     for step in steps:
-        assert step.label.critique in (-1, 0, 1) and step.info["kind"] == "message"
+        assert step.label.critique in (0, 1) and step.info["kind"] == "message"  # turn 1: no negative rule applies
         assert step.done or (isinstance(step.observation, str) and step.observation.strip())
     assert 0.0 <= result.reward <= 1.0

@@ -12,7 +12,7 @@ Episode (method notes §3.4). The prompt asks the agent to open the conversation
 is ``<think>...</think>`` then exactly one of
 
 * ``<message>text</message>``: sent to the user; the user model answers, possibly after calling
-  its own device tools (at most ``MAX_USER_TOOL_STEPS`` per turn); the observation is the user's
+  its own device tools (at most ``max_user_tool_steps`` per turn); the observation is the user's
   message;
 * ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``: run on tau2's environment; the
   observation is ``<tool_response>`` + the tool's output + ``</tool_response>``.
@@ -24,14 +24,14 @@ separate belief-update round). The episode ends when the user writes ``###STOP##
 ``MAX_CONSECUTIVE_SIM_FAILURES`` failed user turns in a row, or at ``max_turns`` (22).
 
 User model messages (OpenAI chat format): system = tau2's ``simulation_guidelines_tools.md`` + the
-task's user scenario + a description of the user tools and how to call one
+task's user scenario + a one-line signature per user tool and how to call one
 (``<tool_call>{json}</tool_call>``, since the client sends plain chat messages); agent messages are
 ``user`` turns, the user's own messages and tool calls ``assistant`` turns, tool results ``user``
 turns wrapped in ``<tool_result>``. A user reply with an unparsable ``<tool_call>`` gets an error
 result and another try (counted as a user step). Replies are cached under a hash of the messages.
 
 Simulator failure (``ChatReply.ok`` False after the client's retries), or a user that is still
-calling tools after ``MAX_USER_TOOL_STEPS``: the user turn degrades to the fixed reply
+calling tools after ``max_user_tool_steps``: the user turn degrades to the fixed reply
 ``DEGRADED_USER_REPLY`` (kept in the transcript, so the conversation stays well formed), the turn's
 critique is 0 and not fallback-eligible, and it is counted (``sim_failures`` / ``user_step_caps``).
 ``MAX_CONSECUTIVE_SIM_FAILURES`` failures in a row end the episode without a stop token (tau2's
@@ -87,7 +87,8 @@ change), plus ``tool``/``tool_error``/``user_tool_calls``/``sim_failed``/``stop_
 where they apply. ``info_gain`` = the number of positive signals.
 
 Spec keys: ``task`` ("tau2_telecom"), ``task_id`` (an id from tau2's telecom ``tasks.json``),
-``split``, ``max_turns`` (even, default 22), optional ``min_turn`` (default 6).
+``split``, ``max_turns`` (even, default 22), optional ``min_turn`` (default 6) and
+``max_user_tool_steps`` (default ``MAX_USER_TOOL_STEPS`` = 5).
 """
 
 from __future__ import annotations
@@ -211,10 +212,29 @@ def telecom_agent_tools() -> tuple[dict[str, Any], ...]:
     return tuple(tool.openai_schema for tool in _new_environment().get_tools())
 
 
+def _type_hint(prop: Mapping[str, Any], defs: Mapping[str, Any]) -> str:
+    """A short type for a JSON-schema property: its type, or the enum values of a referenced definition."""
+    for option in [prop, *prop.get("anyOf", [])]:
+        ref = option.get("$ref", "")
+        target = defs.get(ref.rsplit("/", 1)[-1], {}) if ref else option
+        if "enum" in target:
+            return "one of " + "|".join(map(str, target["enum"]))
+    return str(prop.get("type") or next((o.get("type") for o in prop.get("anyOf", []) if "type" in o), "any"))
+
+
 @functools.lru_cache(maxsize=1)
 def _user_tools_description() -> str:
-    schemas = [tool.openai_schema["function"] for tool in _new_environment().get_user_tools()]
-    lines = [json.dumps(schema, separators=(",", ":")) for schema in schemas]
+    """One line per user tool, ``name(arg: type, ...): description`` (compact: a small user model's
+    context is short, and 30 full JSON schemas cost ~2,400 tokens)."""
+    lines = []
+    for tool in _new_environment().get_user_tools():
+        function = tool.openai_schema["function"]
+        parameters = function.get("parameters", {})
+        defs = parameters.get("$defs", {})
+        properties = parameters.get("properties", {})
+        arguments = ", ".join(f"{name}: {_type_hint(prop, defs)}" for name, prop in properties.items())
+        description = " ".join(str(function.get("description", "")).split())
+        lines.append(f"- {function['name']}({arguments}): {description}")
     return "\n".join(lines)
 
 
@@ -233,7 +253,7 @@ def user_system_prompt(task: Any) -> str:
         '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>\n'
         "and nothing else; its result comes back to you inside <tool_result>...</tool_result>. "
         "Otherwise reply with your message to the agent as plain text.\n"
-        f"Tools (JSON schemas):\n{_user_tools_description()}"
+        f"Tools:\n{_user_tools_description()}"
     )
 
 
@@ -418,6 +438,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         self.task_id = str(spec["task_id"])
         self.tau2_task = telecom_task(self.task_id)
         self.min_turn = int(spec.get("min_turn", DEFAULT_MIN_TURN))
+        self.max_user_tool_steps = int(spec.get("max_user_tool_steps", MAX_USER_TOOL_STEPS))
         criteria = self.tau2_task.evaluation_criteria
         if criteria is not None and RewardType.NL_ASSERTION in criteria.reward_basis:
             raise ValueError(f"task {self.task_id}: NL assertions need an LLM judge, not supported")
@@ -541,7 +562,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
 
         signals: list[str] = []
         tool_calls = 0
-        for _ in range(MAX_USER_TOOL_STEPS + 1):
+        for _ in range(self.max_user_tool_steps + 1):
             messages = [{"role": "system", "content": self.user_system}, *self.user_messages]
             digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()
             reply = await self.context.simulator.chat(messages, cache_key=(TASK_NAME, self.task_id, digest))
@@ -557,7 +578,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
                 self.user_messages.append({"role": "assistant", "content": text})
                 stop = next((token for token in STOP_TOKENS if token in text), None)
                 return _UserTurn(text, signals, tool_calls, stop_token=stop)
-            if tool_calls >= MAX_USER_TOOL_STEPS:
+            if tool_calls >= self.max_user_tool_steps:
                 break
             tool_calls += 1
             if kind == "bad_tool_call":
