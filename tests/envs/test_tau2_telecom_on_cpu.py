@@ -251,16 +251,17 @@ def test_user_simulator_on_a_real_transformers_server(chat_server):
     """SmolLM2-135M as the user: whatever it writes (a message, a tool call, nonsense) must be handled."""
 
     async def main():
-        config = SimulatorConfig(base_url=chat_server.base_url, model=chat_server.model, max_tokens=24, timeout_s=120)
+        config = SimulatorConfig(base_url=chat_server.base_url, model=chat_server.model, max_tokens=16, timeout_s=120)
         client = ChatClient(config)
-        env = new_env(client, max_user_tool_steps=1)  # at most two user-model calls per turn
+        # One user-model call per turn (a ~2k-token prompt on 2 CPU cores): a tool call degrades the turn.
+        env = new_env(client, max_user_tool_steps=0)
         steps = [await env.step(say("Please check your status bar."))]
         await client.aclose()
         return env, steps
 
     env, steps = asyncio.run(main())
     result = env.result()
-    assert result.metrics["sim_calls"] >= len(steps) and result.metrics["sim_failures"] == 0
+    assert result.metrics["sim_calls"] == 1 and result.metrics["sim_failures"] == 0
     for step in steps:
         assert step.label.critique in (0, 1) and step.info["kind"] == "message"  # turn 1: no negative rule applies
         assert step.done or (isinstance(step.observation, str) and step.observation.strip())
