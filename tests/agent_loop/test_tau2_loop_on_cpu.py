@@ -40,6 +40,9 @@ def test_tau2_episode_through_the_agent_loop(make_config, chatml_tokenizer):
     server = ScriptedServer(tok, SCRIPT, stop_ids={tok.convert_tokens_to_ids("<|im_end|>")})
     with FaultServer("ok", reply="Thanks, that is all. ###STOP###") as user_server:
         knobs = {
+            # Explicit: another test's AgentLoopWorker may have re-registered the loop with small knobs.
+            "max_turn_tokens": 512,
+            "max_obs_tokens": 512,
             "stop_on_closing_tag": True,
             "simulator": {"base_url": user_server.base_url, "model": "user", "max_retries": 0},
         }
