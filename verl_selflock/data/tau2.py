@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from verl_selflock.data.parquet import write_splits
 from verl_selflock.envs.tau2_telecom import (
     DEFAULT_MAX_TURNS,
     DEFAULT_MIN_TURN,
@@ -141,20 +142,12 @@ def build_tau2_dataset(
 ) -> dict[str, str]:
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; ``max_rows`` > 0 keeps the first rows
     of each split (small sets for smoke runs). Returns ``{"train": path, "test": path}``."""
-    import pandas as pd
-
     require_tau2()
     task_ids = split_task_ids(scheme, seed, test_size)
     if max_rows > 0:
         task_ids = {split: ids[:max_rows] for split, ids in task_ids.items()}
     rows = build_tau2_rows(task_ids, max_turns, min_turn, progress=progress)
-    os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, str] = {}
-    for split, split_rows in rows.items():
-        path = os.path.join(os.fspath(out_dir), f"{split}.parquet")
-        pd.DataFrame(split_rows).to_parquet(path, index=False)
-        paths[split] = path
-    return paths
+    return write_splits(rows, out_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
