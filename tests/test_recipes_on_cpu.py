@@ -90,8 +90,9 @@ def test_tau2_recipe_composes_and_validates(name, smollm2_dir):
 
     [entry] = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
     assert entry["name"] == "active_reasoning" and entry["stop_on_closing_tag"] is True
-    assert entry["simulator"]["base_url"] == "http://user-sim:9000/v1" and entry["simulator"]["model"] == "my-user-model"
-    assert entry["simulator"]["temperature"] == 0.0 and entry["simulator"]["max_tokens"] == 256
+    simulator = entry["simulator"]
+    assert simulator["base_url"] == "http://user-sim:9000/v1" and simulator["model"] == "my-user-model"
+    assert simulator["temperature"] == 0.0 and simulator["max_tokens"] == 256
     # compose_recipe swapped the paper's policy out for a local model; the recipe itself names it.
     base = yaml.safe_load((RECIPES / "tau2_telecom" / "base.yaml").read_text())
     assert base["actor_rollout_ref"]["model"]["path"] == "Qwen/Qwen2.5-14B-Instruct"

@@ -12,6 +12,8 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip(
     "tau2.domains.telecom.environment",
@@ -191,6 +193,15 @@ def test_parsers_reject_malformed_turns():
     assert parse_user_reply("<tool_call>oops")[0] == "bad_tool_call"
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list('<>/{}":, messagtoolcnrbu[]')) | st.characters(), max_size=80))
+def test_agent_turn_parser_never_raises(text):
+    parsed = parse_agent_turn(text)
+    assert parsed.ok or parsed.error
+    if parsed.ok:
+        assert parsed.value.kind in ("message", "tool_call")
+
+
 def test_env_needs_a_simulator_and_a_known_task():
     with pytest.raises(ValueError, match="simulator"):
         make_env({"task": "tau2_telecom", "task_id": TASK_ID, "split": "train"})
@@ -263,6 +274,7 @@ def test_user_simulator_on_a_real_transformers_server(chat_server):
     result = env.result()
     assert result.metrics["sim_calls"] == 1 and result.metrics["sim_failures"] == 0
     for step in steps:
-        assert step.label.critique in (0, 1) and step.info["kind"] == "message"  # turn 1: no negative rule applies
+        # Turn 1: no negative rule applies, whatever the small model wrote.
+        assert step.label.critique in (0, 1) and step.info["kind"] == "message"
         assert step.done or (isinstance(step.observation, str) and step.observation.strip())
     assert 0.0 <= result.reward <= 1.0

@@ -628,9 +628,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
             info.update(kind="invalid", error=parsed.error)
             self.counts["invalid_actions"] += 1
             negative = "invalid"
-            observation = (
-                f"Invalid turn: {parsed.error}. " + agent_turn_format().replace("Each of your turns: ", "Write ")
-            )
+            observation = f"Invalid turn: {parsed.error}.\n{agent_turn_format()}"
         else:
             action: AgentAction = parsed.value  # type: ignore[assignment]
             repeated = action.key in self._seen_actions
