@@ -128,3 +128,37 @@ def test_mediq_recipe_reaches_the_agent_loop(smollm2_dir, monkeypatch):
     )
     (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
     assert entry["simulator"]["model"] == "/models/patient" and entry["counterfactual_bt"] is False
+
+
+TAU2_RECIPES = ["vanilla_ppo", "arew"]
+
+
+@pytest.mark.parametrize("name", TAU2_RECIPES)
+def test_tau2_recipe_composes_and_validates(name, smollm2_dir):
+    """The tau2 telecom recipes: veRL's validation, the paper's settings, and an agent-loop config that
+    carries the user endpoint (set on the command line) and the environment's stop tags."""
+    import yaml
+    import verl  # noqa: F401
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    user = ["selflock_agent_loop.simulator.base_url=http://user-sim:9000/v1", "selflock_agent_loop.simulator.model=my-user-model"]
+    config = compose_recipe("tau2_telecom", name, smollm2_dir, user)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    assert need_critic(config)
+    if name == "arew":
+        arew = config.algorithm.arew
+        assert (arew.lam, arew.mode, arew.fallbacks, arew.channels) == (50.0, "step_abs_sum", True, "as")
+        assert config.trainer.v1.trainer_mode == "selflock"
+    else:
+        assert config.algorithm.adv_estimator == "gae"
+    assert config.trainer.total_training_steps == 200
+
+    [entry] = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
+    assert entry["name"] == "active_reasoning" and entry["stop_on_closing_tag"] is True
+    simulator = entry["simulator"]
+    assert simulator["base_url"] == "http://user-sim:9000/v1" and simulator["model"] == "my-user-model"
+    assert simulator["temperature"] == 0.0 and simulator["max_tokens"] == 256
+    # compose_recipe swapped the paper's policy out for a local model; the recipe itself names it.
+    base = yaml.safe_load((RECIPES / "tau2_telecom" / "base.yaml").read_text())
+    assert base["actor_rollout_ref"]["model"]["path"] == "Qwen/Qwen2.5-14B-Instruct"

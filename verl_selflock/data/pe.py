@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from verl_selflock.data.parquet import write_splits
 from verl_selflock.data.prompts import pe_messages
 from verl_selflock.envs.pe import COS_THRESHOLD, DEFAULT_MAX_TURNS, DOMINANCE_TOL, PE_VARIANTS
 
@@ -234,8 +235,6 @@ def build_pe_dataset(
     Returns:
         ``{"train": path, "test": path}``.
     """
-    import pandas as pd
-
     if variant not in PE_VARIANTS:
         raise ValueError(f"variant must be one of {PE_VARIANTS}, got {variant!r}")
     if n_train < 0 or n_test < 0:
@@ -248,13 +247,7 @@ def build_pe_dataset(
     else:
         config = PEDataConfig(variant, int(size_param), None, turns, n_movies)
     rows = build_pe_rows(config, n_train, n_test, seed, progress=progress)
-    os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, str] = {}
-    for split, split_rows in rows.items():
-        path = os.path.join(os.fspath(out_dir), f"{split}.parquet")
-        pd.DataFrame(split_rows).to_parquet(path, index=False)
-        paths[split] = path
-    return paths
+    return write_splits(rows, out_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -86,6 +86,10 @@ class ActiveReasoningEnv(ABC):
     """One episode of an active-reasoning task."""
 
     task: ClassVar[str] = ""
+    closing_tags: ClassVar[tuple[str, ...]] = ("interact", "answer")
+    """Tags whose closing form (``</tag>``) ends an agent turn: the agent loop cuts each generation
+    right after the first of them (a task with another turn format, e.g. tau2's ``<message>`` /
+    ``<tool_call>``, overrides this)."""
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None

