@@ -475,7 +475,15 @@ def test_verl_agent_loop_worker_runs_the_loop_from_yaml(make_config, chatml_toke
         worker = AgentLoopWorker(config, llm_client=server)
         return await worker.generate_sequences(batch)
 
-    out = asyncio.run(main())
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+
+    # The worker re-registers our loop from the YAML in veRL's process-wide registry: restore it so
+    # later tests get the plugin's defaults, not this file's max_turn_tokens.
+    registered = _agent_loop_registry.get(AGENT)
+    try:
+        out = asyncio.run(main())
+    finally:
+        _agent_loop_registry[AGENT] = registered
     assert out.batch["responses"].shape == (2, 256)
     assert "rollout_log_probs" in out.batch.keys()
     assert all(c.sampling_params["max_tokens"] == 48 for c in server.calls)
