@@ -75,12 +75,20 @@ class EnvContext:
     training: bool = True
     """Training rollouts (False for validation/eval): training-only extras such as counterfactual
     branches are skipped otherwise."""
+    withhold_feedback: bool = False
+    """Feedback ablation (``verl-selflock eval --feedback unknown``): every feedback the agent would
+    get is replaced by the task's :attr:`ActiveReasoningEnv.uninformative_feedback`. Critiques and the
+    reward are computed as usual, so the run measures how much the agent relies on interaction."""
 
 
 class ActiveReasoningEnv(ABC):
     """One episode of an active-reasoning task."""
 
     task: ClassVar[str] = ""
+    uninformative_feedback: ClassVar[str | None] = None
+    """The task's reply that carries no information (MediQ's "cannot answer", FloDial's "Unknown.").
+    A task that sets it must show it instead of its real feedback when ``context.withhold_feedback``
+    is set; None means the task does not support the feedback ablation."""
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
