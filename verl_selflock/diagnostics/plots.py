@@ -81,7 +81,6 @@ def plot_training(runs: Sequence[tuple[str, Mapping[str, Mapping[int, float]]]],
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(TRAIN_PANELS), figsize=(5.2 * len(TRAIN_PANELS), 4.0), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    shaded_label_done = False
     for column, (panel_title, keys, ylabel) in enumerate(TRAIN_PANELS):
         ax = axes[0][column]
         drawn = 0
@@ -96,13 +95,15 @@ def plot_training(runs: Sequence[tuple[str, Mapping[str, Mapping[int, float]]]],
                 ax.plot(steps, moving_average(values, smooth), color=color, linewidth=2, label=name)
             else:
                 ax.plot(steps, values, color=color, linewidth=2, marker="o", markersize=3, label=name)
-            locked = series.get(LOCK_KEY, {})
-            for step in sorted(s for s, v in locked.items() if v >= 0.5):
-                label = "self-locking warning" if not shaded_label_done else None
+            locked_steps = sorted(s for s, v in series.get(LOCK_KEY, {}).items() if v >= 0.5)
+            for number_in_run, step in enumerate(locked_steps):
+                # Labelled once per run, in the reward panel only, so the legend says whose warning it is.
+                label = f"{name}: self-locking warning" if column == 0 and number_in_run == 0 else None
                 ax.axvspan(step - 0.5, step + 0.5, color=color, alpha=0.12, linewidth=0, label=label)
-                shaded_label_done = True
             drawn += 1
         ax.set_title(panel_title, fontsize=11)
+        if column > 0:
+            ax.set_ylim(-0.02, 1.02)  # shares: a fixed scale, so small wiggles do not look like trends
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -152,6 +153,8 @@ def plot_eval(runs: Sequence[tuple[str, Mapping[str, Any]]], out: str | os.PathL
         ax_turns.bar([number], [np.nan_to_num(value)], 0.6,
                      yerr=[[0.0 if math.isnan(low) else value - low], [0.0 if math.isnan(high) else high - value]],
                      capsize=3, color=bars.patches[0].get_facecolor() if bars.patches else None)
+        ax_turns.annotate("n/a" if math.isnan(value) else f"{value:.1f}", (number, 0), xytext=(0, 2),
+                          textcoords="offset points", ha="center", va="bottom", fontsize=8, color="white")
     ax_rates.set_xticks(positions, [label for _, label in EVAL_RATES])
     ax_rates.set_ylim(0, 1.05)
     ax_rates.set_ylabel("share (95% CI)")
