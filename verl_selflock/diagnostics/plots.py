@@ -79,6 +79,8 @@ def plot_training(runs: Sequence[tuple[str, Mapping[str, Mapping[int, float]]]],
                   smooth: int = 5, title: str | None = None) -> Path:
     """Reward / AS proxy / BT proxy over steps for each ``(run name, series)``; returns the PNG path."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(TRAIN_PANELS), figsize=(5.2 * len(TRAIN_PANELS), 4.0), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for column, (panel_title, keys, ylabel) in enumerate(TRAIN_PANELS):
@@ -105,6 +107,7 @@ def plot_training(runs: Sequence[tuple[str, Mapping[str, Mapping[int, float]]]],
         if column > 0:
             ax.set_ylim(-0.02, 1.02)  # shares: a fixed scale, so small wiggles do not look like trends
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn:
