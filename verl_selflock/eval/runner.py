@@ -427,7 +427,13 @@ def run(args: argparse.Namespace) -> int:
         oracle_bt=args.oracle_bt, simulator_url=args.simulator_url, simulator_model=args.simulator_model,
         progress=not args.no_progress,
     )
-    summary = asyncio.run(evaluate(config))
+    try:
+        summary = asyncio.run(evaluate(config))
+    except KeyboardInterrupt:
+        saved = len(EpisodeStore(Path(config.out) / EPISODES_FILE).ids())
+        print(f"\ninterrupted: {saved} finished episodes are in {config.out}; run the same command to resume",
+              file=sys.stderr)
+        return 130
     print(format_summary(summary))
     print(f"summary: {os.path.abspath(os.path.join(config.out, SUMMARY_FILE))}", file=sys.stderr)
     return 2 if summary["missing"] else 0
