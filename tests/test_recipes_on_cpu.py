@@ -51,6 +51,7 @@ def test_recipe_composes_and_validates(task, name, smollm2_dir):
         assert need_critic(config) == (config.algorithm.adv_estimator == "gae")
     if "gspo" in name:
         assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "gspo"
+    assert config.trainer.v1.trainer_mode == "selflock"  # every recipe logs the self-locking diagnostics
     assert config.reward.reward_manager.name == "active_reasoning"
     assert config.actor_rollout_ref.rollout.agent.default_agent_loop == "active_reasoning"
     assert config.trainer.total_training_steps == 200

@@ -1,4 +1,4 @@
-"""``verl-selflock``: doctor (is the plugin wired into veRL?) and data builders."""
+"""``verl-selflock``: doctor (is the plugin wired into veRL?), data builders, eval and plots."""
 
 from __future__ import annotations
 
@@ -85,6 +85,21 @@ def run_data_builder(args: argparse.Namespace) -> int:
     return int(module.run(parser.parse_args(args.builder_args)) or 0)
 
 
+# subcommand -> (module with add_arguments(parser) and run(args), help); imported only when used.
+_TOOLS = {
+    "eval": ("verl_selflock.eval.runner", "run a test split against an OpenAI-compatible endpoint (resumable)"),
+    "plot": ("verl_selflock.diagnostics.plots", "PNG plots of training logs (train) or eval outputs (eval)"),
+}
+
+
+def _add_tool(commands: argparse._SubParsersAction, name: str) -> None:
+    module_name, help_text = _TOOLS[name]
+    tool = commands.add_parser(name, help=help_text, description=help_text)
+    module = importlib.import_module(module_name)
+    module.add_arguments(tool)
+    tool.set_defaults(func=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verl-selflock", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("task", choices=sorted(_DATA_BUILDERS))
     data.add_argument("builder_args", nargs=argparse.REMAINDER, help="the task builder's options")
     data.set_defaults(func=run_data_builder)
+    for name in _TOOLS:
+        _add_tool(commands, name)
     return parser
 
 

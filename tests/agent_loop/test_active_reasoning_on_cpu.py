@@ -150,6 +150,7 @@ def test_chatml_layout_is_exact(make_config, chatml_tokenizer, hf_model_type):
     assert f[ef.REWARD] == 1.0 and f[ef.SUCCESS] is True and f[ef.ANSWERED] is True
     assert f[ef.TURNS] == 4 and f[ef.INVALID_ACTIONS] == 1 and f[ef.REPEATED_ACTIONS] == 0
     assert (f[ef.AS_POS], f[ef.AS_NEG], f[ef.BT_POS], f[ef.BT_NEG]) == (1, 1, 1, 0)
+    assert (f[ef.ACTION_ROUNDS], f[ef.UPDATE_ROUNDS]) == (2, 1)  # turns 1, 3 / turn 2; turn 4 answers
     assert f[ef.TRUNCATED] is False and f[ef.STOP_REASON] == ef.STOP_ANSWER
     assert f[ef.TASK] == "scripted_test" and f[ef.ENV_METRICS] == {"scripted_turns": 4.0}
     assert out.reward_score is None  # the reward manager is the official path
@@ -566,7 +567,9 @@ def test_real_model_on_pe_episode(make_config, chatml_tokenizer, smollm2_model, 
         env["bt_pos"],
         env["bt_neg"],
     )
-    assert f[ef.AS_POS] + f[ef.AS_NEG] == env["action_rounds"]
+    assert f[ef.AS_POS] + f[ef.AS_NEG] == env["action_rounds"] == f[ef.ACTION_ROUNDS]
+    assert f[ef.UPDATE_ROUNDS] == env["update_rounds"]
+    assert f[ef.INFO_GAIN_COUNT] <= env["action_rounds"]  # PE: every query but a NaN one
     assert f[ef.REPEATED_ACTIONS] == env["repeats"]
     assert f[ef.INVALID_ACTIONS] >= env["invalid_actions"] + env["invalid_guesses"]
     assert f[ef.REWARD] in (0.0, 1.0) and f[ef.ANSWERED] == bool(env["answered"])

@@ -63,6 +63,9 @@ def test_arew_and_vanilla_ppo_train_on_cpu(tmp_path, smollm2_dir):
         assert m["arew/bonus_abs_mean"] > 0  # advantages differ from the base estimator's
         assert m["training/num_turns/mean"] > 2  # multi-turn: assistant and user turns alternate
         assert m["critic/vf_loss"] == m["critic/vf_loss"]  # a critic was trained (NaN-free)
+        # Self-locking diagnostics of the trainer mode (every step, not only validation).
+        assert 0.0 <= m["selflock/as_proxy"] <= 1.0 and m["selflock/turns"] >= 1
+        assert m["selflock/self_locking"] == 0.0  # the monitor's window (10 steps) is not full
 
     # 2. The actor and the critic were updated: their weights moved away from the initial model.
     from safetensors.torch import load_file

@@ -82,7 +82,7 @@ from verl_selflock.agent_loop.token_cut import (
     end_of_turn_ids,
 )
 from verl_selflock.envs import EnvContext, make_env
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, ResponseLayout
+from verl_selflock.protocol import ResponseLayout
 from verl_selflock.simulators import SimulatorConfig, shared_client
 
 logger = logging.getLogger(__name__)
@@ -255,11 +255,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
                 break
 
             # 4. the environment judges the turn
+            round_kind = env.next_round().value
             start = time.perf_counter()
             step = await env.step(cut.text)
             timing["tool_calls"] += time.perf_counter() - start
             layout.set_label(turn, step.label)
-            _count_step(stats, step)
+            stats.count_step(round_kind, step)
             messages.append({"role": "assistant", "content": cut.text})
             turn += 1
 
@@ -445,14 +446,3 @@ def _sync_layout(layout: ResponseLayout, merge: Any, turn: int | None) -> None:
     else:
         layout.add_turn_tokens(turn, merge.appended_token_count)
 
-
-def _count_step(stats: EpisodeStats, step: Any) -> None:
-    stats.invalid_actions += int(not step.valid)
-    stats.repeated_actions += int(bool(step.repeated))
-    z, channel = step.label.critique, step.label.channel
-    if channel == CHANNEL_AS:
-        stats.as_pos += int(z > 0)
-        stats.as_neg += int(z < 0)
-    elif channel == CHANNEL_BT:
-        stats.bt_pos += int(z > 0)
-        stats.bt_neg += int(z < 0)

@@ -19,6 +19,14 @@ key                             type   meaning
 ``selflock_repeated_actions``   int    turns that repeated an earlier action
 ``selflock_as_pos``/``_as_neg`` int    Action-round turns critiqued +1 / -1
 ``selflock_bt_pos``/``_bt_neg`` int    Update-round turns critiqued +1 / -1
+``selflock_action_rounds``      int    Action-round turns the environment judged
+``selflock_update_rounds``      int    Update-round turns the environment judged
+``selflock_info_gain_sum``      float  sum of ``StepResult.info["info_gain"]`` over the turns that set it
+``selflock_info_gain_count``    int    turns that set ``info["info_gain"]`` (0: the task defines none)
+``selflock_psi_delta_sum``      float  sum of the changes of ``info["psi"]`` (Psi_hat, the belief's
+                                       readout toward the truth) from one update to the next
+``selflock_psi_delta_count``    int    updates with such a change (``info["psi_prev"]`` or an earlier
+                                       ``psi`` of the episode gives the previous value)
 ``selflock_truncated``          bool   the episode was cut by ``rollout.response_length``
 ``selflock_obs_truncated``      int    observations whose text was capped at ``max_obs_tokens``
 ``selflock_stop_reason``        str    ``answer`` | ``done`` | ``max_turns`` | ``response_length``
@@ -29,6 +37,7 @@ key                             type   meaning
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +55,12 @@ BT_POS = "selflock_bt_pos"
 BT_NEG = "selflock_bt_neg"
 TRUNCATED = "selflock_truncated"
 OBS_TRUNCATED = "selflock_obs_truncated"
+ACTION_ROUNDS = "selflock_action_rounds"
+UPDATE_ROUNDS = "selflock_update_rounds"
+INFO_GAIN_SUM = "selflock_info_gain_sum"
+INFO_GAIN_COUNT = "selflock_info_gain_count"
+PSI_DELTA_SUM = "selflock_psi_delta_sum"
+PSI_DELTA_COUNT = "selflock_psi_delta_count"
 STOP_REASON = "selflock_stop_reason"
 TASK = "selflock_task"
 ENV_METRICS = "selflock_env_metrics"
@@ -70,11 +85,50 @@ class EpisodeStats:
     as_neg: int = 0
     bt_pos: int = 0
     bt_neg: int = 0
+    action_rounds: int = 0
+    update_rounds: int = 0
+    info_gain_sum: float = 0.0
+    info_gain_count: int = 0
+    psi_delta_sum: float = 0.0
+    psi_delta_count: int = 0
     truncated: bool = False
     obs_truncated: int = 0
     stop_reason: str = ""
     task: str = ""
     env_metrics: dict[str, float] = field(default_factory=dict)
+    last_psi: float | None = field(default=None, repr=False, compare=False)
+    """Psi_hat after the latest update that reported one (bookkeeping of :meth:`count_step`, not exported)."""
+
+    def count_step(self, round_kind: str, step: Any) -> None:
+        """Count one judged turn: ``round_kind`` is ``"action"``, ``"update"`` or ``"answer"`` and ``step`` a
+        :class:`verl_selflock.envs.StepResult`. Shared by the training loop and ``verl-selflock eval`` so
+        that both report the same numbers."""
+        from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT
+
+        self.invalid_actions += int(not step.valid)
+        self.repeated_actions += int(bool(step.repeated))
+        self.action_rounds += int(round_kind == "action")
+        self.update_rounds += int(round_kind == "update")
+        z, channel = step.label.critique, step.label.channel
+        if channel == CHANNEL_AS:
+            self.as_pos += int(z > 0)
+            self.as_neg += int(z < 0)
+        elif channel == CHANNEL_BT:
+            self.bt_pos += int(z > 0)
+            self.bt_neg += int(z < 0)
+        info = step.info if isinstance(step.info, Mapping) else {}
+        gain = _finite(info.get("info_gain"))
+        if gain is not None:
+            self.info_gain_sum += gain
+            self.info_gain_count += 1
+        psi = _finite(info.get("psi"))
+        if psi is not None:
+            previous = _finite(info.get("psi_prev"))
+            previous = self.last_psi if previous is None else previous
+            if previous is not None:
+                self.psi_delta_sum += psi - previous
+                self.psi_delta_count += 1
+            self.last_psi = psi
 
     def as_extra_fields(self) -> dict[str, Any]:
         return {
@@ -88,6 +142,12 @@ class EpisodeStats:
             AS_NEG: int(self.as_neg),
             BT_POS: int(self.bt_pos),
             BT_NEG: int(self.bt_neg),
+            ACTION_ROUNDS: int(self.action_rounds),
+            UPDATE_ROUNDS: int(self.update_rounds),
+            INFO_GAIN_SUM: float(self.info_gain_sum),
+            INFO_GAIN_COUNT: int(self.info_gain_count),
+            PSI_DELTA_SUM: float(self.psi_delta_sum),
+            PSI_DELTA_COUNT: int(self.psi_delta_count),
             TRUNCATED: bool(self.truncated),
             OBS_TRUNCATED: int(self.obs_truncated),
             STOP_REASON: str(self.stop_reason),
@@ -118,9 +178,24 @@ class EpisodeStats:
             as_neg=int(scalar(AS_NEG, 0)),
             bt_pos=int(scalar(BT_POS, 0)),
             bt_neg=int(scalar(BT_NEG, 0)),
+            action_rounds=int(scalar(ACTION_ROUNDS, 0)),
+            update_rounds=int(scalar(UPDATE_ROUNDS, 0)),
+            info_gain_sum=float(scalar(INFO_GAIN_SUM, 0.0)),
+            info_gain_count=int(scalar(INFO_GAIN_COUNT, 0)),
+            psi_delta_sum=float(scalar(PSI_DELTA_SUM, 0.0)),
+            psi_delta_count=int(scalar(PSI_DELTA_COUNT, 0)),
             truncated=bool(scalar(TRUNCATED, False)),
             obs_truncated=int(scalar(OBS_TRUNCATED, 0)),
             stop_reason=str(scalar(STOP_REASON, "")),
             task=str(scalar(TASK, "")),
             env_metrics=dict(env_metrics) if isinstance(env_metrics, Mapping) else {},
         )
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (absent, not a number, NaN or infinite)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

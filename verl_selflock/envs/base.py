@@ -80,6 +80,10 @@ class EnvContext:
     training: bool = True
     """Training rollouts (False for validation/eval): training-only extras such as counterfactual
     branches are skipped otherwise."""
+    withhold_feedback: bool = False
+    """Feedback ablation (``verl-selflock eval --feedback unknown``): every feedback the agent would
+    get is replaced by the task's :attr:`ActiveReasoningEnv.uninformative_feedback`. Critiques and the
+    reward are computed as usual, so the run measures how much the agent relies on interaction."""
 
 
 class ActiveReasoningEnv(ABC):
@@ -90,6 +94,10 @@ class ActiveReasoningEnv(ABC):
     """Tags whose closing form (``</tag>``) ends an agent turn: the agent loop cuts each generation
     right after the first of them (a task with another turn format, e.g. tau2's ``<message>`` /
     ``<tool_call>``, overrides this)."""
+    uninformative_feedback: ClassVar[str | None] = None
+    """The task's reply that carries no information (MediQ's "cannot answer", FloDial's "Unknown.").
+    A task that sets it must show it instead of its real feedback when ``context.withhold_feedback``
+    is set; None means the task does not support the feedback ablation."""
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None

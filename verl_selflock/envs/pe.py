@@ -37,8 +37,18 @@ rounds whose block did not parse, ``repeats`` those that repeated an earlier que
 AS label of +1 or -1, so ``as_pos + as_neg == action_rounds``.
 
 ``StepResult.info`` keys: ``round``, ``turn``, and per round kind: action: ``pair``, ``focus``,
-``feedback``, ``dominated``, ``previous_guess_valid`` or ``error``; update: ``guess``,
-``psi_hat``, ``psi_prev`` or ``error``; answer: ``early``, ``answer``, ``answer_cos`` or ``error``.
+``feedback`` (the word shown), ``dominated``, ``previous_guess_valid`` or ``error``, and always
+``info_gain``; update: ``guess``, ``psi`` (= ``psi_hat``), ``psi_prev`` or ``error``; answer:
+``early``, ``answer``, ``answer_cos`` or ``error``.
+
+Diagnostics: ``psi`` = Psi_hat = cos(guess, w*) after a valid update; ``info_gain`` = bits the
+answer carried under exact Bayesian updating from the Dirichlet(1) prior
+(:mod:`verl_selflock.envs.pe_oracle`; 0 for an invalid or repeated query and for withheld feedback).
+
+Feedback ablation (``EnvContext.withhold_feedback``, ``verl-selflock eval --feedback unknown``): the
+user's comparison is replaced by ``Unknown.`` (the rest of the observation, round instructions
+included, is unchanged). Critiques and reward do not depend on what was shown, so they are computed
+as usual.
 
 Queries are order-free: ``Pair: 5,2`` is asked as (2, 5) and "Yes" means the movie with the
 smaller index has the higher score. An all-zero vector has no direction and is invalid both as a
@@ -75,6 +85,7 @@ from verl_selflock.envs.parsing import (
     parse_pair,
     parse_vector,
 )
+from verl_selflock.envs.pe_oracle import PEVersionSpace, focus_diff, seed_of
 from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
 
 __all__ = [
@@ -193,6 +204,8 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
     bookkeeping keys (``id``, ``seed``) that the environment ignores.
     """
 
+    uninformative_feedback = "Unknown."
+
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
     ) -> None:
@@ -236,6 +249,7 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
         self.last_action_fed_back = False  # the latest action round produced feedback
         self.answer: tuple[float, ...] | None = None
         self.answer_cos: float | None = None
+        self._version_space: PEVersionSpace | None = None  # built at the first answered query
         self.counts = dict.fromkeys(
             (
                 "action_rounds",
@@ -347,7 +361,7 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
         if not parsed.ok:
             self.counts["invalid_actions"] += 1
             critique = -1
-            info["error"] = parsed.error
+            info.update(error=parsed.error, info_gain=0.0)
             feedback_line = f"Invalid query: {parsed.error}. No feedback this round."
             self.last_action_fed_back = False
         else:
@@ -359,7 +373,7 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
                 self.counts["repeats"] += 1
                 repeated = True
                 critique = -1
-                info["error"] = "repeated query"
+                info.update(error="repeated query", info_gain=0.0)
                 feedback_line = (
                     f"Invalid query: you already asked about {self._describe(action)}. No feedback this round."
                 )
@@ -368,10 +382,16 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
                 self.asked.add(action.key)
                 word, diff = self._answer_query(action)
                 dominated = is_dominated(diff)
-                info.update(feedback=word, dominated=dominated, previous_guess_valid=self.last_guess_valid)
+                if self.context.withhold_feedback:
+                    shown, gain, explanation = self.uninformative_feedback, 0.0, ""
+                else:
+                    shown, gain, explanation = word, self._information_of(action, word), self._explain(action, word)
+                info.update(
+                    feedback=shown, dominated=dominated, previous_guess_valid=self.last_guess_valid, info_gain=gain
+                )
                 if dominated or not self.last_guess_valid:
                     critique = -1
-                feedback_line = FEEDBACK_PREFIX + word + self._explain(action, word)
+                feedback_line = FEEDBACK_PREFIX + shown + explanation
                 self.last_action_fed_back = True
         label = self._label(critique, CHANNEL_AS)
         self.last_action_label = critique
@@ -399,7 +419,7 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
             assert guess is not None
             psi = cosine(guess, self.w_star)
             psi_prev = cosine(self.prev_valid_guess, self.w_star)
-            info.update(guess=guess.tolist(), psi_hat=psi, psi_prev=psi_prev)
+            info.update(guess=guess.tolist(), psi=psi, psi_hat=psi, psi_prev=psi_prev)
             if not self.last_action_fed_back or self.last_action_label == -1:
                 critique = 0  # no admissible evidence: the update cannot be judged
             else:
@@ -442,6 +462,13 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
             x_i, x_j, weights = x_i[cols], x_j[cols], weights[cols]
         # Compare the two scores (not w.diff against 0) so that "Equal." means equal scores.
         return _feedback_word(float(weights @ x_i), float(weights @ x_j)), x_i - x_j
+
+    def _information_of(self, action: PEAction, word: str) -> float:
+        """Bits the answer ``word`` carries under exact Bayesian updating (NaN if the Monte-Carlo
+        posterior ran out of draws, which the diagnostics skip)."""
+        if self._version_space is None:
+            self._version_space = PEVersionSpace(self.D, seed_of(self.spec))
+        return self._version_space.observe(focus_diff(self.movies, action.pair, action.focus), word)
 
     def _describe(self, action: PEAction) -> str:
         text = f"pair {action.pair[0]},{action.pair[1]}"

@@ -25,6 +25,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from verl_selflock.config import SELFLOCK_ESTIMATORS, TRAINER_MODE, arew_config_of, validate_selflock_config
+from verl_selflock.diagnostics.training import TrainingDiagnostics
 from verl_selflock.trainer.advantage import apply_arew_bonus
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class SelflockTrainer(PPOTrainerSync):
         # TaskRunner themselves.
         validate_selflock_config(config)
         super().__init__(config=config)
+        self.selflock_diagnostics = TrainingDiagnostics(config)
 
     def fit(self, agent_loop_manager) -> None:
         super().fit(agent_loop_manager)
@@ -59,6 +61,14 @@ class SelflockTrainer(PPOTrainerSync):
         if self.config.trainer.get("save_freq", -1) and self.config.trainer.save_freq > 0:
             lines.append(f"[verl-selflock] checkpoints: {os.path.abspath(self.config.trainer.default_local_dir)}")
         print("\n".join(lines), flush=True)
+
+    def _compute_metrics(self, batch: KVBatchMeta, metrics, timing_raw, global_steps, epoch) -> None:
+        """veRL's metrics plus the self-locking diagnostics (``selflock/*``) of the step's episodes."""
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        real = [not tag.get("is_padding", False) for tag in batch.tags]
+        fields = [item for item, keep in zip(list(data["extra_fields"]), real, strict=True) if keep]
+        self.selflock_diagnostics.record(fields, metrics, step=int(global_steps))
 
     @contextlib.contextmanager
     def _base_estimator(self, name: str) -> Iterator[None]:

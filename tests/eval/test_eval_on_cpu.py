@@ -1,0 +1,152 @@
+"""``verl-selflock eval``: resumable episodes, endpoint failures, the feedback ablation, oracle BT,
+and end to end against a real ``transformers serve`` with SmolLM2-135M-Instruct (killed and resumed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.openai_servers import FaultServer
+from verl_selflock.cli import main
+from verl_selflock.data.pe import build_pe_dataset
+from verl_selflock.eval.runner import EvalConfig, evaluate, format_summary
+from verl_selflock.simulators import ChatReply
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pe_test_file(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("pe_data")
+    return build_pe_dataset("gated", 3, 0, 6, seed=0, out_dir=out, progress=False)["test"]
+
+
+class ScriptedPolicy:
+    """A policy with the ChatClient interface that asks pairs 1,2 / 3,4 / ... with focus 1,2,3,
+    guesses equal weights and answers them (it ignores the feedback)."""
+
+    def __init__(self) -> None:
+        self.seen_observations: list[str] = []
+
+    async def chat(self, messages, *, max_tokens=None, temperature=None, **_):
+        self.seen_observations += [m["content"] for m in messages[-1:] if m["role"] == "user"]
+        turn = sum(m["role"] == "assistant" for m in messages) + 1
+        if turn == 10:
+            return ChatReply("<scratch>done</scratch><answer>1,1,1,2,2,2</answer>", ok=True)
+        if turn % 2 == 1:
+            i = turn
+            return ChatReply(f"<scratch>ask</scratch><interact>\nFocus: 1,2,3\nPair: {i},{i + 1}\n</interact> extra", ok=True)
+        return ChatReply("<interact>Guess: 1,1,1,1,1,1</interact>", ok=True)
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_feedback_ablation_and_oracle_bt(pe_test_file, tmp_path):
+    policy = ScriptedPolicy()
+    config = EvalConfig(data=pe_test_file, out=str(tmp_path / "unknown"), base_url="http://unused/v1", model="scripted",
+                        feedback="unknown", oracle_bt=True, max_episodes=3, progress=False)
+    summary = asyncio.run(evaluate(config, policy=policy))
+    assert summary["episodes"] == 3 and summary["missing"] == 0
+    feedback = [o.splitlines()[0] for o in policy.seen_observations if o.startswith("The feedback")]
+    assert feedback and all(line == "The feedback of your latest query: Unknown." for line in feedback)
+    metrics = summary["metrics"]
+    assert metrics["info_gain_per_action"]["value"] == 0.0  # nothing was revealed
+    assert metrics["turns"]["value"] == 10 and metrics["finish_ratio"]["value"] == 1.0
+    assert metrics["success_rate"]["ci"] == "wilson" and metrics["as_proxy"]["ci"] == "bootstrap"
+    masking = summary["oracle_bt"]
+    assert masking["episodes"] == 3 and set(masking["agent_bt"]) >= {"success_rate", "corr_as_quality_reward"}
+    records = [json.loads(line) for line in (tmp_path / "unknown" / "episodes.jsonl").read_text().splitlines()]
+    # With every answer withheld the oracle learns nothing: its belief is the prior mean.
+    assert all(r["oracle_bt"]["answers_used"] == 0 for r in records)
+    assert records[0]["transcript"][0]["dropped_chars"] == len(" extra")  # cut after the first closing tag
+
+    real = EvalConfig(data=pe_test_file, out=str(tmp_path / "real"), base_url="http://unused/v1", model="scripted",
+                      oracle_bt=True, max_episodes=3, progress=False)
+    summary = asyncio.run(evaluate(real, policy=ScriptedPolicy()))
+    assert summary["metrics"]["info_gain_per_action"]["value"] > 0
+    assert all(json.loads(line)["oracle_bt"]["answers_used"] > 0
+               for line in (tmp_path / "real" / "episodes.jsonl").read_text().splitlines())
+    assert "oracle BT" in format_summary(summary)
+
+
+def test_endpoint_failures_are_retried_on_resume_never_scored(pe_test_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["eval", "--data", pe_test_file, "--out", str(out), "--model", "m", "--max-episodes", "4",
+            "--retries", "0", "--concurrency", "2", "--no-progress"]
+    with FaultServer("error500") as server:
+        assert main([*args, "--base-url", server.base_url]) == 2  # nothing finished: asks for a rerun
+    assert not (out / "episodes.jsonl").exists() or _ids(out / "episodes.jsonl") == []
+    assert len(_ids(out / "errors.jsonl")) == 4
+    assert json.loads((out / "summary.json").read_text())["missing"] == 4
+    assert "run the command again" in capsys.readouterr().out
+
+    # The endpoint is back (it answers every turn with an early answer): the same command resumes.
+    with FaultServer("ok", reply="<scratch>x</scratch><answer>1,1,1,2,2,2</answer>") as server:
+        assert main([*args, "--base-url", server.base_url]) == 0
+        ids = _ids(out / "episodes.jsonl")
+        assert len(ids) == 4 == len(set(ids))
+        assert main([*args, "--base-url", server.base_url]) == 0  # nothing left to do
+        assert len(server.requests) == 4  # one turn per episode, none replayed
+    assert _ids(out / "episodes.jsonl") == ids
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 4 and summary["metrics"]["turns"]["value"] == 1.0
+    with pytest.raises(ValueError, match="other settings"):
+        main([*args, "--base-url", "http://127.0.0.1:9/v1", "--feedback", "unknown"])
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_episodes(pe_test_file, tmp_path, capsys):
+    """The real CLI in a subprocess against a real HTTP endpoint (slow replies, an early answer each):
+    SIGKILL after the first finished episode, run the same command again, every episode exactly once."""
+    out = tmp_path / "eval"
+    episodes = out / "episodes.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with FaultServer("slow", reply="<answer>1,1,1,2,2,2</answer>", delay_s=0.3) as server:
+        command = [sys.executable, "-m", "verl_selflock.cli", "eval", "--data", pe_test_file, "--out", str(out),
+                   "--base-url", server.base_url, "--model", "m", "--concurrency", "2", "--no-progress"]
+        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and first.poll() is None:
+            if episodes.exists() and episodes.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        done_before = _ids(episodes)
+        assert 1 <= len(done_before) < 6
+        # The same command again (in this process: a second interpreter start-up costs seconds).
+        assert main(command[3:]) == 0
+    ids = _ids(episodes)
+    assert len(ids) == 6 == len(set(ids)) and ids[: len(done_before)] == done_before
+    assert json.loads((out / "summary.json").read_text())["episodes"] == 6
+    assert "success_rate" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_against_real_transformers_serve(chat_server, tmp_path):
+    """Two PE-G episodes of SmolLM2-135M-Instruct behind `transformers serve` (the real model, prompts,
+    parser and environment), with the oracle-BT replay; the CLI's table and summary.json."""
+    data = build_pe_dataset("gated", 3, 0, 2, seed=0, out_dir=tmp_path / "data", max_turns=2, progress=False)["test"]
+    out = tmp_path / "eval"
+    code = main(["eval", "--data", data, "--out", str(out), "--base-url", chat_server.base_url,
+                 "--model", chat_server.model, "--max-tokens", "24", "--concurrency", "2", "--no-progress",
+                 "--oracle-bt"])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and {r["task"] for r in records} == {"pe"}
+    for record in records:
+        assert record["transcript"][0]["round"] == "action" and 1 <= record["turns"] <= 2
+        assert record["stats"]["selflock_action_rounds"] == 1  # the Action round was judged
+        assert "reward" in record["oracle_bt"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 2 and summary["missing"] == 0 and summary["settings"]["model"] == chat_server.model
+    assert {"success_rate", "as_proxy", "turns", "invalid_ratio", "finish_ratio"} <= set(summary["metrics"])
