@@ -253,3 +253,13 @@ def test_replies_are_cached_across_episodes_with_the_same_table():
     assert (m1["sim_calls"], m1["sim_cache_hits"]) == (1, 0) and (m2["sim_calls"], m2["sim_cache_hits"]) == (1, 1)
     assert len(server.requests) == 1 and client.stats()["cache_hit_rate"] == 0.5
     assert server.requests[0]["temperature"] == 0.0 and server.requests[0]["max_tokens"] == 8
+
+
+def test_feedback_ablation_shows_unknown_and_judges_as_usual():
+    simulator = ScriptedSimulator(REPLIES)
+    env = make_env(episode_spec(), context=EnvContext(simulator=simulator, training=False, withhold_feedback=True))
+    steps = run_script(env, SCRIPT[:3])
+    assert [s.label.critique for s in steps] == [1, 1, 1]  # the same critiques as with real feedback
+    for step in (steps[0], steps[2]):
+        assert "The feedback of your latest query: Unknown." in step.observation
+        assert "Yes." not in step.observation

@@ -293,3 +293,12 @@ def test_answers_are_cached_per_case_and_question():
     assert [m["sim_cache_hits"] for _, m in results] == [0, 1, 0]
     assert all(step.label.critique == 1 and "She has a fever." in step.observation for step, _ in results)
     assert len(server.requests) == 2 and stats["cache_hit_rate"] == pytest.approx(1 / 3)
+
+
+def test_feedback_ablation_shows_the_null_reply_and_judges_as_usual():
+    patient = ScriptedPatient({"Any fever?": "2,3"})
+    env = make_env(spec(), context=EnvContext(simulator=patient, training=False, withhold_feedback=True))
+    step = run(env.step(query("Any fever?")))
+    assert step.label.critique == 1  # the patient did reveal facts 2 and 3: judged as usual
+    assert FIXED_REPLY in step.observation and "She has a fever" not in step.observation
+    assert MediQEnv.uninformative_feedback == FIXED_REPLY

@@ -217,6 +217,8 @@ class FloDialEnv(ActiveReasoningEnv):
     ("v1" default | "v0"), and bookkeeping keys (``id``, ``chart``, ``difficulty`` ...).
     """
 
+    uninformative_feedback = "Unknown."
+
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
     ) -> None:
@@ -421,6 +423,8 @@ class FloDialEnv(ActiveReasoningEnv):
             if info["feedback"] == "unknown":
                 self.counts["answers_unknown"] += 1
             feedback_line = FEEDBACK_PREFIX + info["feedback"].capitalize() + "." + note
+            if self.context.withhold_feedback:  # feedback ablation: judged as usual, shown as unknown
+                feedback_line = FEEDBACK_PREFIX + self.uninformative_feedback
         self.counts["repeats"] += int(repeated)
         self.last_action_informative = bool(info["new_information"])
         info["candidates_left"] = self.K - len(self.ruled_out)

@@ -134,6 +134,8 @@ class MediQEnv(ActiveReasoningEnv):
     ``question``, ``split``, ``source``) that the environment does not need.
     """
 
+    uninformative_feedback = FIXED_REPLY
+
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
     ) -> None:
@@ -280,6 +282,8 @@ class MediQEnv(ActiveReasoningEnv):
                 feedback, critique = FEEDBACK_PREFIX + FIXED_REPLY, -1
             else:
                 feedback, critique, new_facts = await self._ask_patient(query, key, info)
+                if self.context.withhold_feedback:  # feedback ablation: judged as usual, shown as null
+                    feedback = FEEDBACK_PREFIX + FIXED_REPLY
         self.revealed.update(new_facts)
         informative = bool(new_facts)
         self.last_feedback_informative = informative
