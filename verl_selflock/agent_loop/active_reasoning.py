@@ -39,6 +39,11 @@ Config (agent-loop YAML at ``actor_rollout_ref.rollout.agent.agent_loop_config_p
       _target_: verl_selflock.agent_loop.active_reasoning.ActiveReasoningAgentLoop
       max_turn_tokens: 512
       max_obs_tokens: 512
+      t3: {enabled: true, signal: auto, k: 2}   # optional: T3 truncation (verl_selflock.algorithms.t3)
+
+T3: after each turn that the environment judged, the turn's ``StepResult.progress`` goes to a
+:class:`~verl_selflock.algorithms.t3.T3Monitor`; when it fires (and the episode would otherwise go on)
+the episode ends there (``stop_reason`` ``t3``) and is scored by ``env.result()`` like any other.
 
 veRL settings read: ``rollout.response_length`` (total budget), ``rollout.multi_turn.max_assistant_turns``
 and ``rollout.multi_turn.max_user_turns`` (extra caps when set), ``rollout.full_determinism``,
@@ -61,10 +66,12 @@ from verl.utils.rollout_trace import rollout_trace_op
 from verl.workers.rollout.replica import TokenOutput
 
 from verl_selflock.agent_loop.episode_fields import (
+    GT_ANSWER,
     STOP_ANSWER,
     STOP_DONE,
     STOP_MAX_TURNS,
     STOP_RESPONSE_LENGTH,
+    STOP_T3,
     EpisodeStats,
 )
 from verl_selflock.agent_loop.token_cut import (
@@ -73,7 +80,9 @@ from verl_selflock.agent_loop.token_cut import (
     cut_turn,
     end_of_turn_ids,
 )
+from verl_selflock.algorithms.t3 import T3Config, T3Monitor, T3Rule
 from verl_selflock.envs import make_env
+from verl_selflock.envs.base import registered_progress_signals
 from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, ResponseLayout
 
 logger = logging.getLogger(__name__)
@@ -107,8 +116,12 @@ class ActiveReasoningLoopConfig:
     the authority). Saves generating past the tag; leave off for servers that reject unknown keys."""
     obs_truncation_marker: str = " ...(truncated)"
     """Appended to a capped observation (counted inside ``max_obs_tokens``)."""
+    t3: T3Config | Mapping[str, Any] | None = None
+    """T3 truncation settings (``t3.enabled``, ``signal``, ``k``, ``delta_min``, ``min_turn``); off by default."""
 
     def __post_init__(self) -> None:
+        self.t3 = T3Config.from_mapping(self.t3)
+        self.t3.check_signal_known(registered_progress_signals())
         for name in ("max_turn_tokens", "max_obs_tokens", "min_turn_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -130,6 +143,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         min_turn_tokens: int = 16,
         stop_on_closing_tag: bool = False,
         obs_truncation_marker: str = " ...(truncated)",
+        t3: Mapping[str, Any] | None = None,
         tools: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -143,6 +157,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             min_turn_tokens=int(min_turn_tokens),
             stop_on_closing_tag=bool(stop_on_closing_tag),
             obs_truncation_marker=str(obs_truncation_marker),
+            t3=_plain(t3),
         )
         self.response_length = int(self.rollout_config.response_length)
         multi_turn = self.rollout_config.get("multi_turn", None) or {}
@@ -174,6 +189,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         turn_cap = env.max_turns if not self.max_assistant_turns else min(env.max_turns, self.max_assistant_turns)
         prompt_ids = await self.ct_build_initial_tokens(messages)
         runtime_ids = list(prompt_ids)
+        t3 = T3Monitor(T3Rule.resolve(cfg.t3, env.task, type(env).progress_signals)) if cfg.t3.enabled else None
 
         want_logprobs = bool(sampling_params.get("logprobs", False))
         response_mask: list[int] = []
@@ -242,6 +258,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             if not step.observation:
                 stats.stop_reason = STOP_DONE
                 break
+            if t3 is not None and t3.observe(step.progress):
+                # Belief trapped: end here; env.result() scores the episode as it stands.
+                room_left = self.response_length - len(response_mask)
+                stats.t3_truncated, stats.t3_turn, stats.stop_reason = True, turn, STOP_T3
+                stats.t3_tokens_saved = max(0, min(room_left, (turn_cap - turn) * cfg.max_turn_tokens))
+                break
 
             # 5. the observation as a user message + the next assistant header (mask 0, turn id -1)
             obs_text, obs_cut = cap_text_tokens(
@@ -285,6 +307,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         extra_fields.update({"turn_scores": [], "tool_rewards": []})  # veRL's multi-turn schema
         extra_fields.update(layout.as_extra_fields())
         extra_fields.update(stats.as_extra_fields())
+        extra_fields[GT_ANSWER] = env.ground_truth_answer()
         metrics: dict[str, Any] = dict(timing)
         metrics["num_preempted"] = num_preempted if num_preempted is not None else -1
         return AgentLoopOutput(
@@ -352,6 +375,20 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             "max_user_turns": self.max_user_turns,
             "end_of_turn_ids": list(self.eot_ids),
         }
+
+
+def _plain(node: Any) -> Any:
+    """An OmegaConf node of the agent-loop YAML as plain Python (Hydra hands nested mappings as DictConfig)."""
+    if node is None or isinstance(node, T3Config):
+        return node
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover  (omegaconf ships with veRL)
+        pass
+    return dict(node) if isinstance(node, Mapping) else node
 
 
 def _sync_layout(layout: ResponseLayout, merge: Any, turn: int | None) -> None:

@@ -3,8 +3,10 @@
 from verl_selflock.envs.base import (
     ActiveReasoningEnv,
     EpisodeResult,
+    ProgressSignal,
     RoundKind,
     StepResult,
+    env_class,
     make_env,
     register_env,
     registered_envs,
@@ -17,8 +19,10 @@ from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
 __all__ = [
     "ActiveReasoningEnv",
     "EpisodeResult",
+    "ProgressSignal",
     "RoundKind",
     "StepResult",
+    "env_class",
     "make_env",
     "register_env",
     "registered_envs",

@@ -8,6 +8,16 @@ alternate Action (odd turns, AS critique), Update (even turns, BT critique), ...
 
 To add a task: subclass :class:`ActiveReasoningEnv`, decorate it with ``@register_env("name")``,
 and write rows whose ``extra_info["env"]["task"] == "name"``.
+
+Baselines (optional, per task):
+
+* T3 (truncate belief-trapped episodes, :mod:`verl_selflock.algorithms.t3`): report a per-turn
+  progress measure in ``StepResult.progress`` (signal name -> value; leave it empty on turns that do not
+  measure progress) and declare each signal's default window in ``progress_signals``. Generic signals:
+  ``new_info`` (1.0 if the turn elicited new information, else 0.0: MediQ, FloDial) and ``state_progress``
+  (1.0 if the turn changed the state or produced a new observation family, else 0.0: tau2, from turn 6).
+* IGPO (:mod:`verl_selflock.algorithms.igpo`): return the ground-truth answer text from
+  :meth:`ActiveReasoningEnv.ground_truth_answer`, written exactly as the agent should answer it.
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ class StepResult:
     """The action repeated an earlier one."""
     info: dict[str, Any] = field(default_factory=dict)
     """Task-specific details (parsed action, feedback, Psi_hat ...) for diagnostics and tests."""
+    progress: dict[str, float] = field(default_factory=dict)
+    """T3 progress measures of this turn, signal name -> d(H_t-1, H_t) (see ``progress_signals``); empty
+    when the turn does not measure progress (it then does not enter T3's window)."""
 
 
 @dataclass
@@ -65,10 +78,26 @@ class EpisodeResult:
     """Per-sample scalars: turns, invalid/repeated actions, AS/BT positive/negative counts ..."""
 
 
+@dataclass(frozen=True)
+class ProgressSignal:
+    """Defaults of T3 for one progress signal an environment reports in ``StepResult.progress``.
+
+    T3 cuts the episode after turn t >= ``min_turn`` when the last ``k`` measured turns all have
+    progress <= ``delta_min``.
+    """
+
+    k: int
+    delta_min: float = 0.0
+    min_turn: int = 0
+    description: str = ""
+
+
 class ActiveReasoningEnv(ABC):
     """One episode of an active-reasoning task."""
 
     task: ClassVar[str] = ""
+    progress_signals: ClassVar[Mapping[str, ProgressSignal]] = {}
+    """T3 progress signals this task reports, name -> defaults; the first one is the task's default."""
 
     def __init__(self, spec: Mapping[str, Any], max_turns: int | None = None) -> None:
         self.spec = dict(spec)
@@ -87,6 +116,10 @@ class ActiveReasoningEnv(ABC):
 
     def next_round(self) -> RoundKind:
         return round_kind(self.turn + 1, self.max_turns)
+
+    def ground_truth_answer(self) -> str | None:
+        """The correct final answer as the agent should write it inside ``<answer>`` (IGPO); None if unknown."""
+        return None
 
 
 _ENV_REGISTRY: dict[str, type[ActiveReasoningEnv]] = {}
@@ -108,6 +141,22 @@ def register_env(name: str) -> Callable[[type[ActiveReasoningEnv]], type[ActiveR
 
 def registered_envs() -> list[str]:
     return sorted(_ENV_REGISTRY)
+
+
+def registered_progress_signals() -> list[str]:
+    """Every T3 progress signal some registered task reports."""
+    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
+
+    return sorted({name for cls in _ENV_REGISTRY.values() for name in cls.progress_signals})
+
+
+def env_class(task: str) -> type[ActiveReasoningEnv]:
+    """The registered environment class of ``task``."""
+    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
+
+    if task not in _ENV_REGISTRY:
+        raise ValueError(f"unknown task {task!r}; registered tasks: {registered_envs()}")
+    return _ENV_REGISTRY[task]
 
 
 def make_env(spec: Mapping[str, Any], max_turns: int | None = None) -> ActiveReasoningEnv:

@@ -50,6 +50,9 @@ EXTRA_INFO_KEYS = (
     "selflock/bt_pos",
     "selflock/bt_neg",
     "selflock/truncated",
+    "selflock/t3_truncated",
+    "selflock/t3_turn",
+    "selflock/t3_tokens_saved",
     MISSING_OUTCOME,
 )
 """``reward_extra_info`` keys, identical for every sample (veRL stacks them by the first sample's
@@ -74,6 +77,9 @@ def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float]:
         "selflock/bt_pos": float(stats.bt_pos),
         "selflock/bt_neg": float(stats.bt_neg),
         "selflock/truncated": float(stats.truncated),
+        "selflock/t3_truncated": float(stats.t3_truncated),
+        "selflock/t3_turn": float(stats.t3_turn),
+        "selflock/t3_tokens_saved": float(stats.t3_tokens_saved),
         MISSING_OUTCOME: 0.0,
     }
 
