@@ -5,7 +5,8 @@ fields, and the v1 trainer fetches a fixed list of fields from TransferQueue. ve
 plugin register a trainer mode (``trainer.v1.trainer_mode``); ours runs veRL's own advantage step
 with the *base* estimator (so GAE gets its values, GRPO its multi-trajectory grouping, KL-in-reward
 and rollout correction stay veRL's), then fetches the agent loops' ``extra_fields`` and the base
-advantages, adds the bonus and writes the advantages back.
+advantages, adds the bonus and writes the advantages back. ``igpo`` replaces veRL's advantage step
+(:mod:`verl_selflock.trainer.igpo_step`). With any estimator it logs the T3 metrics (``t3/*``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from verl_selflock.config import SELFLOCK_ESTIMATORS, TRAINER_MODE, arew_config_of, validate_selflock_config
+from verl_selflock.config import (
+    SELFLOCK_ESTIMATORS,
+    TRAINER_MODE,
+    arew_config_of,
+    igpo_config_of,
+    validate_selflock_config,
+)
 from verl_selflock.trainer.advantage import apply_arew_bonus
+from verl_selflock.trainer.igpo_step import igpo_advantage, t3_metrics
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -75,6 +83,10 @@ class SelflockTrainer(PPOTrainerSync):
 
     def _compute_advantage(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         estimator = str(self.config.algorithm.adv_estimator)
+        fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        metrics.update(t3_metrics(list(fields["extra_fields"]), [t.get("is_padding", False) for t in batch.tags]))
+        if estimator == "igpo":
+            return igpo_advantage(self, batch, metrics, igpo_config_of(self.config))
         if estimator not in SELFLOCK_ESTIMATORS:
             return super()._compute_advantage(batch, metrics)
 
