@@ -156,6 +156,25 @@ def segment_means(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return sums / lengths.clamp(min=1).to(values.dtype)
 
 
+def as_jagged(tensor: torch.Tensor) -> torch.Tensor:
+    """A per-sample batch field as a jagged nested tensor (veRL stacks equal-length rows densely)."""
+    return tensor if tensor.is_nested else torch.nested.as_nested_tensor(list(tensor.unbind(0)), layout=torch.jagged)
+
+
+def answer_mean_logprobs(log_probs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(n,) mean answer log-prob from the actor's output fields.
+
+    Args:
+        log_probs: (n, prompt + response) per-position log-probs as veRL's engine returns them (position
+            p holds log pi(token p+1)), jagged or dense.
+        response_mask: (n, answer_len) the scoring sequences' response masks, jagged or dense.
+    """
+    from verl.workers.utils.padding import response_from_nested
+
+    answer = response_from_nested(as_jagged(log_probs), as_jagged(response_mask))
+    return segment_means(answer.values().float(), answer.offsets().diff())
+
+
 def plan_to_tensordict(plan: ScoringPlan, uids: Sequence[object] | None = None):
     """The plan as the per-sample fields veRL's actor ``compute_log_prob`` reads from TransferQueue.
 
@@ -196,7 +215,6 @@ def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: 
         (n,) float32 mean log-prob of each sequence's answer tokens.
     """
     import transfer_queue as tq
-    from verl.workers.utils.padding import response_from_nested
 
     keys = [f"igpo-{uuid.uuid4().hex}-{i}" for i in range(len(plan))]
     tags = [
@@ -214,8 +232,7 @@ def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: 
         output = trainer.actor_rollout_wg.compute_log_prob(meta)
         assert len(output) == len(meta)
         data = tq.kv_batch_get(keys=keys, partition_id=SCORING_PARTITION, select_fields=["log_probs", "response_mask"])
-        answer_logprobs = response_from_nested(data["log_probs"], data["response_mask"])
-        return segment_means(answer_logprobs.values().float(), answer_logprobs.offsets().diff())
+        return answer_mean_logprobs(data["log_probs"], data["response_mask"])
     finally:
         tq.kv_clear(keys=list(meta.keys), partition_id=SCORING_PARTITION)
 
