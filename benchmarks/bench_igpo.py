@@ -1,6 +1,6 @@
 """IGPO's scoring cost against the rollout it scores, and the tokens T3 saves, on CPU with SmolLM2-135M.
 
-    python benchmarks/bench_igpo.py --episodes 8 --max-turns 10 --turn-tokens 48
+    python benchmarks/bench_igpo.py --episodes 4 --max-turns 6 --turn-tokens 32
 
 1. Rollout: ``--episodes`` PE-G (S=3) episodes from our data builder, run concurrently through the real
    ``active_reasoning`` agent loop against our HF generation server (the CPU backend's rollout: batched
@@ -45,30 +45,10 @@ def compose_config(model_dir: str, response_length: int) -> Any:
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def build_loop(config: Any, server: Any, tokenizer: Any, knobs: dict[str, Any]) -> Any:
-    """The agent loop as veRL's AgentLoopWorker builds it (hydra instantiate of the registry entry)."""
-    import hydra
-    from omegaconf import OmegaConf
-    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap, _agent_loop_registry
-    from verl.utils.dataset.rl_dataset import RLHFDataset
-
-    import verl_selflock.agent_loop.active_reasoning  # noqa: F401  (registers the loop)
-
-    entry = OmegaConf.create({"name": "active_reasoning", **dict(_agent_loop_registry["active_reasoning"]), **knobs})
-    return hydra.utils.instantiate(
-        config=entry,
-        trainer_config=DictConfigWrap(config=config),
-        server_manager=server,
-        tokenizer=tokenizer,
-        processor=None,
-        dataset_cls=RLHFDataset,
-        data_config=DictConfigWrap(config.data),
-        tools=ToolListWrap([]),
-    )
-
-
 async def rollout(config, server, tokenizer, rows, knobs) -> tuple[list[Any], float]:
-    loop = build_loop(config, server, tokenizer, knobs)
+    from verl_selflock.agent_loop.standalone import build_agent_loop
+
+    loop = build_agent_loop(config, server, tokenizer, knobs)
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
     start = time.perf_counter()
     outputs = await asyncio.gather(*(loop.run(dict(sampling), priority=i, **row) for i, row in enumerate(rows)))
@@ -94,9 +74,9 @@ def generated_tokens(outputs) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=8)
-    parser.add_argument("--max-turns", type=int, default=10, help="PE-G episode length (even)")
-    parser.add_argument("--turn-tokens", type=int, default=48, help="max tokens per agent turn")
+    parser.add_argument("--episodes", type=int, default=4)
+    parser.add_argument("--max-turns", type=int, default=6, help="PE-G episode length (even; the paper: 10)")
+    parser.add_argument("--turn-tokens", type=int, default=32, help="max tokens per agent turn")
     parser.add_argument("--scoring-batch", type=int, default=16)
     parser.add_argument("--t3-signal", default="auto", help="psi_gain (default) or movement")
     parser.add_argument("--threads", type=int, default=1)
@@ -127,6 +107,7 @@ def main() -> None:
 
     # 1. rollout without T3, 2. IGPO scoring of it
     plain, rollout_s = asyncio.run(rollout(config, server, tokenizer, rows, knobs))
+    print(f"[rollout without T3 done in {rollout_s:.1f} s]", flush=True)
     igpo = IgpoConfig()
     plan = plan_scoring(
         [o.prompt_ids for o in plain],

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from verl_selflock.algorithms.config_node import checked_kwargs
 
 CONFIG_PATH = "t3"
 """Key of the settings in the ``active_reasoning`` agent-loop config; errors name ``t3.<field>``."""
@@ -102,13 +104,7 @@ class T3Config:
             return cls()
         if isinstance(mapping, T3Config):
             return mapping
-        if not isinstance(mapping, Mapping):
-            raise ValueError(f"{CONFIG_PATH} must be a mapping of settings, got {type(mapping).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(str(key) for key in mapping if key not in known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {[f'{CONFIG_PATH}.{k}' for k in unknown]}; known keys: {known}")
-        return cls(**{str(key): value for key, value in mapping.items()})
+        return cls(**checked_kwargs(cls, mapping, CONFIG_PATH))
 
     def check_signal_known(self, known_signals: Sequence[str]) -> None:
         """Raise if ``signal`` is not ``auto`` and no registered task reports it."""
