@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 EXPECTED = {
-    "estimators": ["arew"],
+    "estimators": ["arew", "igpo"],
     "trainer_modes": ["selflock"],
     "agent_loops": ["active_reasoning"],
     "reward_managers": ["active_reasoning"],

@@ -28,6 +28,7 @@ def compose_recipe(task: str, name: str, model_dir: str, overrides: list[str] | 
 def test_every_task_has_the_issue_recipes():
     names = {name for task, name in GPU_RECIPES if task == "pe_g"}
     assert {"vanilla_ppo", "arew_as", "arew_as_bt", "grpo", "gspo", "arew_grpo", "arew_gspo"} <= names
+    assert {"t3", "t3_arew", "igpo"} <= names
     assert {name for task, name in GPU_RECIPES if task == "pe_f"} == names
     assert {name for task, name in GPU_RECIPES if task == "flodial"} == {"vanilla_ppo", "arew_as", "arew_as_bt"}
     assert {name for task, name in GPU_RECIPES if task == "mediq"} >= {"vanilla_ppo", "arew_as", "arew_as_bt"}
@@ -52,9 +53,30 @@ def test_recipe_composes_and_validates(task, name, smollm2_dir):
     if "gspo" in name:
         assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "gspo"
     assert config.trainer.v1.trainer_mode == "selflock"  # every recipe logs the self-locking diagnostics
+    if config.algorithm.adv_estimator == "igpo":
+        from verl_selflock.config import igpo_config_of
+
+        assert igpo_config_of(config).norm_mode == "joint" and config.actor_rollout_ref.rollout.n > 1
+        assert config.trainer.v1.trainer_mode == "selflock" and not need_critic(config)
+    t3 = _agent_loop_t3(config)
+    assert t3.get("enabled", False) == name.startswith("t3"), t3
     assert config.reward.reward_manager.name == "active_reasoning"
     assert config.actor_rollout_ref.rollout.agent.default_agent_loop == "active_reasoning"
     assert config.trainer.total_training_steps == 200
+
+
+def _agent_loop_t3(config) -> dict:
+    """The ``t3`` settings of the recipe's agent-loop YAML (resolved by our resolver), {} if none."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    import verl_selflock.plugin  # noqa: F401  (registers the resolvers)
+
+    path = OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")
+    if not path:
+        return {}
+    (entry,) = yaml.safe_load(Path(path).read_text())
+    return entry.get("t3") or {}
 
 
 def test_recipe_with_a_bad_override_fails_validation(smollm2_dir):
@@ -163,3 +185,25 @@ def test_tau2_recipe_composes_and_validates(name, smollm2_dir):
     # compose_recipe swapped the paper's policy out for a local model; the recipe itself names it.
     base = yaml.safe_load((RECIPES / "tau2_telecom" / "base.yaml").read_text())
     assert base["actor_rollout_ref"]["model"]["path"] == "Qwen/Qwen2.5-14B-Instruct"
+
+
+def test_igpo_recipe_with_a_bad_override_fails_validation(smollm2_dir):
+    import verl  # noqa: F401
+    from verl.utils.config import validate_config
+
+    from verl_selflock.config import SelflockConfigError
+
+    config = compose_recipe("pe_g", "igpo", smollm2_dir, ["algorithm.igpo.norm_mode=global"])
+    with pytest.raises(SelflockConfigError, match=r"algorithm\.igpo\.norm_mode"):
+        validate_config(config, use_reference_policy=False, use_critic=False)
+
+
+def test_t3_recipe_with_a_bad_knob_fails_on_the_driver(smollm2_dir):
+    from omegaconf import OmegaConf
+
+    import verl_selflock.plugin  # noqa: F401
+
+    override = "actor_rollout_ref.rollout.agent.agent_loop_config_path=${selflock.agent_loop_yaml:'t3.enabled=true','t3.k=0'}"
+    config = compose_recipe("pe_g", "t3", smollm2_dir, [override])
+    with pytest.raises(Exception, match=r"t3\.k must be an integer >= 1"):
+        OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")

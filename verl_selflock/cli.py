@@ -14,7 +14,7 @@ ENTRY_POINT_NAME = "verl_selflock"
 
 # (kind, expected names, lookup of what veRL has registered)
 _EXPECTED: list[tuple[str, list[str], str]] = [
-    ("advantage estimators", ["arew"], "registered_estimators"),
+    ("advantage estimators", ["arew", "igpo"], "registered_estimators"),
     ("v1 trainer modes", ["selflock"], "registered_trainer_modes"),
     ("agent loops", ["active_reasoning"], "registered_agent_loops"),
     ("reward managers", ["active_reasoning"], "registered_reward_managers"),

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from verl_selflock.algorithms.arew import ArewConfig
+from verl_selflock.algorithms.igpo_config import IgpoConfig
 
 TRAINER_MODE = "selflock"
-"""Our v1 trainer mode (``trainer.v1.trainer_mode``): veRL's sync trainer plus the AREW bonus."""
+"""Our v1 trainer mode (``trainer.v1.trainer_mode``): veRL's sync trainer plus the AREW bonus / IGPO."""
 
-SELFLOCK_ESTIMATORS = ("arew",)
+SELFLOCK_ESTIMATORS = ("arew", "igpo")
 """``algorithm.adv_estimator`` values that need :data:`TRAINER_MODE`."""
 
 
@@ -40,8 +41,13 @@ def arew_config_of(config: Any) -> ArewConfig:
     return ArewConfig.from_mapping(_get(config, "algorithm.arew"))
 
 
+def igpo_config_of(config: Any) -> IgpoConfig:
+    """The validated ``algorithm.igpo`` node of a full veRL config (defaults if absent)."""
+    return IgpoConfig.from_mapping(_get(config, "algorithm.igpo"))
+
+
 def validate_selflock_config(config: Any) -> None:
-    """Raise :class:`SelflockConfigError` if ``config`` asks for ``arew`` with settings that cannot work.
+    """Raise :class:`SelflockConfigError` if ``config`` asks for ``arew``/``igpo`` with settings that cannot work.
 
     Args:
         config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides).
@@ -49,14 +55,18 @@ def validate_selflock_config(config: Any) -> None:
     estimator = str(_get(config, "algorithm.adv_estimator", ""))
     has_arew_node = _get(config, "algorithm.arew") is not None
     if estimator not in SELFLOCK_ESTIMATORS:
+        # Not an error (a recipe may keep a node for an A/B run), but worth validating.
         if has_arew_node:
-            # Not an error (a recipe may keep the node for an A/B run), but worth validating.
             arew_config_of(config)
+        if _get(config, "algorithm.igpo") is not None:
+            igpo_config_of(config)
         return
 
     try:
         arew = arew_config_of(config)
-        arew.validate_base()
+        igpo_config_of(config)
+        if estimator == "arew":
+            arew.validate_base()
     except ValueError as err:
         raise SelflockConfigError(str(err)) from None
 
@@ -71,8 +81,13 @@ def validate_selflock_config(config: Any) -> None:
             f"algorithm.adv_estimator={estimator} needs the per-turn critiques that only our trainer mode "
             f"passes to the advantage step: set trainer.v1.trainer_mode={TRAINER_MODE} (got {mode!r})"
         )
+    if estimator == "igpo" and bool(_get(config, "algorithm.use_kl_in_reward", False)):
+        raise SelflockConfigError(
+            "algorithm.adv_estimator=igpo builds its turn rewards from the outcome score and the information "
+            "gain only: set algorithm.use_kl_in_reward=false (use actor_rollout_ref.actor.use_kl_loss for a KL term)"
+        )
     critic_enable = _get(config, "critic.enable")
-    if arew.base == "gae" and not critic_enable:
+    if estimator == "arew" and arew.base == "gae" and not critic_enable:
         raise SelflockConfigError(
             "algorithm.arew.base=gae needs critic values, and veRL only builds a critic for "
             f"adv_estimator=gae unless told otherwise: set critic.enable=True (got critic.enable={critic_enable})"

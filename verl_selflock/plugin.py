@@ -59,7 +59,7 @@ def _config_validation() -> list[str]:
 # (some veRL modules do at import time).
 _COMPONENTS: dict[str, tuple[Callable[[], list[str]], list[str]]] = {
     "cpu_backend": (_cpu_backend, []),
-    "estimators": (_import("verl_selflock.trainer.estimators"), ["arew"]),
+    "estimators": (_import("verl_selflock.trainer.estimators"), ["arew", "igpo"]),
     "trainer_mode": (_import("verl_selflock.trainer.trainer_mode"), ["selflock"]),
     "config_validation": (_config_validation, []),
     "config_resolvers": (_config_resolvers, []),

@@ -7,10 +7,11 @@
 * ``${selflock.pe_data:gated,3,16,8,0,4}`` -> a folder with ``train.parquet`` / ``test.parquet``
   built by our PE builder (variant, S or D, train rows, test rows, seed, max_turns), cached by its
   arguments;
-* ``${selflock.agent_loop_yaml:'max_turn_tokens=48','max_obs_tokens=160'}`` or
+* ``${selflock.agent_loop_yaml:'max_turn_tokens=48','t3.enabled=true'}`` or
   ``${selflock.agent_loop_yaml:${selflock_agent_loop}}`` (a node of knobs, e.g. with a ``simulator:``
-  block) -> the absolute path of an agent-loop config file (``rollout.agent.agent_loop_config_path``) for our ``active_reasoning`` loop
-  with those knobs, so a recipe can set them without shipping a path that depends on the working
+  block) -> the absolute path of an agent-loop config file (``rollout.agent.agent_loop_config_path``)
+  for our ``active_reasoning`` loop with those knobs (a dotted key such as ``t3.k=2`` sets a key of a
+  nested mapping), so a recipe can set them without shipping a path that depends on the working
   directory of each Ray worker.
 
 The plugin registers them in every veRL process, so they resolve wherever veRL resolves the config
@@ -68,7 +69,12 @@ def agent_loop_yaml(*knobs: Any) -> str:
         key, sep, value = str(knob).partition("=")
         if not sep:
             raise ValueError(f"selflock.agent_loop_yaml takes key=value knobs or a mapping of knobs, got {knob!r}")
-        entry[key.strip()] = yaml.safe_load(value)
+        key, parsed = key.strip(), yaml.safe_load(value)
+        if "." in key:  # 't3.k=2' sets a key of the nested t3 mapping
+            parent, child = key.split(".", 1)
+            entry.setdefault(parent, {})[child] = parsed
+        else:
+            entry[key] = parsed
     # Fail here, on the driver, on a misspelt knob rather than in an agent-loop worker.
     ActiveReasoningLoopConfig(**{k: v for k, v in entry.items() if k not in ("name", "_target_")})
     text = yaml.safe_dump([entry], sort_keys=True)

@@ -1,4 +1,4 @@
-"""The README's main job: veRL's real `main_ppo` trains PE-G with AREW on CPU (and vanilla PPO too).
+"""The README's main job: veRL's real `main_ppo` trains PE-G with AREW on CPU (and IGPO + T3 too).
 
 Slow by nature (minutes): two real runs of `python -m verl.trainer.main_ppo` with Ray, FSDP2 on
 gloo, our HF rollout server, the `active_reasoning` agent loop, our reward manager and the
@@ -8,6 +8,7 @@ gloo, our HF rollout server, the `active_reasoning` agent loop, our reward manag
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ RECIPE_DIR = REPO_ROOT / "recipes" / "pe_g"
 pytestmark = pytest.mark.slow
 
 
-def _run_main_ppo(workdir: Path, name: str, overrides: list[str], selflock_mode: bool = True) -> tuple[list[dict], Path]:
+def _run_main_ppo(workdir: Path, name: str, overrides: list[str], steps: int = 2) -> tuple[list[dict], Path]:
     metrics_path = workdir / f"{name}.jsonl"
     ckpt_dir = workdir / "ckpt" / name
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_FILE_LOGGER_PATH": str(metrics_path), "RAY_DEDUP_LOGS": "0"}
@@ -37,8 +38,8 @@ def _run_main_ppo(workdir: Path, name: str, overrides: list[str], selflock_mode:
         proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
     text = log.read_text()
     assert proc.returncode == 0, text[-6000:]
-    if selflock_mode:  # our trainer mode tells the user where the outputs went
-        assert "[verl-selflock] finished 2 training steps" in text and str(metrics_path) in text
+    # our trainer mode tells the user where the outputs went
+    assert f"[verl-selflock] finished {steps} training steps" in text and str(metrics_path) in text
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     return steps, ckpt_dir
 
@@ -79,17 +80,41 @@ def test_arew_and_vanilla_ppo_train_on_cpu(tmp_path, smollm2_dir):
     assert "score.weight" in critic  # the value head
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
-    # 3. Vanilla PPO (plain GAE, veRL's own sync trainer) on the same setting, 1 step.
-    vanilla_steps, _ = _run_main_ppo(
-        tmp_path,
-        "vanilla",
-        ["algorithm.adv_estimator=gae", "trainer.v1.trainer_mode=sync", "trainer.total_training_steps=1", "trainer.save_freq=-1"],
-        selflock_mode=False,
+    # 3. IGPO (GRPO-style: 2 rollouts per prompt, no critic) with T3 on, 1 step. The run's 4-turn episodes
+    # have one Update round, so T3 uses k = 1; delta_min = 1.0 (a cosine gain never exceeds 1 for
+    # non-negative vectors) makes it cut every episode that reaches its Update round, so the T3 path and
+    # metrics are exercised for sure. IGPO then scores 2 prefixes per episode with the actor.
+    loop_yaml = (
+        "${selflock.agent_loop_yaml:'max_turn_tokens=40','max_obs_tokens=160','min_turn_tokens=8',"
+        "'t3.enabled=true','t3.k=1','t3.delta_min=1.0'}"
     )
-    first = vanilla_steps[0]["data"]
+    igpo_steps, _ = _run_main_ppo(
+        tmp_path,
+        "igpo_t3",
+        [
+            "algorithm.adv_estimator=igpo",
+            "actor_rollout_ref.rollout.n=2",
+            "critic.enable=false",
+            f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_yaml}",
+            "trainer.total_training_steps=1",
+            "trainer.save_freq=-1",
+        ],
+        steps=1,
+    )
+    first = igpo_steps[0]["data"]
     assert not any(key.startswith("arew/") for key in first)  # AREW only where it was asked for
-    assert first["training/num_turns/mean"] > 2
-    # Where AREW does not act, the two runs agree: same data, same initial weights, seeded rollout.
+    assert "critic/vf_loss" not in first
+    igpo = {key: value for key, value in first.items() if key.startswith("igpo/")}
+    assert all(math.isfinite(value) for value in igpo.values()), igpo
+    assert igpo["igpo/scored_sequences"] >= 4 and igpo["igpo/scoring_time_s"] > 0  # 4 episodes, >= 1 prefix each
+    assert 0 < igpo["igpo/p_mean"] < 1 and igpo["igpo/frac_rows_outcome_only"] == 0.0
+    assert igpo["igpo/adv_abs_mean"] > 0 and igpo["igpo/scoring_time_ratio_to_gen"] > 0
+    t3 = {key: value for key, value in first.items() if key.startswith("t3/")}
+    assert set(t3) == {"t3/frac_truncated", "t3/turn_mean", "t3/tokens_saved_mean", "t3/tokens_saved_total"}
+    assert all(math.isfinite(value) for value in t3.values()), t3
+    assert t3["t3/frac_truncated"] > 0 and t3["t3/tokens_saved_total"] > 0 and t3["t3/turn_mean"] == 2.0
+    assert first["actor/pg_loss"] == first["actor/pg_loss"]  # the actor was updated (NaN-free)
+    # Where neither method acts, the two runs agree: same data, same initial weights, seeded rollout.
     same = ["prompt_length/mean"]
     for key in same:
         assert first[key] == arew_steps[0]["data"][key], key

@@ -47,6 +47,11 @@ Config (agent-loop YAML at ``actor_rollout_ref.rollout.agent.agent_loop_config_p
       _target_: verl_selflock.agent_loop.active_reasoning.ActiveReasoningAgentLoop
       max_turn_tokens: 512
       max_obs_tokens: 512
+      t3: {enabled: true, signal: auto, k: 2}   # optional: T3 truncation (verl_selflock.algorithms.t3)
+
+T3: after each turn that the environment judged, the turn's ``StepResult.progress`` goes to a
+:class:`~verl_selflock.algorithms.t3.T3Monitor`; when it fires (and the episode would otherwise go on)
+the episode ends there (``stop_reason`` ``t3``) and is scored by ``env.result()`` like any other.
 
 veRL settings read: ``rollout.response_length`` (total budget), ``rollout.multi_turn.max_assistant_turns``
 and ``rollout.multi_turn.max_user_turns`` (extra caps when set), ``rollout.full_determinism``,
@@ -69,10 +74,12 @@ from verl.utils.rollout_trace import rollout_trace_op
 from verl.workers.rollout.replica import TokenOutput
 
 from verl_selflock.agent_loop.episode_fields import (
+    GT_ANSWER,
     STOP_ANSWER,
     STOP_DONE,
     STOP_MAX_TURNS,
     STOP_RESPONSE_LENGTH,
+    STOP_T3,
     EpisodeStats,
 )
 from verl_selflock.agent_loop.token_cut import (
@@ -81,7 +88,9 @@ from verl_selflock.agent_loop.token_cut import (
     cut_turn,
     end_of_turn_ids,
 )
+from verl_selflock.algorithms.t3 import T3Config, T3Monitor, T3Rule
 from verl_selflock.envs import EnvContext, make_env
+from verl_selflock.envs.base import registered_progress_signals
 from verl_selflock.protocol import ResponseLayout
 from verl_selflock.simulators import SimulatorConfig, shared_client
 
@@ -130,9 +139,14 @@ class ActiveReasoningLoopConfig:
     MediQ's counterfactual BT critique) in training rollouts: the next turn is also sampled after the
     counterfactual observation, on a side branch whose tokens never enter the response. False: never."""
 
+    t3: T3Config | Mapping[str, Any] | None = None
+    """T3 truncation settings (``t3.enabled``, ``signal``, ``k``, ``delta_min``, ``min_turn``); off by default."""
+
     def __post_init__(self) -> None:
         if self.simulator is not None:
             self.simulator = SimulatorConfig.from_mapping(self.simulator).as_dict()
+        self.t3 = T3Config.from_mapping(self.t3)
+        self.t3.check_signal_known(registered_progress_signals())
         for name in ("max_turn_tokens", "max_obs_tokens", "min_turn_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -156,6 +170,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         obs_truncation_marker: str = " ...(truncated)",
         simulator: Mapping[str, Any] | None = None,
         counterfactual_bt: bool = True,
+        t3: Mapping[str, Any] | None = None,
         tools: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -171,6 +186,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             obs_truncation_marker=str(obs_truncation_marker),
             simulator=None if simulator is None else dict(simulator.items()),
             counterfactual_bt=bool(counterfactual_bt),
+            t3=_plain(t3),
         )
         self.response_length = int(self.rollout_config.response_length)
         multi_turn = self.rollout_config.get("multi_turn", None) or {}
@@ -203,6 +219,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         turn_cap = env.max_turns if not self.max_assistant_turns else min(env.max_turns, self.max_assistant_turns)
         prompt_ids = await self.ct_build_initial_tokens(messages)
         runtime_ids = list(prompt_ids)
+        t3 = T3Monitor(T3Rule.resolve(cfg.t3, env.task, type(env).progress_signals)) if cfg.t3.enabled else None
 
         want_logprobs = bool(sampling_params.get("logprobs", False))
         response_mask: list[int] = []
@@ -273,6 +290,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             if not step.observation:
                 stats.stop_reason = STOP_DONE
                 break
+            if t3 is not None and t3.observe(step.progress):
+                # Belief trapped: end here; env.result() scores the episode as it stands.
+                room_left = self.response_length - len(response_mask)
+                stats.t3_truncated, stats.t3_turn, stats.stop_reason = True, turn, STOP_T3
+                stats.t3_tokens_saved = max(0, min(room_left, (turn_cap - turn) * cfg.max_turn_tokens))
+                break
 
             # 5. the observation as a user message + the next assistant header (mask 0, turn id -1)
             before_obs = (messages, runtime_ids, response_mask)  # never mutated in place: a branch may start here
@@ -325,6 +348,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         extra_fields.update(stats.as_extra_fields())
         extra_fields.update({CF_BRANCHES: branches["count"], CF_TIME: branches["time_s"]})
         timing["generate_sequences"] += branches["time_s"]
+        extra_fields[GT_ANSWER] = env.ground_truth_answer()
         metrics: dict[str, Any] = dict(timing)
         metrics["num_preempted"] = num_preempted if num_preempted is not None else -1
         return AgentLoopOutput(
@@ -432,6 +456,20 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             "max_user_turns": self.max_user_turns,
             "end_of_turn_ids": list(self.eot_ids),
         }
+
+
+def _plain(node: Any) -> Any:
+    """An OmegaConf node of the agent-loop YAML as plain Python (Hydra hands nested mappings as DictConfig)."""
+    if node is None or isinstance(node, T3Config):
+        return node
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover  (omegaconf ships with veRL)
+        pass
+    return dict(node) if isinstance(node, Mapping) else node
 
 
 def _sync_layout(layout: ResponseLayout, merge: Any, turn: int | None) -> None:

@@ -29,9 +29,14 @@ key                             type   meaning
                                        ``psi`` of the episode gives the previous value)
 ``selflock_truncated``          bool   the episode was cut by ``rollout.response_length``
 ``selflock_obs_truncated``      int    observations whose text was capped at ``max_obs_tokens``
-``selflock_stop_reason``        str    ``answer`` | ``done`` | ``max_turns`` | ``response_length``
+``selflock_stop_reason``        str    ``answer`` | ``done`` | ``max_turns`` | ``response_length`` | ``t3``
 ``selflock_task``               str    the environment's task name
 ``selflock_env_metrics``        dict   ``EpisodeResult.metrics`` (task-specific scalars)
+``selflock_t3_truncated``       bool   T3 ended the episode (belief trapped)
+``selflock_t3_turn``            int    turns kept when T3 cut (0 if it did not)
+``selflock_t3_tokens_saved``    int    generation budget T3 left unused: min(tokens left in
+                                       ``response_length``, turns left x ``max_turn_tokens``)
+``selflock_gt_answer``          str    the task's ground-truth answer text (IGPO's scorer), if known
 ==============================  =====  ===========================================================
 """
 
@@ -64,11 +69,16 @@ PSI_DELTA_COUNT = "selflock_psi_delta_count"
 STOP_REASON = "selflock_stop_reason"
 TASK = "selflock_task"
 ENV_METRICS = "selflock_env_metrics"
+T3_TRUNCATED = "selflock_t3_truncated"
+T3_TURN = "selflock_t3_turn"
+T3_TOKENS_SAVED = "selflock_t3_tokens_saved"
+GT_ANSWER = "selflock_gt_answer"
 
 STOP_ANSWER = "answer"
 STOP_DONE = "done"
 STOP_MAX_TURNS = "max_turns"
 STOP_RESPONSE_LENGTH = "response_length"
+STOP_T3 = "t3"
 
 
 @dataclass
@@ -96,6 +106,9 @@ class EpisodeStats:
     stop_reason: str = ""
     task: str = ""
     env_metrics: dict[str, float] = field(default_factory=dict)
+    t3_truncated: bool = False
+    t3_turn: int = 0
+    t3_tokens_saved: int = 0
     last_psi: float | None = field(default=None, repr=False, compare=False)
     """Psi_hat after the latest update that reported one (bookkeeping of :meth:`count_step`, not exported)."""
 
@@ -153,6 +166,9 @@ class EpisodeStats:
             STOP_REASON: str(self.stop_reason),
             TASK: str(self.task),
             ENV_METRICS: {str(k): float(v) for k, v in self.env_metrics.items()},
+            T3_TRUNCATED: bool(self.t3_truncated),
+            T3_TURN: int(self.t3_turn),
+            T3_TOKENS_SAVED: int(self.t3_tokens_saved),
         }
 
     @classmethod
@@ -189,6 +205,9 @@ class EpisodeStats:
             stop_reason=str(scalar(STOP_REASON, "")),
             task=str(scalar(TASK, "")),
             env_metrics=dict(env_metrics) if isinstance(env_metrics, Mapping) else {},
+            t3_truncated=bool(scalar(T3_TRUNCATED, False)),
+            t3_turn=int(scalar(T3_TURN, 0)),
+            t3_tokens_saved=int(scalar(T3_TOKENS_SAVED, 0)),
         )
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from verl_selflock.algorithms.config_node import checked_kwargs
 
 CONFIG_PATH = "algorithm.arew"
 """Where the node lives in veRL's config; every error message names ``CONFIG_PATH.<field>``."""
@@ -166,14 +168,7 @@ class ArewConfig:
         """
         if mapping is None:
             return cls()
-        if not isinstance(mapping, Mapping):
-            raise ValueError(f"{CONFIG_PATH} must be a mapping of settings, got {type(mapping).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(str(key) for key in mapping if key not in known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {[f'{CONFIG_PATH}.{k}' for k in unknown]}; known keys: {known}")
-        # DictConfig.items() resolves interpolations and yields plain Python scalars for scalar nodes.
-        return cls(**{str(key): value for key, value in mapping.items()})
+        return cls(**checked_kwargs(cls, mapping, CONFIG_PATH))
 
     def validate_base(self, registry: Mapping[str, Any] | None = None) -> None:
         """Check that ``base`` names an advantage estimator veRL knows.

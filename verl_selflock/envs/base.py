@@ -8,6 +8,16 @@ alternate Action (odd turns, AS critique), Update (even turns, BT critique), ...
 
 To add a task: subclass :class:`ActiveReasoningEnv`, decorate it with ``@register_env("name")``,
 and write rows whose ``extra_info["env"]["task"] == "name"``.
+
+Baselines (optional, per task):
+
+* T3 (truncate belief-trapped episodes, :mod:`verl_selflock.algorithms.t3`): report a per-turn
+  progress measure in ``StepResult.progress`` (signal name -> value; leave it empty on turns that do not
+  measure progress) and declare each signal's default window in ``progress_signals``. Generic signals:
+  ``new_info`` (1.0 if the turn elicited new information, else 0.0: MediQ, FloDial) and ``state_progress``
+  (1.0 if the turn changed the state or produced a new observation family, else 0.0: tau2, from turn 6).
+* IGPO (:mod:`verl_selflock.algorithms.igpo`): return the ground-truth answer text from
+  :meth:`ActiveReasoningEnv.ground_truth_answer`, written exactly as the agent should answer it.
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ class StepResult:
     ``observation``, on a side branch whose tokens are never trained on, and hand that turn to
     :meth:`ActiveReasoningEnv.observe_counterfactual` before the real next turn (MediQ's
     counterfactual BT critique: how far does the belief move after a null reply?)."""
+    progress: dict[str, float] = field(default_factory=dict)
+    """T3 progress measures of this turn, signal name -> d(H_t-1, H_t) (see ``progress_signals``); empty
+    when the turn does not measure progress (it then does not enter T3's window)."""
 
 
 @dataclass
@@ -68,6 +81,20 @@ class EpisodeResult:
     """The agent produced a well-formed final answer."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Per-sample scalars: turns, invalid/repeated actions, AS/BT positive/negative counts ..."""
+
+
+@dataclass(frozen=True)
+class ProgressSignal:
+    """Defaults of T3 for one progress signal an environment reports in ``StepResult.progress``.
+
+    T3 cuts the episode after turn t >= ``min_turn`` when the last ``k`` measured turns all have
+    progress <= ``delta_min``.
+    """
+
+    k: int
+    delta_min: float = 0.0
+    min_turn: int = 0
+    description: str = ""
 
 
 @dataclass
@@ -98,6 +125,8 @@ class ActiveReasoningEnv(ABC):
     """The task's reply that carries no information (MediQ's "cannot answer", FloDial's "Unknown.").
     A task that sets it must show it instead of its real feedback when ``context.withhold_feedback``
     is set; None means the task does not support the feedback ablation."""
+    progress_signals: ClassVar[Mapping[str, ProgressSignal]] = {}
+    """T3 progress signals this task reports, name -> defaults; the first one is the task's default."""
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -127,6 +156,10 @@ class ActiveReasoningEnv(ABC):
     def next_round(self) -> RoundKind:
         return round_kind(self.turn + 1, self.max_turns)
 
+    def ground_truth_answer(self) -> str | None:
+        """The correct final answer as the agent should write it inside ``<answer>`` (IGPO); None if unknown."""
+        return None
+
 
 _ENV_REGISTRY: dict[str, type[ActiveReasoningEnv]] = {}
 
@@ -149,13 +182,24 @@ def registered_envs() -> list[str]:
     return sorted(_ENV_REGISTRY)
 
 
+def registered_progress_signals() -> list[str]:
+    """Every T3 progress signal some registered task reports."""
+    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
+
+    return sorted({name for cls in _ENV_REGISTRY.values() for name in cls.progress_signals})
+
+
+def env_class(task: str) -> type[ActiveReasoningEnv]:
+    """The registered environment class of ``task``."""
+    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
+
+    if task not in _ENV_REGISTRY:
+        raise ValueError(f"unknown task {task!r}; registered tasks: {registered_envs()}")
+    return _ENV_REGISTRY[task]
+
+
 def make_env(
     spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
 ) -> ActiveReasoningEnv:
     """Build an episode from a row's ``extra_info["env"]`` (which names its ``task``)."""
-    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
-
-    task = spec.get("task")
-    if task not in _ENV_REGISTRY:
-        raise ValueError(f"unknown task {task!r}; registered tasks: {registered_envs()}")
-    return _ENV_REGISTRY[task](spec, max_turns=max_turns, context=context)
+    return env_class(spec.get("task"))(spec, max_turns=max_turns, context=context)

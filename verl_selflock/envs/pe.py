@@ -71,6 +71,7 @@ from verl_selflock.envs.base import (
     ActiveReasoningEnv,
     EnvContext,
     EpisodeResult,
+    ProgressSignal,
     RoundKind,
     StepResult,
     register_env,
@@ -108,6 +109,8 @@ DEFAULT_MAX_TURNS = {"gated": 10, "full": 12}
 COS_THRESHOLD = 0.88  # binary similarity: (cos + 1) / 2 > 0.94
 TIE_TOL = 1e-12  # feedback "Equal." band
 DOMINANCE_TOL = 1e-5  # a component counts as positive/negative beyond this
+T3_PSI_GAIN = "psi_gain"
+T3_MOVEMENT = "movement"
 PRIOR_VALUE = 0.5  # prior belief in every component
 FEEDBACK_PREFIX = "The feedback of your latest query: "
 
@@ -134,6 +137,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
         return 0.0
     a, b = a / sa, b / sb
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _direction_change(a: np.ndarray, b: np.ndarray) -> float:
+    """L2 distance between the directions of two non-zero estimates (in [0, sqrt(2)] for non-negative ones)."""
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        v = v / np.max(np.abs(v))  # rescale first, as in cosine(), so huge values do not overflow
+        return v / np.linalg.norm(v)
+
+    return float(np.linalg.norm(unit(a) - unit(b)))
 
 
 def is_dominated(diff: np.ndarray, tol: float = DOMINANCE_TOL) -> bool:
@@ -205,6 +218,17 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
     """
 
     uninformative_feedback = "Unknown."
+    progress_signals = {
+        # T3 paper, PE: truncate once the belief's similarity to the truth stops rising, k = 2.
+        T3_PSI_GAIN: ProgressSignal(
+            k=2, delta_min=0.0, description="cos(guess, w*) - cos(previous valid guess or prior, w*)"
+        ),
+        # Its ground-truth-free variant: the estimate stops moving (directions, so scale is ignored).
+        T3_MOVEMENT: ProgressSignal(
+            k=2, delta_min=0.05, description="L2 distance between the unit-normalised guess and the previous one"
+        ),
+    }
+
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -299,6 +323,10 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
         return EpisodeResult(
             reward=1.0 if success else 0.0, success=success, answered=self.answer is not None, metrics=metrics
         )
+
+    def ground_truth_answer(self) -> str:
+        """``w*`` as the answer block's content (``w1,...,wD``, shortest exact decimals)."""
+        return ",".join(np.format_float_positional(float(v), trim="-") for v in self.w_star)
 
     def next_round_of(self, turn: int) -> RoundKind:
         """Kind of the 1-based ``turn`` in this episode."""
@@ -408,6 +436,8 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
         self.counts["update_rounds"] += 1
         parsed = self.parse_estimate(block)
         info: dict[str, Any] = {"round": RoundKind.UPDATE.value, "turn": self.turn}
+        # An invalid guess leaves the belief where it was: no progress on either T3 signal.
+        progress = {T3_PSI_GAIN: 0.0, T3_MOVEMENT: 0.0}
         if not parsed.ok:
             self.counts["invalid_guesses"] += 1
             self.last_guess_valid = False
@@ -420,6 +450,7 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
             psi = cosine(guess, self.w_star)
             psi_prev = cosine(self.prev_valid_guess, self.w_star)
             info.update(guess=guess.tolist(), psi=psi, psi_hat=psi, psi_prev=psi_prev)
+            progress = {T3_PSI_GAIN: psi - psi_prev, T3_MOVEMENT: _direction_change(guess, self.prev_valid_guess)}
             if not self.last_action_fed_back or self.last_action_label == -1:
                 critique = 0  # no admissible evidence: the update cannot be judged
             else:
@@ -434,7 +465,7 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
             f"{'query' if queries_left == 1 else 'queries'} left including this one): "
             + action_instruction(self.variant, self.S, self.D, self.n_movies)
         )
-        return StepResult(f"{head}\n{follow}", label, done=False, valid=parsed.ok, info=info)
+        return StepResult(f"{head}\n{follow}", label, done=False, valid=parsed.ok, info=info, progress=progress)
 
     def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
         self.done = True

@@ -53,6 +53,9 @@ EXTRA_INFO_KEYS = (
     "selflock/sim_calls",
     "selflock/sim_cache_hits",
     "selflock/sim_failures",
+    "selflock/t3_truncated",
+    "selflock/t3_turn",
+    "selflock/t3_tokens_saved",
     MISSING_OUTCOME,
 )
 """``reward_extra_info`` keys, identical for every sample (veRL stacks them by the first sample's
@@ -84,6 +87,9 @@ def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float]:
         "selflock/bt_neg": float(stats.bt_neg),
         "selflock/truncated": float(stats.truncated),
         **{f"selflock/{key}": float(stats.env_metrics.get(key, 0.0)) for key in SIMULATOR_METRICS},
+        "selflock/t3_truncated": float(stats.t3_truncated),
+        "selflock/t3_turn": float(stats.t3_turn),
+        "selflock/t3_tokens_saved": float(stats.t3_tokens_saved),
         MISSING_OUTCOME: 0.0,
     }
 

@@ -5,7 +5,8 @@ fields, and the v1 trainer fetches a fixed list of fields from TransferQueue. ve
 plugin register a trainer mode (``trainer.v1.trainer_mode``); ours runs veRL's own advantage step
 with the *base* estimator (so GAE gets its values, GRPO its multi-trajectory grouping, KL-in-reward
 and rollout correction stay veRL's), then fetches the agent loops' ``extra_fields`` and the base
-advantages, adds the bonus and writes the advantages back.
+advantages, adds the bonus and writes the advantages back. ``igpo`` replaces veRL's advantage step
+(:mod:`verl_selflock.trainer.igpo_step`). With any estimator it logs the T3 metrics (``t3/*``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from verl_selflock.config import SELFLOCK_ESTIMATORS, TRAINER_MODE, arew_config_of, validate_selflock_config
+from verl_selflock.config import (
+    SELFLOCK_ESTIMATORS,
+    TRAINER_MODE,
+    arew_config_of,
+    igpo_config_of,
+    validate_selflock_config,
+)
 from verl_selflock.diagnostics.training import TrainingDiagnostics
 from verl_selflock.trainer.advantage import apply_arew_bonus
+from verl_selflock.trainer.igpo_step import igpo_advantage, t3_metrics
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -63,12 +71,15 @@ class SelflockTrainer(PPOTrainerSync):
         print("\n".join(lines), flush=True)
 
     def _compute_metrics(self, batch: KVBatchMeta, metrics, timing_raw, global_steps, epoch) -> None:
-        """veRL's metrics plus the self-locking diagnostics (``selflock/*``) of the step's episodes."""
+        """veRL's metrics plus the T3 metrics (``t3/*``) and the self-locking diagnostics (``selflock/*``)
+        of the step's episodes."""
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
-        real = [not tag.get("is_padding", False) for tag in batch.tags]
-        fields = [item for item, keep in zip(list(data["extra_fields"]), real, strict=True) if keep]
-        self.selflock_diagnostics.record(fields, metrics, step=int(global_steps))
+        extra_fields = list(data["extra_fields"])
+        padding = [tag.get("is_padding", False) for tag in batch.tags]
+        metrics.update(t3_metrics(extra_fields, padding))
+        episodes = [item for item, pad in zip(extra_fields, padding, strict=True) if not pad]
+        self.selflock_diagnostics.record(episodes, metrics, step=int(global_steps))
 
     @contextlib.contextmanager
     def _base_estimator(self, name: str) -> Iterator[None]:
@@ -85,6 +96,8 @@ class SelflockTrainer(PPOTrainerSync):
 
     def _compute_advantage(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         estimator = str(self.config.algorithm.adv_estimator)
+        if estimator == "igpo":
+            return igpo_advantage(self, batch, metrics, igpo_config_of(self.config))
         if estimator not in SELFLOCK_ESTIMATORS:
             return super()._compute_advantage(batch, metrics)
 

@@ -1,0 +1,86 @@
+"""Settings of the IGPO estimator: the ``algorithm.igpo`` node of a veRL config (no veRL import)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from verl_selflock.algorithms.config_node import checked_kwargs
+
+CONFIG_PATH = "algorithm.igpo"
+INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")
+NORM_MODES = ("joint", "separate")
+DEFAULT_BRIDGE = "<scratch>I now have enough information to give my final answer.</scratch>\n<answer>"
+DEFAULT_CLOSING = "</answer>"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class IgpoConfig:
+    """Validated ``algorithm.igpo`` settings (IGPO, arXiv 2510.14967; see ``igpo_method.md``).
+
+    Turn reward: the information gain ``p_t - p_{t-1}`` of the policy's belief in the ground-truth
+    answer (``p`` = geometric-mean probability of the answer tokens, teacher-forced after the dialogue
+    prefix), the outcome reward on the last turn; group z-scored by prompt, discounted backwards over
+    turns, broadcast over each turn's tokens.
+    """
+
+    info_gain_type: str = "prob_diff"
+    """``prob_diff`` (the paper: differences of ``p = exp(mean log-prob)``) or ``log_prob_diff``
+    (differences of the mean log-probs; the authors' shipped script)."""
+    norm_mode: str = "joint"
+    """``joint``: z-score IG and outcome rewards of a prompt group together (the paper); ``separate``:
+    outcome rewards among themselves, IG rewards among themselves (the authors' script)."""
+    norm_by_std: bool = True
+    """Divide by the group's standard deviation (+ ``epsilon``); False only subtracts the mean."""
+    epsilon: float = 1e-6
+    """Added to the standard deviation before dividing (> 0)."""
+    gamma: float = 1.0
+    """Discount over turns in [0, 1]: ``A_t = r~_t + gamma * A_{t+1}`` (1.0 in all the authors' configs)."""
+    ig_weight: float = 1.0
+    """Scale of the IG rewards before normalisation (>= 0)."""
+    outcome_weight: float = 1.0
+    """Scale of the outcome reward before normalisation (>= 0)."""
+    bridge: str = DEFAULT_BRIDGE
+    """Text written between the dialogue prefix (which ends with an assistant header) and the
+    ground-truth answer: a short statement that the agent is ready, then the opening ``<answer>``."""
+    closing: str = DEFAULT_CLOSING
+    """Text after the answer (then the chat template's end-of-turn). Neither it nor ``bridge`` is scored."""
+
+    def __post_init__(self) -> None:
+        if self.info_gain_type not in INFO_GAIN_TYPES:
+            raise ValueError(f"{CONFIG_PATH}.info_gain_type must be one of {list(INFO_GAIN_TYPES)}, got {self.info_gain_type!r}")
+        if self.norm_mode not in NORM_MODES:
+            raise ValueError(f"{CONFIG_PATH}.norm_mode must be one of {list(NORM_MODES)}, got {self.norm_mode!r}")
+        if not isinstance(self.norm_by_std, bool):
+            raise ValueError(f"{CONFIG_PATH}.norm_by_std must be true or false, got {self.norm_by_std!r}")
+        if not _is_number(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"{CONFIG_PATH}.epsilon must be a finite number > 0, got {self.epsilon!r}")
+        if not _is_number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"{CONFIG_PATH}.gamma must be a number in [0, 1], got {self.gamma!r}")
+        for name in ("ig_weight", "outcome_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{CONFIG_PATH}.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("bridge", "closing"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{CONFIG_PATH}.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("epsilon", "gamma", "ig_weight", "outcome_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> IgpoConfig:
+        """Build from the ``algorithm.igpo`` node (a dict or an OmegaConf ``DictConfig``; None: defaults).
+
+        Raises:
+            ValueError: on an unknown key (listing the known ones) or an invalid value (naming
+                ``algorithm.igpo.<field>``).
+        """
+        if mapping is None:
+            return cls()
+        return cls(**checked_kwargs(cls, mapping, CONFIG_PATH))

@@ -1,0 +1,135 @@
+"""The IGPO advantage step and the T3 training metrics of our v1 trainer mode (veRL wiring only).
+
+The maths lives in :mod:`verl_selflock.algorithms.igpo` (turn rewards, normalisation, discounting) and
+:mod:`verl_selflock.trainer.igpo_scoring` (the teacher-forced scores); this module fetches the batch from
+TransferQueue, calls them, writes ``advantages`` and ``returns`` back and reports metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from verl_selflock.agent_loop.episode_fields import GT_ANSWER, T3_TOKENS_SAVED, T3_TRUNCATED, T3_TURN
+from verl_selflock.algorithms.igpo import broadcast_turn_values, compute_igpo_turn_advantages, group_ids
+from verl_selflock.algorithms.igpo_config import IgpoConfig
+from verl_selflock.protocol import TURN_IDS, collate_critiques
+from verl_selflock.trainer.igpo_scoring import plan_scoring, score_with_actor, timed
+
+
+def _padded(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.nested.to_padded_tensor(tensor, value) if tensor.is_nested else tensor
+
+
+def _rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample 1-D tensors of a jagged (nested) or dense batch field."""
+    return list(tensor.unbind(0))
+
+
+def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Sequence[bool]) -> dict[str, float]:
+    """``t3/*`` metrics of a training batch from the agent loop's episode fields (empty if none carries them)."""
+    episodes = [f for f, pad in zip(extra_fields, is_padding, strict=True) if not pad and f and T3_TRUNCATED in f]
+    if not episodes:
+        return {}
+    cut = np.array([bool(f[T3_TRUNCATED]) for f in episodes])
+    turns = np.array([int(f.get(T3_TURN, 0)) for f in episodes], dtype=np.float64)
+    saved = np.array([int(f.get(T3_TOKENS_SAVED, 0)) for f in episodes], dtype=np.float64)
+    return {
+        "t3/frac_truncated": float(cut.mean()),
+        "t3/turn_mean": float(turns[cut].mean()) if cut.any() else 0.0,
+        "t3/tokens_saved_mean": float(saved.mean()),
+        "t3/tokens_saved_total": float(saved.sum()),
+    }
+
+
+def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) -> Any:
+    """Compute IGPO advantages (= returns) for a v1 batch and write them to TransferQueue.
+
+    Args:
+        trainer: the running :class:`~verl_selflock.trainer.trainer_mode.SelflockTrainer`.
+        batch: the step's ``KVBatchMeta`` (rows may include veRL's synthetic padding rows).
+        metrics: the step's metrics dict (``igpo/*`` added).
+        config: validated ``algorithm.igpo``.
+
+    Returns:
+        The ``KVBatchMeta`` returned by ``kv_batch_put``.
+    """
+    import transfer_queue as tq
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import response_to_nested
+
+    data = tq.kv_batch_get(
+        keys=batch.keys,
+        partition_id=batch.partition_id,
+        select_fields=["uid", "prompts", "responses", "response_mask", "rm_scores", "extra_fields"],
+    )
+    extra_fields = list(data["extra_fields"])
+    uids = list(data["uid"])
+    is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
+    response_mask_nested = data["response_mask"]
+    response_mask = _padded(response_mask_nested, 0)
+    outcome = _padded(data["rm_scores"], 0.0).float().sum(dim=1)
+
+    def field(fields: Mapping[str, Any] | None, key: str) -> Any:
+        return fields.get(key) if isinstance(fields, Mapping) else None
+
+    # 1. teacher-forced scores of the ground-truth answer after every turn prefix, one batched call
+    plan = plan_scoring(
+        prompts=[row.tolist() for row in _rows(data["prompts"])],
+        responses=[row.tolist() for row in _rows(data["responses"])],
+        turn_ids=[field(f, TURN_IDS) for f in extra_fields],
+        answers=[field(f, GT_ANSWER) for f in extra_fields],
+        tokenizer=trainer.tokenizer,
+        config=config,
+        skip=is_padding,
+    )
+    scoring_time = 0.0
+    mean_logprob = torch.empty(0)
+    if len(plan):
+        temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
+        mean_logprob, scoring_time = timed(score_with_actor, trainer, plan, temperature, uids)
+
+    # 2. turn rewards, group normalisation, discounted turn advantages
+    table = compute_igpo_turn_advantages(
+        plan.to_table(mean_logprob), plan.scored, plan.num_turns, outcome, group_ids(uids), config
+    )
+    turn_ids = collate_critiques(extra_fields, response_mask.shape[1]).turn_ids
+    advantages = broadcast_turn_values(table.advantages, turn_ids, response_mask)
+
+    # 3. write back (advantages = returns: no critic) and report
+    nested = response_to_nested(advantages, response_mask_nested)
+    output = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
+    metrics.update(_igpo_metrics(table, plan, mean_logprob, scoring_time, advantages, response_mask, trainer))
+    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+
+def _igpo_metrics(table, plan, mean_logprob, scoring_time, advantages, response_mask, trainer) -> dict[str, float]:
+    active = plan.num_turns > 0
+    ig_mask = table.reward_mask & ~table.outcome_mask
+    ig = table.rewards[ig_mask]
+    scored_prob = mean_logprob.exp() if mean_logprob.numel() else torch.zeros(0)
+    first = plan.prefixes == 0 if len(plan) else torch.zeros(0, dtype=torch.bool)
+    gen_time = float((getattr(trainer, "timing_raw", None) or {}).get("gen", 0.0))
+    tokens = response_mask.bool()
+
+    def mean(t: torch.Tensor) -> float:
+        return float(t.float().mean()) if t.numel() else 0.0
+
+    return {
+        "igpo/scoring_time_s": scoring_time,
+        "igpo/scoring_time_ratio_to_gen": scoring_time / gen_time if gen_time > 0 else math.nan,
+        "igpo/scored_sequences": float(len(plan)),
+        "igpo/scored_tokens": float(plan.num_tokens),
+        "igpo/frac_rows_outcome_only": mean((~table.scored)[active]),
+        "igpo/p_mean": mean(scored_prob),
+        "igpo/p_first_mean": mean(scored_prob[first]) if len(plan) else 0.0,
+        "igpo/ig_mean": mean(ig),
+        "igpo/ig_abs_mean": mean(ig.abs()),
+        "igpo/ig_pos_frac": mean(ig > 0),
+        "igpo/outcome_mean": mean(table.rewards[table.outcome_mask]),
+        "igpo/adv_abs_mean": mean(advantages[tokens].abs()),
+    }
