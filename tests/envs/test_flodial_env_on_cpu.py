@@ -263,3 +263,12 @@ def test_feedback_ablation_shows_unknown_and_judges_as_usual():
     for step in (steps[0], steps[2]):
         assert "The feedback of your latest query: Unknown." in step.observation
         assert "Yes." not in step.observation
+
+
+def test_t3_signal_and_igpo_answer():
+    env = make_env(episode_spec(), context=EnvContext(simulator=ScriptedSimulator(REPLIES)))
+    steps = run_script(env, SCRIPT[:7])
+    assert [s.progress.get("new_information") for s in steps[0:7:2]] == [1.0, 1.0, 0.0, 0.0]
+    assert all(s.progress == {} for s in steps[1:7:2])
+    truth = episode_spec()["answer_index"]
+    assert env.ground_truth_answer().split(",") == ["1" if i == truth else "0" for i in range(5)]

@@ -302,3 +302,13 @@ def test_feedback_ablation_shows_the_null_reply_and_judges_as_usual():
     assert step.label.critique == 1  # the patient did reveal facts 2 and 3: judged as usual
     assert FIXED_REPLY in step.observation and "She has a fever" not in step.observation
     assert MediQEnv.uninformative_feedback == FIXED_REPLY
+
+
+def test_t3_signal_and_igpo_answer():
+    patient = ScriptedPatient({"Any fever?": "2,3", "Age?": "Unknown"})
+    env = env_with(patient)
+    assert run(env.step(query("Any fever?"))).progress == {"new_information": 1.0}
+    assert run(env.step(guess("1,1,1,1"))).progress == {}  # Update rounds do not measure T3 progress
+    assert run(env.step(query("Age?"))).progress == {"new_information": 0.0}
+    assert env.ground_truth_answer() == "1,0,0,0"  # answer_index 0
+    assert set(MediQEnv.progress_signals) == {"new_information"}

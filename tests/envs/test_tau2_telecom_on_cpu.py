@@ -115,6 +115,7 @@ def test_known_solution_scores_one_with_hand_checked_labels():
     assert "Excellent" in steps[7].observation
     assert steps[8].done and steps[8].observation is None and steps[8].info["signals"] == ["user_satisfied"]
     assert [s.info["new_information"] for s in steps] == [False] + [True] * 8
+    assert [s.progress["new_information"] for s in steps] == [0.0] + [1.0] * 8  # T3's signal
 
     result = env.result()
     assert result.reward == 1.0 and result.success and result.answered

@@ -13,9 +13,10 @@ Baselines (optional, per task):
 
 * T3 (truncate belief-trapped episodes, :mod:`verl_selflock.algorithms.t3`): report a per-turn
   progress measure in ``StepResult.progress`` (signal name -> value; leave it empty on turns that do not
-  measure progress) and declare each signal's default window in ``progress_signals``. Generic signals:
-  ``new_info`` (1.0 if the turn elicited new information, else 0.0: MediQ, FloDial) and ``state_progress``
-  (1.0 if the turn changed the state or produced a new observation family, else 0.0: tau2, from turn 6).
+  measure progress) and declare each signal's default window in ``progress_signals``. Generic signal:
+  :data:`NEW_INFORMATION_SIGNAL` (1.0 if the turn's feedback brought new information, else 0.0: MediQ
+  and FloDial on Action rounds, k = 2; tau2 on every turn, k = 3 from turn 6, where a state change
+  counts as new information).
 * IGPO (:mod:`verl_selflock.algorithms.igpo`): return the ground-truth answer text from
   :meth:`ActiveReasoningEnv.ground_truth_answer`, written exactly as the agent should answer it.
 """
@@ -95,6 +96,11 @@ class ProgressSignal:
     delta_min: float = 0.0
     min_turn: int = 0
     description: str = ""
+
+
+NEW_INFORMATION_SIGNAL = "new_information"
+"""T3 signal of the simulator tasks (MediQ, FloDial, tau2): 1.0 when the turn's feedback brought
+information not seen before (``StepResult.info["new_information"]``), else 0.0."""
 
 
 @dataclass

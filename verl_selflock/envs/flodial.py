@@ -69,7 +69,9 @@ import numpy as np
 from verl_selflock.envs.base import (
     ActiveReasoningEnv,
     EnvContext,
+    NEW_INFORMATION_SIGNAL,
     EpisodeResult,
+    ProgressSignal,
     RoundKind,
     StepResult,
     register_env,
@@ -218,6 +220,12 @@ class FloDialEnv(ActiveReasoningEnv):
     """
 
     uninformative_feedback = "Unknown."
+    progress_signals = {
+        # T3 for FloDial: the belief is trapped once k Action rounds in a row got no yes/no answer to a new row.
+        NEW_INFORMATION_SIGNAL: ProgressSignal(
+            k=2, delta_min=0.0, description="1 if the Action round got yes/no on a new row, else 0 (Update rounds: not measured)"
+        ),
+    }
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -387,6 +395,10 @@ class FloDialEnv(ActiveReasoningEnv):
         self.ruled_out |= newly
         return len(newly)
 
+    def ground_truth_answer(self) -> str:
+        """All weight on the true fault, as the answer block's content (IGPO scores this text)."""
+        return ",".join("1" if index == self.gt else "0" for index in range(self.K))
+
     async def _action_turn(self, block: str | None) -> StepResult:
         self.counts["action_rounds"] += 1
         parsed = self.parse_action(block)
@@ -435,7 +447,10 @@ class FloDialEnv(ActiveReasoningEnv):
         else:
             follow = f"Round {self.turn + 1} of {self.max_turns} is an Update round: " + update_instruction(self.K)
         valid = parsed.ok and not repeated
-        return StepResult(f"{feedback_line}\n{follow}", label, done=False, valid=valid, repeated=repeated, info=info)
+        return StepResult(
+            f"{feedback_line}\n{follow}", label, done=False, valid=valid, repeated=repeated, info=info,
+            progress={NEW_INFORMATION_SIGNAL: float(bool(info["new_information"]))},
+        )
 
     def _judge(
         self, query: str, verdict: SimulatorVerdict, info: dict[str, Any], repeated: bool

@@ -52,7 +52,9 @@ import numpy as np
 from verl_selflock.envs.base import (
     ActiveReasoningEnv,
     EnvContext,
+    NEW_INFORMATION_SIGNAL,
     EpisodeResult,
+    ProgressSignal,
     RoundKind,
     StepResult,
     register_env,
@@ -135,6 +137,12 @@ class MediQEnv(ActiveReasoningEnv):
     """
 
     uninformative_feedback = FIXED_REPLY
+    progress_signals = {
+        # T3 for MediQ: the belief is trapped once k Action rounds in a row revealed no new fact.
+        NEW_INFORMATION_SIGNAL: ProgressSignal(
+            k=2, delta_min=0.0, description="1 if the Action round revealed a new fact, else 0 (Update rounds: not measured)"
+        ),
+    }
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -232,6 +240,10 @@ class MediQEnv(ActiveReasoningEnv):
         reward = 1.0 if self.correct else 0.0
         return EpisodeResult(reward=reward, success=self.correct, answered=self.answer is not None, metrics=metrics)
 
+    def ground_truth_answer(self) -> str:
+        """All weight on the correct option, as the answer block's content (IGPO scores this text)."""
+        return ",".join("1" if option == self.truth else "0" for option in range(N_OPTIONS))
+
     # --- parsing -------------------------------------------------------------------------------
 
     def parse_belief(self, block: str | None) -> Parsed[np.ndarray]:
@@ -313,6 +325,7 @@ class MediQEnv(ActiveReasoningEnv):
             repeated=repeated,
             info=info,
             counterfactual_observation=counterfactual,
+            progress={NEW_INFORMATION_SIGNAL: float(informative)},
         )
 
     async def _ask_patient(self, query: str, key: str, info: dict[str, Any]) -> tuple[str, int, list[int]]:

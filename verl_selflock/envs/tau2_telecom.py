@@ -103,7 +103,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl_selflock.envs.base import ActiveReasoningEnv, EnvContext, EpisodeResult, StepResult, register_env
+from verl_selflock.envs.base import (
+    NEW_INFORMATION_SIGNAL,
+    ActiveReasoningEnv,
+    EnvContext,
+    EpisodeResult,
+    ProgressSignal,
+    StepResult,
+    register_env,
+)
 from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block
 from verl_selflock.protocol import CHANNEL_AS, TurnLabel
 
@@ -420,6 +428,13 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
     """One tau2 telecom episode (see the module docstring for the rules)."""
 
     closing_tags = TELECOM_CLOSING_TAGS
+    progress_signals = {
+        # T3 for tau2 (method notes section 5): no state change and no new observation for k = 3 turns,
+        # from turn 6.
+        NEW_INFORMATION_SIGNAL: ProgressSignal(
+            k=3, delta_min=0.0, min_turn=6, description="1 if any positive signal fired (new read output, state change, ...)"
+        ),
+    }
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -656,6 +671,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
             valid=parsed.ok,
             repeated=repeated,
             info=info,
+            progress={NEW_INFORMATION_SIGNAL: float(bool(signals))},
         )
 
     def _agent_tool_turn(self, action: AgentAction, signals: list[str], info: dict[str, Any]) -> tuple[str | None, str]:
