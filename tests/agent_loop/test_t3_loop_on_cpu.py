@@ -104,3 +104,12 @@ def test_reward_manager_surfaces_t3_metrics(make_config, chatml_tokenizer):
     info = asyncio.run(main())["reward_extra_info"]
     assert info["selflock/t3_truncated"] == 1.0 and info["selflock/t3_turn"] == 4.0
     assert info["selflock/t3_tokens_saved"] == float(out.extra_fields[ef.T3_TOKENS_SAVED])
+
+
+def test_t3_leaves_evaluation_rows_untruncated(make_config, chatml_tokenizer):
+    """Rows of a test split (``split: test``) are validation/eval episodes: they play to the end."""
+    server = ScriptedServer(chatml_tokenizer, SCRIPT, stop_ids={chatml_tokenizer.convert_tokens_to_ids(IM_END)})
+    row = scripted_row(answer="1,2", max_turns=MAX_TURNS, progress=PROGRESS)
+    row["extra_info"]["env"]["split"] = "test"
+    _, out = run_episode(make_config(), server, chatml_tokenizer, row, knobs={"max_turn_tokens": TURN_TOKENS, "t3": {"enabled": True}})
+    assert out.extra_fields[ef.T3_TRUNCATED] is False and out.extra_fields[ef.TURNS] == MAX_TURNS

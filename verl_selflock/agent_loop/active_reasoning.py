@@ -219,7 +219,10 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         turn_cap = env.max_turns if not self.max_assistant_turns else min(env.max_turns, self.max_assistant_turns)
         prompt_ids = await self.ct_build_initial_tokens(messages)
         runtime_ids = list(prompt_ids)
-        t3 = T3Monitor(T3Rule.resolve(cfg.t3, env.task, type(env).progress_signals)) if cfg.t3.enabled else None
+        # T3 changes where training rollouts stop; evaluation rows (split: test) play to the end so
+        # validation reports untruncated success.
+        use_t3 = cfg.t3.enabled and env.context.training
+        t3 = T3Monitor(T3Rule.resolve(cfg.t3, env.task, type(env).progress_signals)) if use_t3 else None
 
         want_logprobs = bool(sampling_params.get("logprobs", False))
         response_mask: list[int] = []
