@@ -49,7 +49,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).float() for k, v in state.items()}
 
 
-def test_arew_and_vanilla_ppo_train_on_cpu(tmp_path, smollm2_dir):
+def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
     # 1. AREW on a GAE base, 2 steps, checkpoint at the end. `one_sided=clamp` keeps a bonus on
     # trajectories whose critiques all have one sign: a 135M model's actions are nearly all invalid
     # (AS -1), and with the default zero-sum rule such a batch would rightly get no bonus at all.
