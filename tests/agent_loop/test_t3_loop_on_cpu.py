@@ -110,6 +110,9 @@ def test_t3_leaves_evaluation_rows_untruncated(make_config, chatml_tokenizer):
     """Rows of a test split (``split: test``) are validation/eval episodes: they play to the end."""
     server = ScriptedServer(chatml_tokenizer, SCRIPT, stop_ids={chatml_tokenizer.convert_tokens_to_ids(IM_END)})
     row = scripted_row(answer="1,2", max_turns=MAX_TURNS, progress=PROGRESS)
-    row["extra_info"]["env"]["split"] = "test"
-    _, out = run_episode(make_config(), server, chatml_tokenizer, row, knobs={"max_turn_tokens": TURN_TOKENS, "t3": {"enabled": True}})
-    assert out.extra_fields[ef.T3_TRUNCATED] is False and out.extra_fields[ef.TURNS] == MAX_TURNS
+    knobs = {"max_turn_tokens": TURN_TOKENS, "t3": {"enabled": True}}
+    for where in (row["extra_info"]["env"], row["extra_info"]):  # MediQ/FloDial/tau2 rows; PE rows
+        where["split"] = "test"
+        _, out = run_episode(make_config(), server, chatml_tokenizer, row, knobs=knobs)
+        assert out.extra_fields[ef.T3_TRUNCATED] is False and out.extra_fields[ef.TURNS] == MAX_TURNS
+        del where["split"]

@@ -215,7 +215,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         # 1. the episode and the prompt
         messages: list[dict[str, Any]] = list(kwargs["raw_prompt"])
         spec = self._env_spec(kwargs)
-        env = make_env(spec, max_turns=cfg.max_turns, context=self._env_context(spec))
+        env = make_env(spec, max_turns=cfg.max_turns, context=self._env_context(spec, kwargs.get("extra_info")))
         turn_cap = env.max_turns if not self.max_assistant_turns else min(env.max_turns, self.max_assistant_turns)
         prompt_ids = await self.ct_build_initial_tokens(messages)
         runtime_ids = list(prompt_ids)
@@ -412,10 +412,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             )
         return spec
 
-    def _env_context(self, spec: Mapping[str, Any]) -> EnvContext:
-        """Shared services for one episode. Rows built for evaluation (``split: test``) are not training."""
+    def _env_context(self, spec: Mapping[str, Any], extra_info: Any = None) -> EnvContext:
+        """Shared services for one episode. Rows built for evaluation (``split: test`` in the env spec or,
+        as the PE builder writes it, in ``extra_info``) are not training."""
         simulator = shared_client(self.loop_config.simulator) if self.loop_config.simulator else None
-        return EnvContext(simulator=simulator, training=str(spec.get("split", "train")) != "test")
+        split = spec.get("split") or (extra_info.get("split") if isinstance(extra_info, Mapping) else None)
+        return EnvContext(simulator=simulator, training=str(split or "train") != "test")
 
     @staticmethod
     def _merge_tags(tags: dict[str, Any], fields: Mapping[str, Any]) -> None:
