@@ -29,6 +29,12 @@ def test_other_estimators_untouched(verl_config):
     validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo"]))
 
 
+def test_diagnostics_settings_are_checked_for_any_estimator(verl_config):
+    validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo", "+selflock_diagnostics.window=20"]))
+    with pytest.raises(SelflockConfigError, match=r"selflock_diagnostics\.min_reward_rise"):
+        validate_selflock_config(verl_config(["algorithm.adv_estimator=gae", "+selflock_diagnostics.min_reward_rise=0"]))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -42,6 +48,8 @@ def test_other_estimators_untouched(verl_config):
         (["trainer.v1.trainer_mode=sync"], "trainer.v1.trainer_mode=selflock"),
         (["trainer.use_v1=false"], "trainer.use_v1=true"),
         (["critic.enable=False"], "critic.enable=True"),
+        (["+selflock_diagnostics.window=2"], "selflock_diagnostics.window"),
+        (["+selflock_diagnostics.windw=20"], "selflock_diagnostics: unknown key"),
     ],
 )
 def test_bad_config_names_the_fix(verl_config, overrides, message):

@@ -52,6 +52,15 @@ def validate_selflock_config(config: Any) -> None:
     Args:
         config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides).
     """
+    diagnostics = _get(config, "selflock_diagnostics")
+    if diagnostics is not None:
+        from verl_selflock.diagnostics.monitor import MonitorConfig
+
+        try:
+            MonitorConfig.from_mapping(diagnostics)
+        except (TypeError, ValueError) as err:
+            raise SelflockConfigError(str(err)) from None
+
     estimator = str(_get(config, "algorithm.adv_estimator", ""))
     has_arew_node = _get(config, "algorithm.arew") is not None
     if estimator not in SELFLOCK_ESTIMATORS:
