@@ -171,3 +171,18 @@ def test_training_diagnostics_record_step_metrics_and_the_lock_flag():
         metrics = {}
         diagnostics.record([stats.as_extra_fields()], metrics, step=step)
     assert metrics[SELF_LOCKING_KEY] == 1.0
+
+
+def test_training_diagnostics_report_simulator_traffic():
+    diagnostics = TrainingDiagnostics(None)
+    with_sim = [
+        EpisodeStats(turns=2, env_metrics={"sim_calls": 3.0, "sim_cache_hits": 1.0, "sim_failures": 1.0}),
+        EpisodeStats(turns=2, env_metrics={"sim_calls": 1.0, "sim_cache_hits": 1.0}),
+    ]
+    metrics: dict = {}
+    diagnostics.record([item.as_extra_fields() for item in with_sim], metrics, step=1)
+    assert metrics["selflock/sim_calls"] == 4.0 and metrics["selflock/sim_failures"] == 1.0
+    assert metrics["selflock/sim_cache_hit_rate"] == pytest.approx(0.5)
+    metrics = {}
+    diagnostics.record([EpisodeStats(turns=2).as_extra_fields()], metrics, step=2)  # PE: no simulator
+    assert not any(key.startswith("selflock/sim_") for key in metrics)

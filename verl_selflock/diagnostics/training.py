@@ -14,13 +14,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from verl_selflock.agent_loop.episode_fields import EpisodeStats
 from verl_selflock.diagnostics.metrics import METRIC_PREFIX, batch_metrics, counts_of, stats_of_fields
 from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor
 
-__all__ = ["SELF_LOCKING_KEY", "TrainingDiagnostics"]
+__all__ = ["SELF_LOCKING_KEY", "TrainingDiagnostics", "simulator_metrics"]
 
 SELF_LOCKING_KEY = METRIC_PREFIX + "self_locking"
 CONFIG_NODE = "selflock_diagnostics"
+
+
+def simulator_metrics(stats: Sequence[EpisodeStats]) -> dict[str, float]:
+    """The step's simulated-user traffic (tasks with a simulator only; empty otherwise): questions put to
+    it, the share answered from the client's cache, and calls degraded after all retries."""
+    calls = sum(float(item.env_metrics.get("sim_calls", 0.0)) for item in stats)
+    if calls <= 0:
+        return {}
+    hits = sum(float(item.env_metrics.get("sim_cache_hits", 0.0)) for item in stats)
+    failures = sum(float(item.env_metrics.get("sim_failures", 0.0)) for item in stats)
+    return {
+        METRIC_PREFIX + "sim_calls": calls,
+        METRIC_PREFIX + "sim_cache_hit_rate": hits / calls,
+        METRIC_PREFIX + "sim_failures": failures,
+    }
 
 
 class TrainingDiagnostics:
@@ -33,9 +49,10 @@ class TrainingDiagnostics:
 
     def record(self, extra_fields: Sequence[Mapping[str, Any] | None], metrics: dict[str, Any], step: int) -> None:
         """Add ``selflock/*`` metrics of the samples in ``extra_fields`` (batch order, padding removed)."""
-        episodes = [counts_of(stats) for stats in stats_of_fields(extra_fields)]
-        step_metrics = batch_metrics(episodes)
+        stats = stats_of_fields(extra_fields)
+        step_metrics = batch_metrics([counts_of(item) for item in stats])
         metrics.update(step_metrics)
+        metrics.update(simulator_metrics(stats))
         verdict = self.monitor.update(
             step,
             step_metrics.get(METRIC_PREFIX + "reward"),
