@@ -639,7 +639,7 @@ def test_end_step_must_follow_start_step():
 
 @pytest.mark.parametrize("mode", TOKEN_LEVEL_MODES)
 def test_neg_cap_only_for_turn_level_modes(mode):
-    with pytest.raises(ValueError, match=re.escape(f"algorithm.arew.neg_cap=prefix applies to the turn-level")):
+    with pytest.raises(ValueError, match=re.escape("algorithm.arew.neg_cap=prefix applies to the turn-level")):
         ArewConfig(mode=mode, neg_cap="prefix")
 
 

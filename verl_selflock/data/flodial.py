@@ -66,8 +66,6 @@ from verl_selflock.envs.flodial import (
     BT_VARIANTS,
     DEFAULT_MAX_TURNS,
     action_instruction,
-    answer_instruction,
-    update_instruction,
 )
 
 __all__ = [

@@ -24,11 +24,13 @@ Baselines (optional, per task):
 from __future__ import annotations
 
 import enum
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from verl_selflock.envs.parsing import cut_after_first_closing_tag, extract_block
 from verl_selflock.protocol import TurnLabel
 
 
@@ -166,6 +168,55 @@ class ActiveReasoningEnv(ABC):
         """The correct final answer as the agent should write it inside ``<answer>`` (IGPO); None if unknown."""
         return None
 
+
+
+class RoundBasedEnv(ActiveReasoningEnv):
+    """A task of the paper's protocol: Action rounds (odd turns) and Update rounds (even turns), each
+    written in an ``<interact>`` block, and an ``<answer>`` block at the answer turn (or earlier, which
+    ends the episode). :meth:`step` routes each turn; subclasses implement the three rounds and set
+    ``self.done`` when the episode is over."""
+
+    def __init__(
+        self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
+    ) -> None:
+        super().__init__(spec, max_turns, context)
+        self.done = False
+
+    async def step(self, text: str) -> StepResult:
+        """Consume one agent turn; see the task module's docstring for the rules."""
+        handler, args = self._route(text)
+        result = handler(*args)
+        return await result if inspect.isawaitable(result) else result
+
+    def _route(self, text: str) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """The handler of this turn and its arguments (the turn counter moves on)."""
+        if self.done:
+            return _episode_over, ()
+        if not isinstance(text, str):
+            text = ""
+        self.turn += 1
+        kind = round_kind(self.turn, self.max_turns)
+        cut, tag = cut_after_first_closing_tag(text)
+        if tag == "answer" or kind is RoundKind.ANSWER:
+            return self._answer_turn, (cut, tag, kind)
+        block = extract_block(cut, "interact") if tag == "interact" else None
+        return (self._action_turn if kind is RoundKind.ACTION else self._update_turn), (block,)
+
+    @abstractmethod
+    def _action_turn(self, block: str | None) -> StepResult | Awaitable[StepResult]:
+        """An Action round: ``block`` is the ``<interact>`` content, None if there was none."""
+
+    @abstractmethod
+    def _update_turn(self, block: str | None) -> StepResult:
+        """An Update round: ``block`` is the ``<interact>`` content, None if there was none."""
+
+    @abstractmethod
+    def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
+        """An ``<answer>`` turn, or the answer turn reached without one (``cut`` = the turn's text)."""
+
+
+def _episode_over() -> StepResult:
+    return StepResult(None, TurnLabel(), done=True, valid=False, info={"error": "episode is over"})
 
 _ENV_REGISTRY: dict[str, type[ActiveReasoningEnv]] = {}
 

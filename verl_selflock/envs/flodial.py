@@ -67,11 +67,11 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.envs.base import (
-    ActiveReasoningEnv,
-    EnvContext,
     NEW_INFORMATION_SIGNAL,
+    EnvContext,
     EpisodeResult,
     ProgressSignal,
+    RoundBasedEnv,
     RoundKind,
     StepResult,
     register_env,
@@ -79,7 +79,6 @@ from verl_selflock.envs.base import (
 )
 from verl_selflock.envs.parsing import (
     Parsed,
-    cut_after_first_closing_tag,
     extract_block,
     find_keyed_lines,
     parse_vector,
@@ -208,7 +207,7 @@ def answer_instruction(K: int) -> str:
 
 
 @register_env("flodial")
-class FloDialEnv(ActiveReasoningEnv):
+class FloDialEnv(RoundBasedEnv):
     """One FloDial episode, built from a dataset row's ``extra_info["env"]``.
 
     Spec keys: ``task`` ("flodial"), ``problem_description``, ``candidates`` (K >= 2 fault texts, in
@@ -267,7 +266,6 @@ class FloDialEnv(ActiveReasoningEnv):
         self.cache_scope = hashlib.sha1(self.messages_head[0]["content"].encode()).hexdigest()
 
         # Episode state.
-        self.done = False
         self.revealed: set[int] = set()  # table rows answered so far
         self.answered_queries: set[str] = set()  # normalised query texts that got a yes/no
         self.ruled_out: set[int] = set()  # candidate indices contradicted by a revealed answer
@@ -299,22 +297,6 @@ class FloDialEnv(ActiveReasoningEnv):
         )
 
     # --- public API ----------------------------------------------------------------------------
-
-    async def step(self, text: str) -> StepResult:
-        """Consume one agent turn; see the module docstring for the rules."""
-        if self.done:
-            return StepResult(None, TurnLabel(), done=True, valid=False, info={"error": "episode is over"})
-        if not isinstance(text, str):
-            text = ""
-        self.turn += 1
-        kind = round_kind(self.turn, self.max_turns)
-        cut, tag = cut_after_first_closing_tag(text)
-        if tag == "answer" or kind is RoundKind.ANSWER:
-            return self._answer_turn(cut, tag, kind)
-        block = extract_block(cut, "interact") if tag == "interact" else None
-        if kind is RoundKind.ACTION:
-            return await self._action_turn(block)
-        return self._update_turn(block)
 
     def result(self) -> EpisodeResult:
         metrics = {key: float(value) for key, value in self.counts.items()}

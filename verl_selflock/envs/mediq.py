@@ -50,11 +50,11 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.envs.base import (
-    ActiveReasoningEnv,
-    EnvContext,
     NEW_INFORMATION_SIGNAL,
+    EnvContext,
     EpisodeResult,
     ProgressSignal,
+    RoundBasedEnv,
     RoundKind,
     StepResult,
     register_env,
@@ -127,7 +127,7 @@ def _truthy(value: Any) -> bool:
 
 
 @register_env("mediq")
-class MediQEnv(ActiveReasoningEnv):
+class MediQEnv(RoundBasedEnv):
     """One MediQ case, built from a dataset row's ``extra_info["env"]``.
 
     Spec keys: ``task`` ("mediq"), ``id`` (case id, part of the simulator cache key), ``options``
@@ -170,7 +170,6 @@ class MediQEnv(ActiveReasoningEnv):
         self.prior = np.full(N_OPTIONS, 1.0 / N_OPTIONS)
 
         # Episode state.
-        self.done = False
         self.asked: set[str] = set()
         self.revealed: set[int] = set()
         self.prev_belief = self.prior
@@ -201,22 +200,6 @@ class MediQEnv(ActiveReasoningEnv):
         )
 
     # --- public API ----------------------------------------------------------------------------
-
-    async def step(self, text: str) -> StepResult:
-        """Consume one agent turn; see the module docstring for the rules."""
-        if self.done:
-            return StepResult(None, TurnLabel(), done=True, valid=False, info={"error": "episode is over"})
-        if not isinstance(text, str):
-            text = ""
-        self.turn += 1
-        kind = round_kind(self.turn, self.max_turns)
-        cut, tag = cut_after_first_closing_tag(text)
-        if tag == "answer" or kind is RoundKind.ANSWER:
-            return self._answer_turn(cut, tag, kind)
-        block = extract_block(cut, "interact") if tag == "interact" else None
-        if kind is RoundKind.ACTION:
-            return await self._action_turn(block)
-        return self._update_turn(block)
 
     def observe_counterfactual(self, text: str) -> None:
         """The update turn sampled after the fixed reply instead of the real feedback (training only)."""

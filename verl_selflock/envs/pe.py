@@ -68,10 +68,10 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.envs.base import (
-    ActiveReasoningEnv,
     EnvContext,
     EpisodeResult,
     ProgressSignal,
+    RoundBasedEnv,
     RoundKind,
     StepResult,
     register_env,
@@ -79,7 +79,6 @@ from verl_selflock.envs.base import (
 )
 from verl_selflock.envs.parsing import (
     Parsed,
-    cut_after_first_closing_tag,
     extract_block,
     find_keyed_lines,
     parse_focus,
@@ -208,7 +207,7 @@ def _feedback_word(score_i: float, score_j: float) -> str:
 
 
 @register_env("pe")
-class PreferenceEstimationEnv(ActiveReasoningEnv):
+class PreferenceEstimationEnv(RoundBasedEnv):
     """One PE-G or PE-F episode, built from a dataset row's ``extra_info["env"]``.
 
     Spec keys: ``task`` ("pe"), ``variant`` ("gated" | "full"), ``D`` (attributes), ``S`` (focus
@@ -265,7 +264,6 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
         self.prior = np.full(self.D, PRIOR_VALUE)
 
         # Episode state.
-        self.done = False
         self.asked: set[tuple[tuple[int, int], tuple[int, ...]]] = set()
         self.last_guess_valid = True  # the prior counts as a valid belief before turn 2
         self.prev_valid_guess = self.prior
@@ -291,25 +289,10 @@ class PreferenceEstimationEnv(ActiveReasoningEnv):
 
     # --- public API ----------------------------------------------------------------------------
 
-    async def step(self, text: str) -> StepResult:
-        """Consume one agent turn; see the module docstring for the rules."""
-        return self.step_sync(text)
-
     def step_sync(self, text: str) -> StepResult:
-        """Synchronous body of :meth:`step` (the environment never waits on anything)."""
-        if self.done:
-            return StepResult(None, TurnLabel(), done=True, valid=False, info={"error": "episode is over"})
-        if not isinstance(text, str):
-            text = ""
-        self.turn += 1
-        kind = self.next_round_of(self.turn)
-        cut, tag = cut_after_first_closing_tag(text)
-        if tag == "answer" or kind is RoundKind.ANSWER:
-            return self._answer_turn(cut, tag, kind)
-        block = extract_block(cut, "interact") if tag == "interact" else None
-        if kind is RoundKind.ACTION:
-            return self._action_turn(block)
-        return self._update_turn(block)
+        """:meth:`step` without the event loop (every PE round is synchronous)."""
+        handler, args = self._route(text)
+        return handler(*args)
 
     def result(self) -> EpisodeResult:
         success = self.answer_cos is not None and self.answer_cos > self.cos_threshold
