@@ -6,8 +6,9 @@ to show the agent, the turn's directional critique and whether the episode is ov
 alternate Action (odd turns, AS critique), Update (even turns, BT critique), ..., and the turn
 ``max_turns`` is the answer turn (critique 0). An ``<answer>`` block in any turn ends the episode.
 
-To add a task: subclass :class:`ActiveReasoningEnv`, decorate it with ``@register_env("name")``,
-and write rows whose ``extra_info["env"]["task"] == "name"``.
+To add a task: subclass :class:`ActiveReasoningEnv` (or :class:`RoundBasedEnv`, which routes the
+paper's Action / Update / Answer rounds to three methods: PE, MediQ, FloDial), decorate it with
+``@register_env("name")``, and write rows whose ``extra_info["env"]["task"] == "name"``.
 
 Baselines (optional, per task):
 
