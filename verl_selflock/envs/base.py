@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from verl_selflock.envs.parsing import cut_after_first_closing_tag, extract_block
-from verl_selflock.protocol import TurnLabel
+from verl_selflock.protocol import CHANNEL_AS, TurnLabel
 
 
 class RoundKind(str, enum.Enum):
@@ -182,6 +182,8 @@ class RoundBasedEnv(ActiveReasoningEnv):
     ) -> None:
         super().__init__(spec, max_turns, context)
         self.done = False
+        self.counts: dict[str, int] = {}
+        """Per-episode counters that end up in ``EpisodeResult.metrics`` (subclasses add their keys)."""
 
     async def step(self, text: str) -> StepResult:
         """Consume one agent turn; see the task module's docstring for the rules."""
@@ -202,6 +204,14 @@ class RoundBasedEnv(ActiveReasoningEnv):
             return self._answer_turn, (cut, tag, kind)
         block = extract_block(cut, "interact") if tag == "interact" else None
         return (self._action_turn if kind is RoundKind.ACTION else self._update_turn), (block,)
+
+    def _label(self, critique: int, channel: int) -> TurnLabel:
+        """The turn's label, counted as ``as_pos``/``as_neg`` (Action) or ``bt_pos``/``bt_neg`` (Update)."""
+        side = "as" if channel == CHANNEL_AS else "bt"
+        if critique:
+            key = f"{side}_{'pos' if critique > 0 else 'neg'}"
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return TurnLabel(critique=critique, channel=channel)
 
     @abstractmethod
     def _action_turn(self, block: str | None) -> StepResult | Awaitable[StepResult]:

@@ -81,7 +81,7 @@ from verl_selflock.envs.parsing import (
     Parsed,
     extract_block,
     find_keyed_lines,
-    parse_vector,
+    parse_weights,
 )
 from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
 
@@ -331,27 +331,7 @@ class FloDialEnv(RoundBasedEnv):
             return Parsed.fail(f"the question is longer than {MAX_QUERY_CHARS} characters; ask one short question")
         return Parsed(query)
 
-    def parse_weights(self, block: str | None) -> Parsed[np.ndarray]:
-        """A guess/answer: exactly K finite non-negative numbers, not all zero."""
-        if block is None:
-            return Parsed.fail("no well-formed block")
-        parsed = parse_vector(block, self.K, non_negative=True)
-        if not parsed.ok:
-            return Parsed.fail(parsed.error or "bad weights")
-        vector = np.asarray(parsed.value, dtype=np.float64)
-        if not np.any(vector > 0):
-            return Parsed.fail("all-zero weights express no belief")
-        return Parsed(vector)
-
     # --- rounds --------------------------------------------------------------------------------
-
-    def _label(self, critique: int, channel: int) -> TurnLabel:
-        prefix = "as" if channel == CHANNEL_AS else "bt"
-        if critique > 0:
-            self.counts[f"{prefix}_pos"] += 1
-        elif critique < 0:
-            self.counts[f"{prefix}_neg"] += 1
-        return TurnLabel(critique=critique, channel=channel)
 
     async def _ask(self, query: str) -> tuple[SimulatorVerdict | None, dict[str, Any]]:
         """One simulator call; (None, info) when it failed after the client's retries."""
@@ -460,7 +440,7 @@ class FloDialEnv(RoundBasedEnv):
 
     def _update_turn(self, block: str | None) -> StepResult:
         self.counts["update_rounds"] += 1
-        parsed = self.parse_weights(block)
+        parsed = parse_weights(block, self.K)
         info: dict[str, Any] = {
             "round": RoundKind.UPDATE.value,
             "turn": self.turn,
@@ -496,7 +476,7 @@ class FloDialEnv(RoundBasedEnv):
     def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
         self.done = True
         block = extract_block(cut, "answer") if tag == "answer" else None
-        parsed = self.parse_weights(block)
+        parsed = parse_weights(block, self.K)
         info: dict[str, Any] = {"round": kind.value, "turn": self.turn, "early": kind is not RoundKind.ANSWER}
         if parsed.ok:
             weights = parsed.value

@@ -69,7 +69,7 @@ from verl_selflock.envs.mediq_prompts import (
     patient_messages,
     update_instruction,
 )
-from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_query, parse_vector
+from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_query, parse_weights
 from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
 
 __all__ = [
@@ -231,28 +231,15 @@ class MediQEnv(RoundBasedEnv):
 
     def parse_belief(self, block: str | None) -> Parsed[np.ndarray]:
         """A guess/answer: exactly 4 finite non-negative numbers, not all zero; returned normalised."""
-        if block is None:
-            return Parsed.fail("no well-formed block")
-        parsed = parse_vector(block, N_OPTIONS, non_negative=True)
+        parsed = parse_weights(block, N_OPTIONS)
         if not parsed.ok:
-            return Parsed.fail(parsed.error or "bad vector")
-        vector = np.asarray(parsed.value, dtype=np.float64)
+            return parsed
+        vector = parsed.value
         # Scale by the largest value first so that sums of values near 1e308 cannot overflow.
-        top = float(np.max(vector))
-        if top <= 0.0:
-            return Parsed.fail("an all-zero guess names no option")
-        vector = vector / top
+        vector = vector / float(np.max(vector))
         return Parsed(vector / vector.sum())
 
     # --- rounds --------------------------------------------------------------------------------
-
-    def _label(self, critique: int, channel: int) -> TurnLabel:
-        side = "as" if channel == CHANNEL_AS else "bt"
-        if critique > 0:
-            self.counts[f"{side}_pos"] += 1
-        elif critique < 0:
-            self.counts[f"{side}_neg"] += 1
-        return TurnLabel(critique, channel)
 
     async def _action_turn(self, block: str | None) -> StepResult:
         self.counts["action_rounds"] += 1

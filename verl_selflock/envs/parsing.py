@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import numpy as np
+
 __all__ = [
     "Parsed",
     "cut_after_first_closing_tag",
@@ -194,6 +196,20 @@ def parse_vector(block: str, dim: int, non_negative: bool = True) -> Parsed[tupl
     if non_negative and any(v < 0 for v in values):
         return Parsed.fail("values must be non-negative")
     return Parsed(values)
+
+
+def parse_weights(block: str | None, dim: int) -> Parsed[np.ndarray]:
+    """A guess/answer block as a belief: exactly ``dim`` finite non-negative numbers, not all zero (an
+    all-zero vector puts weight on nothing, so it expresses no belief); float64 array, unscaled."""
+    if block is None:
+        return Parsed.fail("no well-formed block")
+    parsed = parse_vector(block, dim, non_negative=True)
+    if not parsed.ok:
+        return Parsed.fail(parsed.error or "bad vector")
+    vector = np.asarray(parsed.value, dtype=np.float64)
+    if not np.any(vector > 0):
+        return Parsed.fail("an all-zero vector has no direction: it expresses no belief")
+    return Parsed(vector)
 
 
 def parse_query(block: str, key: str = "query") -> Parsed[str]:

@@ -83,7 +83,7 @@ from verl_selflock.envs.parsing import (
     find_keyed_lines,
     parse_focus,
     parse_pair,
-    parse_vector,
+    parse_weights,
 )
 from verl_selflock.envs.pe_oracle import PEVersionSpace, focus_diff, seed_of
 from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
@@ -340,27 +340,7 @@ class PreferenceEstimationEnv(RoundBasedEnv):
         assert pair.value is not None
         return Parsed(PEAction(pair=pair.value, focus=focus))
 
-    def parse_estimate(self, block: str | None) -> Parsed[np.ndarray]:
-        """Parse a guess/answer: exactly D finite non-negative numbers, not all zero."""
-        if block is None:
-            return Parsed.fail("no well-formed block")
-        parsed = parse_vector(block, self.D, non_negative=True)
-        if not parsed.ok:
-            return Parsed.fail(parsed.error or "bad vector")
-        vector = np.asarray(parsed.value, dtype=np.float64)
-        if not np.any(vector > 0):
-            return Parsed.fail("an all-zero estimate has no direction")
-        return Parsed(vector)
-
     # --- rounds --------------------------------------------------------------------------------
-
-    def _label(self, critique: int, channel: int) -> TurnLabel:
-        prefix = "as" if channel == CHANNEL_AS else "bt"
-        if critique > 0:
-            self.counts[f"{prefix}_pos"] += 1
-        elif critique < 0:
-            self.counts[f"{prefix}_neg"] += 1
-        return TurnLabel(critique=critique, channel=channel)
 
     def _action_turn(self, block: str | None) -> StepResult:
         self.counts["action_rounds"] += 1
@@ -417,7 +397,7 @@ class PreferenceEstimationEnv(RoundBasedEnv):
 
     def _update_turn(self, block: str | None) -> StepResult:
         self.counts["update_rounds"] += 1
-        parsed = self.parse_estimate(block)
+        parsed = parse_weights(block, self.D)
         info: dict[str, Any] = {"round": RoundKind.UPDATE.value, "turn": self.turn}
         # An invalid guess leaves the belief where it was: no progress on either T3 signal.
         progress = {T3_PSI_GAIN: 0.0, T3_MOVEMENT: 0.0}
@@ -453,7 +433,7 @@ class PreferenceEstimationEnv(RoundBasedEnv):
     def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
         self.done = True
         block = extract_block(cut, "answer") if tag == "answer" else None
-        parsed = self.parse_estimate(block)
+        parsed = parse_weights(block, self.D)
         info: dict[str, Any] = {"round": kind.value, "turn": self.turn, "early": kind is not RoundKind.ANSWER}
         if parsed.ok:
             answer = parsed.value
