@@ -78,6 +78,7 @@ def test_doctor_reports_success_and_failure():
     ok = subprocess.run([_console_script(), "doctor"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "advantage estimators: arew" in ok.stdout and "FAIL" not in ok.stdout
+    assert "tasks: flodial, mediq, pe, tau2_telecom (tau2 installed)" in ok.stdout
 
     env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}
     bad = subprocess.run([_console_script(), "doctor"], capture_output=True, text=True, env=env, timeout=300)

