@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures.mediq_rows import official_row
 from verl_selflock.cli import main as cli_main
 from verl_selflock.data import mediq as mediq_data
 from verl_selflock.data.mediq import MediQDataError, build_mediq_dataset, download_official, read_cases
@@ -18,28 +19,6 @@ from verl_selflock.simulators import ChatReply
 
 # ../shared/data/mediq relative to the project root (not imported from conftest: that name is ambiguous).
 REAL_MEDIQ = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mediq"
-
-
-def official_row(case_id: int, answer: str = "B", **overrides) -> dict:
-    """A row in the schema of MediQ's ``all_dev_good.jsonl`` (JSON values, numbered facts)."""
-    row = {
-        "id": case_id,
-        "question": f"Which treatment fits case {case_id}?",
-        "context": [f"A {20 + case_id}-year-old man has chest pain.", "His ECG is abnormal."],
-        "context_len": 2,
-        "options": {"A": "Aspirin", "B": "Heparin", "C": "Surgery", "D": "Observation"},
-        "answer": "Heparin",
-        "answer_idx": answer,
-        "explanation": "",
-        "facts": [
-            f"1. Hidden fact alpha {case_id}.",
-            f"2. Hidden fact beta {case_id}.",
-            f"- Hidden fact gamma {case_id}.",
-        ],
-        "patient": {"gender": "Male", "age": f"{20 + case_id} years old"},
-    }
-    row.update(overrides)
-    return row
 
 
 def write_fixture(folder: Path) -> Path:

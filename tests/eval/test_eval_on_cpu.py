@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.mediq_rows import official_row
 from fixtures.openai_servers import FaultServer
 from verl_selflock.cli import main
 from verl_selflock.data.pe import build_pe_dataset
@@ -150,3 +151,56 @@ def test_eval_end_to_end_against_real_transformers_serve(chat_server, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 2 and summary["missing"] == 0 and summary["settings"]["model"] == chat_server.model
     assert {"success_rate", "as_proxy", "turns", "invalid_ratio", "finish_ratio"} <= set(summary["metrics"])
+
+
+class MediQPolicy:
+    """Asks one question, guesses, then answers option B (ChatClient interface)."""
+
+    async def chat(self, messages, *, max_tokens=None, temperature=None, **_):
+        turn = sum(m["role"] == "assistant" for m in messages) + 1
+        if turn == 1:
+            return ChatReply("<scratch>ask</scratch><interact>Query: Any pain?</interact> trailing", ok=True)
+        if turn == 2:
+            return ChatReply("<interact>Guess: 1,2,1,1</interact>", ok=True)
+        return ChatReply("<answer>0,1,0,0</answer>", ok=True)
+
+
+class Patient:
+    """The simulated patient behind the ChatClient interface: always names fact 1."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def chat(self, messages, *, cache_key=None, **_):
+        self.calls += 1
+        return ChatReply("1", ok=True)
+
+
+def test_simulator_tasks_evaluate_with_the_feedback_ablation(tmp_path):
+    """MediQ through eval: the patient endpoint is used, its feedback withheld; critiques as usual."""
+    from verl_selflock.data.mediq import build_mediq_dataset
+
+    source = tmp_path / "mediq.jsonl"
+    source.write_text("".join(json.dumps(official_row(i, answer="B")) + "\n" for i in range(3)))
+    paths, _ = build_mediq_dataset([source], tmp_path / "mediq", n_val=2, progress=False)
+    patient = Patient()
+    config = EvalConfig(data=paths["test"], out=str(tmp_path / "out"), base_url="http://unused/v1", model="scripted",
+                        feedback="unknown", progress=False)
+    summary = asyncio.run(evaluate(config, policy=MediQPolicy(), simulator=patient))
+    assert summary["episodes"] == 2 and patient.calls == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "episodes.jsonl").read_text().splitlines()]
+    for record in records:
+        ask = record["transcript"][0]
+        assert ask["critique"] == 1 and "Hidden fact" not in ask["observation"]  # judged as usual, withheld
+        assert ask["dropped_chars"] == len(" trailing") and record["success"] is True
+
+
+def test_feedback_ablation_is_refused_for_tasks_without_an_uninformative_reply(tmp_path):
+    pytest.importorskip("tau2")
+    from verl_selflock.data.tau2 import build_tau2_dataset
+
+    paths = build_tau2_dataset(tmp_path / "tau2", max_rows=1, progress=False)
+    config = EvalConfig(data=paths["test"], out=str(tmp_path / "out"), base_url="http://unused/v1", model="m",
+                        feedback="unknown", progress=False)
+    with pytest.raises(ValueError, match="'tau2_telecom' does not support --feedback unknown"):
+        asyncio.run(evaluate(config, policy=MediQPolicy()))

@@ -179,7 +179,7 @@ async def run_episode(
             text = ""  # the model said nothing: a (bad) turn of the model, judged like any other
         else:
             raise EndpointError(f"policy endpoint failed at turn {stats.turns + 1}: {reply.error}")
-        cut, tag = cut_after_first_closing_tag(text)
+        cut, tag = cut_after_first_closing_tag(text, env.closing_tags)  # the task's turn format, as in training
         round_kind = env.next_round().value
         step = await env.step(cut)
         stats.turns += 1
@@ -263,12 +263,11 @@ async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None
         if unsupported:
             raise ValueError(f"--oracle-bt is available for tasks {sorted(ORACLE_BT)}, not {unsupported}")
     if config.feedback == "unknown":
-        from verl_selflock.envs import EnvContext, make_env
+        from verl_selflock.envs.base import env_class
 
-        for row in {str(r.spec.get("task")): r for r in rows}.values():
-            env_class = type(make_env(row.spec, context=EnvContext(training=False)))
-            if env_class.uninformative_feedback is None:
-                raise ValueError(f"task {env_class.task!r} does not support --feedback unknown (no uninformative_feedback)")
+        for task in sorted({str(row.spec.get("task")) for row in rows}):
+            if env_class(task).uninformative_feedback is None:
+                raise ValueError(f"task {task!r} does not support --feedback unknown (no uninformative_feedback)")
     store, errors = EpisodeStore(out / EPISODES_FILE), EpisodeStore(out / ERRORS_FILE)
     store.repair()
     errors.repair()
