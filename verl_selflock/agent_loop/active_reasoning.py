@@ -89,7 +89,7 @@ from verl_selflock.agent_loop.token_cut import (
     end_of_turn_ids,
 )
 from verl_selflock.algorithms.t3 import T3Config, T3Monitor, T3Rule
-from verl_selflock.envs import EnvContext, make_env
+from verl_selflock.envs import ActiveReasoningEnv, EnvContext, make_env
 from verl_selflock.envs.base import registered_progress_signals
 from verl_selflock.protocol import ResponseLayout
 from verl_selflock.simulators import SimulatorConfig, shared_client
@@ -368,7 +368,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
 
     async def _counterfactual_turn(
         self,
-        env: Any,
+        env: ActiveReasoningEnv,
         observation: str,
         messages: list[dict[str, Any]],
         runtime_ids: list[int],
@@ -392,12 +392,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             return 0
         params = {**sampling_params, "max_tokens": max_tokens}
         if cfg.stop_on_closing_tag:
-            params.update(stop=["</interact>", "</answer>"], include_stop_str_in_output=True)
+            params.update(stop=[f"</{tag}>" for tag in env.closing_tags], include_stop_str_in_output=True)
         # Same request id: the branch shares the episode's prefix (sticky session, prefix cache).
         output: TokenOutput = await self.server_manager.generate(
             request_id=request_id, prompt_ids=list(merge.token_ids), sampling_params=params, priority=priority
         )
-        cut = cut_turn(self.tokenizer, list(output.token_ids)[:max_tokens], self.eot_ids, self.stop_ids)
+        cut = cut_turn(self.tokenizer, list(output.token_ids)[:max_tokens], self.eot_ids, self.stop_ids, tags=env.closing_tags)
         env.observe_counterfactual(cut.text)
         return 1
 
