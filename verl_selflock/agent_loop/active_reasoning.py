@@ -241,9 +241,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             # 2. generate one turn within the per-turn cap and what is left of the response budget
             room = self.response_length - len(response_mask) - len(self.eot_ids)
             max_tokens = min(cfg.max_turn_tokens, room)
-            turn_params = {**sampling_params, "max_tokens": max_tokens}
-            if cfg.stop_on_closing_tag:
-                turn_params.update(stop=[f"</{tag}>" for tag in env.closing_tags], include_stop_str_in_output=True)
+            turn_params = self._turn_params(sampling_params, max_tokens, env)
             start = time.perf_counter()
             output: TokenOutput = await self.server_manager.generate(
                 request_id=request_id, prompt_ids=runtime_ids, sampling_params=turn_params, priority=priority
@@ -366,6 +364,16 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
 
     # ------------------------------------------------------------------ helpers
 
+    def _turn_params(
+        self, sampling_params: Mapping[str, Any], max_tokens: int, env: ActiveReasoningEnv
+    ) -> dict[str, Any]:
+        """Sampling params of one turn: the per-turn token cap, and the task's closing tags as stop strings
+        when ``stop_on_closing_tag`` is on (our token-level cut stays the authority either way)."""
+        params = {**sampling_params, "max_tokens": max_tokens}
+        if self.loop_config.stop_on_closing_tag:
+            params.update(stop=[f"</{tag}>" for tag in env.closing_tags], include_stop_str_in_output=True)
+        return params
+
     async def _counterfactual_turn(
         self,
         env: ActiveReasoningEnv,
@@ -390,9 +398,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         max_tokens = min(cfg.max_turn_tokens, self.response_length - len(branch_mask) - len(self.eot_ids))
         if max_tokens < cfg.min_turn_tokens:
             return 0
-        params = {**sampling_params, "max_tokens": max_tokens}
-        if cfg.stop_on_closing_tag:
-            params.update(stop=[f"</{tag}>" for tag in env.closing_tags], include_stop_str_in_output=True)
+        params = self._turn_params(sampling_params, max_tokens, env)
         # Same request id: the branch shares the episode's prefix (sticky session, prefix cache).
         output: TokenOutput = await self.server_manager.generate(
             request_id=request_id, prompt_ids=list(merge.token_ids), sampling_params=params, priority=priority
