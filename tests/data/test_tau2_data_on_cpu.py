@@ -51,3 +51,31 @@ def test_seeded_scheme_is_reproducible_and_disjoint():
     assert sorted(official["test"]) == sorted(splits["test"])
     with pytest.raises(ValueError, match="split scheme"):
         split_task_ids("random", 0)
+
+
+def test_full_task_set_trains_on_every_generated_task_but_the_validation_tasks_and_their_twins():
+    from verl_selflock.data.tau2 import task_fingerprint
+
+    splits = telecom_task_splits()
+    full = split_task_ids("official", 0, task_set="full")
+    assert sorted(full["test"]) == sorted(splits["test"])  # validation unchanged: comparable scores
+    train = set(full["train"])
+    assert len(train) == len(full["train"]) and not train & set(splits["test"])
+    assert set(splits["train"]) <= train <= set(splits["full"])
+    # A twin: a generated task with a validation task's initial state and expected actions, dropped.
+    test_fingerprints = {task_fingerprint(task_id) for task_id in splits["test"]}
+    twins = [t for t in set(splits["full"]) - set(splits["test"]) if task_fingerprint(t) in test_fingerprints]
+    assert twins and not train & set(twins)
+    assert len(train) == len(splits["full"]) - len(splits["test"]) - len(twins)
+    assert split_task_ids("official", 0, task_set="full") == full
+    with pytest.raises(ValueError, match="task set"):
+        split_task_ids("official", 0, task_set="all")
+
+
+def test_cli_full_task_set_with_max_rows(tmp_path):
+    args = ["data", "tau2", "--out", str(tmp_path), "--task-set", "full", "--max-rows", "6", "--no-progress"]
+    assert main(args) == 0
+    train, test = (pd.read_parquet(tmp_path / f"{split}.parquet") for split in ("train", "test"))
+    assert (len(train), len(test)) == (6, 6)
+    train_ids = set(train.reward_model.map(lambda r: r["ground_truth"]))
+    assert not train_ids & set(telecom_task_splits()["test"])

