@@ -19,13 +19,21 @@ key                         dtype   meaning
                                     ``CHANNEL_AS`` (Action round) or ``CHANNEL_BT`` (Update round)
 ``turn_ids``                int32   0-based index of the agent turn that generated the token;
                                     -1 on observation tokens and padding
-``fallback_eligible``       int8    1 if the token's turn may be promoted by the ``step_abs_sum``
-                                    fallbacks (tau2's neutral-but-productive turns), else 0
+``fallback_eligible``       int8    the :class:`FallbackRole` of the token's turn: what the
+                                    ``step_abs_sum`` fallbacks may do with it if its critique is 0.
+                                    0 ``ORDINARY``, 1 ``ELIGIBLE`` (may also become positive: tau2's
+                                    warm-up turns), 2 ``EXEMPT`` (never promoted: the zero is not the
+                                    agent's doing, e.g. the simulated user failed); 0 off turns
 ==========================  ======  ===================================================================
+
+The key ``fallback_eligible`` predates the value 2 and keeps its name so that samples written as 0/1
+flags read exactly as before (1 = eligible, 0 = ordinary); a sample without any of these keys gets no
+AREW bonus at all.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -45,6 +53,24 @@ CHANNEL_BT = 2
 CHANNEL_NAMES = {CHANNEL_NONE: "none", CHANNEL_AS: "as", CHANNEL_BT: "bt"}
 
 
+class FallbackRole(enum.IntEnum):
+    """What the ``step_abs_sum`` fallbacks may do with a turn whose critique is 0 (one value per turn).
+
+    The fallbacks give one-sided trajectories a bonus by promoting zero turns: with negative turns but no
+    positive one, ``ELIGIBLE`` zero turns become positive; with positive turns but no negative one, the
+    ``ORDINARY`` and ``ELIGIBLE`` zero turns except the trajectory's final turn become negative. The role
+    of a turn with a nonzero critique is never read.
+    """
+
+    ORDINARY = 0
+    """A zero turn the agent is answerable for: may become negative, never positive."""
+    ELIGIBLE = 1
+    """May also become positive (tau2's warm-up turns: well formed, answered, no measurable progress yet)."""
+    EXEMPT = 2
+    """Promoted by neither fallback: the critique is 0 because the turn's outcome was not the agent's doing
+    (the simulated user failed or hit its tool-step cap), so it must carry no bonus of either sign."""
+
+
 @dataclass
 class TurnLabel:
     """The critique of one agent turn."""
@@ -53,14 +79,23 @@ class TurnLabel:
     """Directional critique z_t in {-1, 0, +1}."""
     channel: int = CHANNEL_NONE
     """Which capability the turn exercised: CHANNEL_AS, CHANNEL_BT or CHANNEL_NONE."""
-    fallback_eligible: bool = False
-    """May the step_abs_sum fallbacks promote this (zero-critique) turn to a positive one."""
+    fallback: FallbackRole = FallbackRole.ORDINARY
+    """What the ``step_abs_sum`` fallbacks may do with this turn if its critique is 0 (a bool reads as
+    ``ELIGIBLE`` / ``ORDINARY``, the flag this field replaced)."""
 
     def __post_init__(self) -> None:
         if self.critique not in (-1, 0, 1):
             raise ValueError(f"critique must be -1, 0 or +1, got {self.critique!r}")
         if self.channel not in CHANNEL_NAMES:
             raise ValueError(f"channel must be one of {sorted(CHANNEL_NAMES)}, got {self.channel!r}")
+        if self.fallback not in set(FallbackRole):
+            raise ValueError(f"fallback must be one of {[int(r) for r in FallbackRole]}, got {self.fallback!r}")
+        self.fallback = FallbackRole(int(self.fallback))
+
+    @property
+    def fallback_eligible(self) -> bool:
+        """The turn may be promoted to a positive one (role ``ELIGIBLE``)."""
+        return self.fallback is FallbackRole.ELIGIBLE
 
 
 @dataclass
@@ -110,7 +145,7 @@ class ResponseLayout:
         for turn_index, label in self.labels.items():
             critique[turn_index + 1] = label.critique
             channel[turn_index + 1] = label.channel
-            fallback[turn_index + 1] = int(label.fallback_eligible)
+            fallback[turn_index + 1] = int(label.fallback)
         lookup = turn_ids + 1
         return {
             CRITIQUE: critique[lookup].tolist(),
@@ -130,7 +165,7 @@ class CritiqueBatch(NamedTuple):
     turn_ids: torch.Tensor
     """int64 turn index per token, -1 outside generated turns."""
     fallback_eligible: torch.Tensor
-    """bool per token."""
+    """int8 :class:`FallbackRole` per token (named after the per-token key; 0 off turns)."""
     has_critique: torch.Tensor
     """(bs,) bool: the sample carried critique fields at all."""
 
@@ -151,7 +186,7 @@ def collate_critiques(extra_fields: Sequence[Mapping[str, Any] | None], response
     critique = torch.zeros(bs, response_length, dtype=torch.int8)
     channel = torch.zeros(bs, response_length, dtype=torch.int8)
     turn_ids = torch.full((bs, response_length), -1, dtype=torch.int64)
-    fallback = torch.zeros(bs, response_length, dtype=torch.bool)
+    fallback = torch.zeros(bs, response_length, dtype=torch.int8)
     has_critique = torch.zeros(bs, dtype=torch.bool)
     for row, fields in enumerate(extra_fields):
         if not fields or any(key not in fields for key in CRITIQUE_FIELDS):
@@ -161,7 +196,8 @@ def collate_critiques(extra_fields: Sequence[Mapping[str, Any] | None], response
         critique[row, :n] = torch.as_tensor(fields[CRITIQUE][:n], dtype=torch.int8)
         channel[row, :n] = torch.as_tensor(fields[CRITIQUE_CHANNEL][:n], dtype=torch.int8)
         turn_ids[row, :n] = torch.as_tensor(fields[TURN_IDS][:n], dtype=torch.int64)
-        fallback[row, :n] = torch.as_tensor(fields[FALLBACK_ELIGIBLE][:n], dtype=torch.bool)
+        # int8, not bool: the role has three values (older samples' 0/1 flags read as ORDINARY/ELIGIBLE).
+        fallback[row, :n] = torch.as_tensor(fields[FALLBACK_ELIGIBLE][:n], dtype=torch.int8)
         has_critique[row] = True
     return CritiqueBatch(critique, channel, turn_ids, fallback, has_critique)
 
@@ -173,5 +209,5 @@ def iter_turn_labels(fields: Mapping[str, Sequence[int]]) -> Iterable[tuple[int,
         fields[TURN_IDS], fields[CRITIQUE], fields[CRITIQUE_CHANNEL], fields[FALLBACK_ELIGIBLE], strict=True
     ):
         if turn >= 0 and turn not in seen:
-            seen[turn] = TurnLabel(critique=int(z), channel=int(ch), fallback_eligible=bool(fb))
+            seen[turn] = TurnLabel(critique=int(z), channel=int(ch), fallback=FallbackRole(int(fb)))
     return sorted(seen.items())

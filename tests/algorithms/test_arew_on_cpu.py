@@ -19,9 +19,11 @@ from verl_selflock.protocol import (
     CHANNEL_BT,
     CHANNEL_NONE,
     CritiqueBatch,
+    FallbackRole,
     ResponseLayout,
     TurnLabel,
     collate_critiques,
+    iter_turn_labels,
 )
 
 AS, BT, NONE = CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
@@ -33,7 +35,8 @@ AS, BT, NONE = CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 
 
 def build_batch(rows: list[list[tuple]], width: int) -> tuple[CritiqueBatch, torch.Tensor]:
-    """rows: per row, spans ``("turn", n_tokens, critique, channel[, fallback_eligible])`` or ``("obs", n)``.
+    """rows: per row, spans ``("turn", n_tokens, critique, channel[, fallback])`` or ``("obs", n)``; ``fallback``
+    is a :class:`FallbackRole` or a bool (True = ``ELIGIBLE``), ``ORDINARY`` when left out.
 
     Returns the collated critiques and a response_mask that is 1 exactly on turn tokens.
     """
@@ -45,9 +48,9 @@ def build_batch(rows: list[list[tuple]], width: int) -> tuple[CritiqueBatch, tor
             if span[0] == "obs":
                 layout.add_observation_tokens(span[1])
                 continue
-            _, n_tokens, critique, channel, *eligible = span
+            _, n_tokens, critique, channel, *fallback = span
             layout.add_turn_tokens(turn, n_tokens)
-            layout.set_label(turn, TurnLabel(critique, channel, bool(eligible and eligible[0])))
+            layout.set_label(turn, TurnLabel(critique, channel, fallback[0] if fallback else FallbackRole.ORDINARY))
             turn += 1
         extra_fields.append(layout.as_extra_fields())
     batch = collate_critiques(extra_fields, width)
@@ -63,7 +66,7 @@ def bonus_of(batch: CritiqueBatch, mask: torch.Tensor, config: ArewConfig, step:
 def random_batch(seed: int, batch_size: int = 6, width: int = 40) -> tuple[CritiqueBatch, torch.Tensor]:
     """A ragged batch with every oddity the bonus must survive.
 
-    Random turns (1-5 tokens, critique -1/0/+1 on AS/BT, random fallback flags, sometimes a final answer
+    Random turns (1-5 tokens, critique -1/0/+1 on AS/BT, random fallback roles, sometimes a final answer
     turn), observation spans, truncation at ``width``, right padding, response-mask holes inside turns,
     and rows without critique fields at all (turn ids -1 but response_mask 1, like another agent loop's).
     """
@@ -81,7 +84,7 @@ def random_batch(seed: int, batch_size: int = 6, width: int = 40) -> tuple[Criti
             if turn == num_turns - 1 and rng.random() < 0.5:
                 label = TurnLabel()  # answer turn: no critique, no channel
             else:
-                label = TurnLabel(rng.choice([-1, 0, 0, 1, 1]), rng.choice([AS, BT]), rng.random() < 0.5)
+                label = TurnLabel(rng.choice([-1, 0, 0, 1, 1]), rng.choice([AS, BT]), rng.choice(list(FallbackRole)))
             layout.set_label(turn, label)
             if turn < num_turns - 1:
                 layout.add_observation_tokens(rng.randint(0, 4))
@@ -133,7 +136,7 @@ def reference_bonus(batch: CritiqueBatch, mask: torch.Tensor, config: ArewConfig
                 sums["as_neg"] += channel == AS and raw < 0
                 sums["bt_pos"] += channel == BT and raw > 0
                 sums["bt_neg"] += channel == BT and raw < 0
-                turns[turn] = {"z": z, "eligible": bool(batch.fallback_eligible[row, j]), "tokens": []}
+                turns[turn] = {"z": z, "role": int(batch.fallback_eligible[row, j]), "tokens": []}
             turns[turn]["tokens"].append(j)
         positive = sorted(t for t, info in turns.items() if info["z"] > 0)
         negative = sorted(t for t, info in turns.items() if info["z"] < 0)
@@ -171,12 +174,12 @@ def reference_bonus(batch: CritiqueBatch, mask: torch.Tensor, config: ArewConfig
             if config.mode == "step_abs_sum" and config.fallbacks:
                 zero = [t for t in sorted(turns) if turns[t]["z"] == 0]
                 if not positive and negative:
-                    promoted = [t for t in zero if turns[t]["eligible"]]
+                    promoted = [t for t in zero if turns[t]["role"] == FallbackRole.ELIGIBLE]
                     positive = promoted
                     sums["fallback"] += bool(promoted)
                 elif not negative and positive:
                     final_turn = max(turns)
-                    negative = [t for t in zero if t != final_turn]
+                    negative = [t for t in zero if t != final_turn and turns[t]["role"] != FallbackRole.EXEMPT]
                     sums["fallback"] += bool(negative)
             if config.neg_cap != "none" and len(negative) > len(positive):
                 keep = len(positive)
@@ -511,6 +514,77 @@ def test_step_abs_sum_fallback_needs_a_candidate(row):
     batch, mask = build_batch([row], width=2)
     bonus, metrics = bonus_of(batch, mask, ArewConfig(lam=1.0, mode="step_abs_sum"))
     assert torch.equal(bonus, torch.zeros(1, 2)) and metrics["arew/frac_traj_fallback"] == 0.0
+
+
+EXEMPT, ELIGIBLE, ORDINARY = FallbackRole.EXEMPT, FallbackRole.ELIGIBLE, FallbackRole.ORDINARY
+
+
+def test_step_abs_sum_fallbacks_never_promote_exempt_turns():
+    # Row 0, positives only: t0 = +1 (1 tok); t1 = 0 EXEMPT (2 tok: the simulated user failed); t2 = 0
+    # ordinary (1 tok); t3 = final turn (1 tok). Only t2 becomes negative.
+    # Row 1, negatives only: t0 = -1 (2 tok); t1 = 0 EXEMPT (1 tok); t2 = 0 ELIGIBLE (1 tok). Only t2 becomes
+    # positive.
+    rows = [
+        [("turn", 1, 1, AS), ("turn", 2, 0, AS, EXEMPT), ("turn", 1, 0, AS, ORDINARY), ("turn", 1, 0, NONE)],
+        [("turn", 2, -1, AS), ("turn", 1, 0, AS, EXEMPT), ("turn", 1, 0, AS, ELIGIBLE)],
+    ]
+    batch, mask = build_batch(rows, width=5)
+    bonus, metrics = bonus_of(batch, mask, ArewConfig(lam=2.0, mode="step_abs_sum"))
+    # lam/2 = 1 per side. Row 0: P = {t0} +1, N = {t2} -1. Row 1: P = {t2} +1, N = {t0} -1 over 2 tokens.
+    expected = torch.tensor([[1.0, 0.0, 0.0, -1.0, 0.0], [-0.5, -0.5, 0.0, 1.0, 0.0]])
+    torch.testing.assert_close(bonus, expected)
+    assert metrics["arew/frac_traj_fallback"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [("turn", 1, 1, AS), ("turn", 1, 0, AS, EXEMPT), ("turn", 1, 0, NONE)],  # the only demotable turn is exempt
+        [("turn", 1, -1, AS), ("turn", 1, 0, AS, EXEMPT)],  # the only zero turn is exempt
+    ],
+)
+def test_a_trajectory_whose_only_candidates_are_exempt_gets_no_bonus(row):
+    batch, mask = build_batch([row], width=3)
+    bonus, metrics = bonus_of(batch, mask, ArewConfig(lam=2.0, mode="step_abs_sum"))
+    assert torch.equal(bonus, torch.zeros(1, 3)) and metrics["arew/frac_traj_fallback"] == 0.0
+
+
+def test_old_samples_with_0_1_flags_and_bool_tensors_read_as_before():
+    # A sample written before the EXEMPT role: fallback_eligible holds 0/1 flags.
+    fields = {
+        "critique": [-1, -1, 0, 0, 0],
+        "critique_channel": [AS, AS, 0, AS, AS],
+        "turn_ids": [0, 0, -1, 1, 2],
+        "fallback_eligible": [0, 0, 0, 1, 0],
+    }
+    batch = collate_critiques([fields], 5)
+    assert batch.fallback_eligible.tolist() == [[0, 0, 0, 1, 0]]
+    mask = (batch.turn_ids >= 0).float()
+    config = ArewConfig(lam=2.0, mode="step_abs_sum")
+    inputs = [t.clone() for t in batch[:4]]
+    from_roles, _ = bonus_of(batch, mask, config)
+    assert all(torch.equal(t, before) for t, before in zip(batch[:4], inputs, strict=True))  # inputs untouched
+    # P = {t1} (eligible): +1; N = {t0}: -1 over 2 tokens; t2 (ordinary) is not promoted to positive.
+    torch.testing.assert_close(from_roles, torch.tensor([[-0.5, -0.5, 0.0, 1.0, 0.0]]))
+    as_bool = batch.fallback_eligible.bool()
+    from_bool, _ = compute_arew_bonus(batch.critique, batch.channel, batch.turn_ids, as_bool, mask, config, 1)
+    assert torch.equal(from_bool, from_roles)
+
+
+def test_fallback_role_round_trips_through_the_protocol():
+    layout = ResponseLayout()
+    for turn, role in enumerate([ORDINARY, ELIGIBLE, EXEMPT]):
+        layout.add_turn_tokens(turn, 2)
+        layout.set_label(turn, TurnLabel(0, AS, role))
+        layout.add_observation_tokens(1)
+    fields = layout.as_extra_fields()
+    assert fields["fallback_eligible"] == [0, 0, 0, 1, 1, 0, 2, 2, 0]
+    labels = dict(iter_turn_labels(fields))
+    assert [labels[t].fallback for t in range(3)] == [ORDINARY, ELIGIBLE, EXEMPT]
+    assert [labels[t].fallback_eligible for t in range(3)] == [False, True, False]
+    assert TurnLabel(0, AS, True).fallback is ELIGIBLE and TurnLabel(0, AS, False).fallback is ORDINARY
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        TurnLabel(0, AS, 3)
 
 
 @pytest.mark.parametrize("config", [dict(mode="step_abs_sum", fallbacks=False), dict(mode="turn")])

@@ -12,7 +12,7 @@ from fixtures.openai_servers import FaultServer, down_url
 from verl_selflock.data.flodial import FloDialDataConfig, load_flowchart, make_flodial_spec
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.flodial import normalise_query, parse_simulator_reply
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT
+from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig
 
 # True fault 8 ("Reseat the graphics card."); candidates shown as [3, 5, 8, 6, 10] -> answer_index 2.
@@ -226,6 +226,7 @@ def test_simulator_faults_degrade_to_unknown_with_zero_critique(mode):
 
     env, (first, second), server = asyncio.run(main())
     assert first.label.critique == 0 and first.info["simulator_failed"] and first.info["feedback"] == "unknown"
+    assert first.label.fallback is FallbackRole.EXEMPT  # the simulator's fault: no step_abs_sum fallback
     assert first.observation.startswith("The feedback of your latest query: Unknown.\n")
     assert first.info["new_information"] is False and first.valid
     assert second.label.critique == 1  # unchanged belief after no evidence (v1)

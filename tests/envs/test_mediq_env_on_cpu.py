@@ -13,7 +13,7 @@ from fixtures.openai_servers import FaultServer, down_url
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.mediq import MediQEnv, normalise_query, parse_patient_reply
 from verl_selflock.envs.mediq_prompts import FIXED_REPLY
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT
+from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig
 
 FACTS = ["The patient is 40 years old.", "She has a fever.", "She has a rash.", "She smokes.", "Her BP is 120/80."]
@@ -269,6 +269,7 @@ def test_simulator_faults_degrade_the_turn(mode):
             action, update, metrics = play(server.base_url)
             assert len(server.requests) == 2  # first attempt + one retry
     assert action.label.critique == 0 and action.label.channel == CHANNEL_AS
+    assert action.label.fallback is FallbackRole.EXEMPT  # the simulator's fault: no step_abs_sum fallback
     assert action.observation.startswith(f"Patient: {FIXED_REPLY}") and action.counterfactual_observation is None
     assert action.info["sim_ok"] is False and action.info["new_information"] is False
     assert (metrics["sim_calls"], metrics["sim_failures"], metrics["sim_cache_hits"]) == (1, 1, 0)

@@ -27,7 +27,7 @@ from verl_selflock.envs.tau2_telecom import (  # noqa: E402
     parse_agent_turn,
     parse_user_reply,
 )
-from verl_selflock.protocol import CHANNEL_AS  # noqa: E402
+from verl_selflock.protocol import CHANNEL_AS, FallbackRole  # noqa: E402
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig  # noqa: E402
 
 # Airplane mode on, abroad with roaming off on the phone; the fix is two user-side toggles and the
@@ -231,11 +231,28 @@ def test_simulator_failures_degrade_and_are_counted(mode):
             env, steps = episode(server.base_url)
     assert [s.observation for s in steps[:-1]] == [DEGRADED_USER_REPLY] * (MAX_CONSECUTIVE_SIM_FAILURES - 1)
     assert all(s.label.critique == 0 and not s.label.fallback_eligible for s in steps)
+    assert all(s.label.fallback is FallbackRole.EXEMPT for s in steps)  # not the agent's fault: never promoted
     assert all(s.info["rule"] == "sim_failure" and s.info["sim_failed"] for s in steps)
     assert steps[-1].done  # consecutive failures end the episode without a user stop
     result = env.result()
     assert result.metrics["sim_failures"] == result.metrics["sim_calls"] == MAX_CONSECUTIVE_SIM_FAILURES
     assert result.metrics["user_error_end"] == 1.0 and result.metrics["reward_official"] == 0.0
+
+
+class ToolLoopUser:
+    """A user model that only ever writes an unparsable tool call, so it runs into the user-step cap."""
+
+    async def chat(self, messages, *, cache_key=None, max_tokens=None, temperature=None, stop=None) -> ChatReply:
+        return ChatReply(text="<tool_call>{not json</tool_call>", ok=True, attempts=1)
+
+
+def test_user_step_cap_degrades_the_turn_and_exempts_it_from_the_fallbacks():
+    env = new_env(ToolLoopUser(), max_user_tool_steps=2)
+    (step,) = run(env, [say("Hi! How can I help you today?")])
+    assert step.observation == DEGRADED_USER_REPLY and step.info["sim_failed"]
+    # Turn 1 is before min_turn, so without the cap it would be an ELIGIBLE warm-up turn.
+    assert (step.label.critique, step.info["rule"], step.label.fallback) == (0, "sim_failure", FallbackRole.EXEMPT)
+    assert env.result().metrics["user_step_caps"] == 1 and env.result().metrics["fallback_eligible"] == 0
 
 
 def test_user_model_reply_is_cached_per_conversation():

@@ -9,7 +9,7 @@ turns of a trajectory; the trajectory's direction still comes from the outcome a
 Inputs are the per-token tensors of :class:`verl_selflock.protocol.CritiqueBatch`. The computation
 works on a small per-turn table: one ``scatter`` collects each turn's label and token count, the
 normalisation runs on (bs, num_turns) tensors, and one ``gather`` spreads the values back onto tokens.
-It relies on the protocol's layout: a turn's critique, channel and fallback flag are the same on all its
+It relies on the protocol's layout: a turn's critique, channel and fallback role are the same on all its
 tokens, and tokens outside turns (turn id -1) carry no critique (they never get a bonus).
 """
 
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from verl_selflock.algorithms.arew_config import TURN_LEVEL_MODES, ArewConfig
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT
+from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, FallbackRole
 
 __all__ = ["ArewConfig", "apply_critique_noise", "compute_arew_bonus", "make_noise_generator"]
 
 _UINT64_MASK = (1 << 64) - 1
 # Packing of a token's label into one int8 code so a single scatter collects all three per turn:
-# code = (critique + 1) + 3 * channel + 9 * fallback_eligible, in [0, 17].
+# code = (critique + 1) + 3 * channel + 9 * fallback_role, in [0, 26].
 _CHANNEL_STRIDE = 3
 _FALLBACK_STRIDE = 9
 
@@ -87,7 +87,7 @@ def compute_arew_bonus(
     critique: torch.Tensor,
     channel: torch.Tensor,
     turn_ids: torch.Tensor,
-    fallback_eligible: torch.Tensor,
+    fallback_role: torch.Tensor,
     response_mask: torch.Tensor,
     config: ArewConfig,
     global_step: int,
@@ -105,7 +105,9 @@ def compute_arew_bonus(
         critique: (bs, L) int8 critique z in {-1, 0, +1} of the turn that generated each token.
         channel: (bs, L) int8 ``protocol.CHANNEL_*`` of each token's turn.
         turn_ids: (bs, L) int64 0-based turn index per token; -1 on observation and padding tokens.
-        fallback_eligible: (bs, L) bool, True on tokens of turns the ``step_abs_sum`` fallback may promote.
+        fallback_role: (bs, L) int8 :class:`~verl_selflock.protocol.FallbackRole` of each token's turn (a bool
+            tensor reads as ``ELIGIBLE``/``ORDINARY``): which zero turns the ``step_abs_sum`` fallbacks may
+            promote; ``EXEMPT`` turns are promoted by neither.
         response_mask: (bs, L) int, bool or float; nonzero on tokens the policy generated, 0 on observation
             and padding tokens. Only nonzero tokens count and only they get a bonus.
         config: validated AREW settings.
@@ -124,7 +126,7 @@ def compute_arew_bonus(
         ``as_pos``/``as_neg``/``bt_pos``/``bt_neg`` (turn counts per channel as the environment gave them,
         before channel filter and noise; means per trajectory).
     """
-    _check_shapes(critique, channel, turn_ids, fallback_eligible, response_mask)
+    _check_shapes(critique, channel, turn_ids, fallback_role, response_mask)
     device = critique.device
     if not config.is_active(global_step):
         inactive = {"arew/active": 0.0, "arew/lam": float(config.lam)}
@@ -134,13 +136,11 @@ def compute_arew_bonus(
     batch_size = critique.shape[0]
     max_turn_id = int(turn_ids.max()) if turn_ids.numel() else -1
     num_turns = max(max_turn_id + 1, 1)  # one (empty) column at least keeps every reduction defined
-    index, turn_code, turn_tokens = _collect_turns(
-        critique, channel, turn_ids, fallback_eligible, response_mask, num_turns
-    )
+    index, turn_code, turn_tokens = _collect_turns(critique, channel, turn_ids, fallback_role, response_mask, num_turns)
     turn_exists = turn_tokens > 0
     raw_z = torch.where(turn_exists, turn_code % _CHANNEL_STRIDE - 1, 0)
     turn_channel = (turn_code // _CHANNEL_STRIDE) % _CHANNEL_STRIDE
-    turn_eligible = turn_code >= _FALLBACK_STRIDE
+    turn_role = turn_code // _FALLBACK_STRIDE
 
     # 2. The critiques that count: the configured channels, then the noise ablation.
     z = raw_z
@@ -158,9 +158,7 @@ def compute_arew_bonus(
     fallback_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
     if config.mode in TURN_LEVEL_MODES:
         if config.mode == "step_abs_sum" and config.fallbacks:
-            bonus_pos, bonus_neg, fallback_rows = _step_abs_sum_fallbacks(
-                pos_turn, neg_turn, turn_exists, turn_eligible
-            )
+            bonus_pos, bonus_neg, fallback_rows = _step_abs_sum_fallbacks(pos_turn, neg_turn, turn_exists, turn_role)
         else:
             bonus_pos, bonus_neg = pos_turn, neg_turn
         if config.neg_cap != "none":
@@ -183,7 +181,7 @@ def compute_arew_bonus(
 def _check_shapes(critique: torch.Tensor, *others: torch.Tensor) -> None:
     if critique.dim() != 2:
         raise ValueError(f"AREW inputs must be (bs, response_length), got shape {tuple(critique.shape)}")
-    names = ("channel", "turn_ids", "fallback_eligible", "response_mask")
+    names = ("channel", "turn_ids", "fallback_role", "response_mask")
     for name, tensor in zip(names, others, strict=True):
         if tensor.shape != critique.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, critique has {tuple(critique.shape)}")
@@ -193,7 +191,7 @@ def _collect_turns(
     critique: torch.Tensor,
     channel: torch.Tensor,
     turn_ids: torch.Tensor,
-    fallback_eligible: torch.Tensor,
+    fallback_role: torch.Tensor,
     response_mask: torch.Tensor,
     num_turns: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,7 +209,8 @@ def _collect_turns(
     masked_out = ~response_mask if response_mask.dtype == torch.bool else response_mask == 0
     index.masked_fill_(masked_out, 0)
     label_code = channel.to(torch.int8, copy=True).mul_(_CHANNEL_STRIDE).add_(critique.to(torch.int8)).add_(1)
-    label_code.add_(fallback_eligible.to(torch.int8).mul_(_FALLBACK_STRIDE))
+    # copy=True: an int8 input would otherwise be scaled in place, corrupting the caller's tensor.
+    label_code.add_(fallback_role.to(torch.int8, copy=True).mul_(_FALLBACK_STRIDE))
     # Every response token of a turn carries the same code, so whichever duplicate scatter_ keeps is right.
     turn_code = torch.zeros(shape[0], num_turns + 1, dtype=torch.int8, device=critique.device)
     turn_code = turn_code.scatter_(1, index, label_code)[:, 1:]
@@ -328,20 +327,31 @@ def _step_abs_sum_fallbacks(
     pos_turn: torch.Tensor,
     neg_turn: torch.Tensor,
     turn_exists: torch.Tensor,
-    turn_eligible: torch.Tensor,
+    turn_role: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Promote zero turns of one-sided trajectories (all inputs (bs, num_turns) bool).
+    """Promote zero turns of one-sided trajectories.
 
-    No positive turn but some negative: the fallback-eligible zero turns become positive. No negative
-    turn but some positive: the zero turns except the trajectory's final turn (usually the answer turn)
-    become negative. Returns the new (pos_turn, neg_turn) and the (bs,) rows that changed.
+    No positive turn but some negative: the ``ELIGIBLE`` zero turns become positive. No negative turn but
+    some positive: the zero turns except the trajectory's final turn (usually the answer turn) and the
+    ``EXEMPT`` ones become negative. ``EXEMPT`` turns are 0 through no fault of the agent (e.g. the
+    simulated user failed), so neither fallback may give them a bonus.
+
+    Args:
+        pos_turn, neg_turn, turn_exists: (bs, num_turns) bool.
+        turn_role: (bs, num_turns) integer :class:`~verl_selflock.protocol.FallbackRole` of each turn.
+
+    Returns:
+        The new (pos_turn, neg_turn), (bs, num_turns) bool, and the (bs,) bool rows that changed.
     """
     pos_count, neg_count = pos_turn.sum(1), neg_turn.sum(1)
     zero_turn = turn_exists & ~pos_turn & ~neg_turn
     turn_index = torch.arange(pos_turn.shape[1], device=pos_turn.device)
     final_turn = torch.where(turn_exists, turn_index, -1).amax(1)
-    promote_pos = zero_turn & turn_eligible & ((pos_count == 0) & (neg_count > 0))[:, None]
-    promote_neg = zero_turn & (turn_index != final_turn[:, None]) & ((neg_count == 0) & (pos_count > 0))[:, None]
+    eligible = turn_role == FallbackRole.ELIGIBLE
+    exempt = turn_role == FallbackRole.EXEMPT
+    promote_pos = zero_turn & eligible & ((pos_count == 0) & (neg_count > 0))[:, None]
+    demotable = zero_turn & ~exempt & (turn_index != final_turn[:, None])
+    promote_neg = demotable & ((neg_count == 0) & (pos_count > 0))[:, None]
     changed = (promote_pos | promote_neg).any(1)
     return pos_turn | promote_pos, neg_turn | promote_neg, changed
 

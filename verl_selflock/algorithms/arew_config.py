@@ -99,8 +99,10 @@ class ArewConfig:
 
     fallbacks: bool = True
     """``step_abs_sum`` only (ignored by the other modes). If a trajectory has negative turns but no
-    positive one, its fallback-eligible zero turns become positive; if it has positive turns but no
-    negative one, its zero turns except its final turn become negative."""
+    positive one, its ``ELIGIBLE`` zero turns become positive; if it has positive turns but no negative
+    one, its zero turns except its final turn and its ``EXEMPT`` turns become negative (turn roles:
+    :class:`verl_selflock.protocol.FallbackRole`; ``EXEMPT`` = 0 through no fault of the agent, e.g. a
+    failed simulated user)."""
 
     one_sided: str = "zero"
     """Trajectories whose critiques (after fallbacks) are all of one sign: ``zero`` (default) gives them no

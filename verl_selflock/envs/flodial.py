@@ -27,7 +27,7 @@ Feedback rules:
 Directional critiques (AREW):
 
 * Action round (AS): +1 if the feedback is yes, 0 if no, -1 otherwise (unknown, repeat, invalid
-  action); 0 when the simulator failed.
+  action); 0 when the simulator failed (fallback role ``EXEMPT``: no ``step_abs_sum`` fallback promotes it).
 * Update round (BT, oracle): -1 if the guess is invalid. After a yes/no to a new row: +1 iff the
   normalised weight on the true fault went up (``psi_t > psi_prev``, ``psi = v[gt] / sum(v)``),
   else -1. After uninformative feedback: variant ``v1`` (default) +1 iff the belief is unchanged
@@ -83,7 +83,7 @@ from verl_selflock.envs.parsing import (
     find_keyed_lines,
     parse_weights,
 )
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
+from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, FallbackRole, TurnLabel
 
 __all__ = [
     "BT_VARIANTS",
@@ -403,6 +403,8 @@ class FloDialEnv(RoundBasedEnv):
         self.last_action_informative = bool(info["new_information"])
         info["candidates_left"] = self.K - len(self.ruled_out)
         label = self._label(critique, CHANNEL_AS)
+        if info["simulator_failed"]:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
+            label.fallback = FallbackRole.EXEMPT
         if round_kind(self.turn + 1, self.max_turns) is RoundKind.ANSWER:
             follow = f"That was your last question. Round {self.turn + 1} of {self.max_turns} is the Answer round: "
             follow += answer_instruction(self.K)

@@ -21,7 +21,8 @@ simulator. A simulator failure (after the client's retries) gets the fixed reply
 Critiques (AREW):
 
 * Action round (AS): -1 for an invalid block, an exact (normalised) repeat, or a fixed/empty reply;
-  +1 when the reply revealed at least one new fact; 0 when the simulator failed (not the agent's fault).
+  +1 when the reply revealed at least one new fact; 0 when the simulator failed (not the agent's fault:
+  fallback role ``EXEMPT``, so no ``step_abs_sum`` fallback promotes it).
 * Update round (BT): -1 if the guess is invalid. After uninformative feedback (fixed reply, invalid
   or repeated query, simulator failure): +1 iff the margin ``v[gt] - max(v[others])`` is unchanged
   from the previous valid belief (within 1e-6), else -1: no evidence, no belief change. After
@@ -70,7 +71,7 @@ from verl_selflock.envs.mediq_prompts import (
     update_instruction,
 )
 from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_query, parse_weights
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
+from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, FallbackRole, TurnLabel
 
 __all__ = [
     "DEFAULT_MAX_TURNS",
@@ -276,6 +277,8 @@ class MediQEnv(RoundBasedEnv):
             facts=[i + 1 for i in new_facts],
         )
         label = self._label(critique, CHANNEL_AS)
+        if info.get("sim_ok") is False:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
+            label.fallback = FallbackRole.EXEMPT
         if round_kind(self.turn + 1, self.max_turns) is RoundKind.ANSWER:
             follow = f"That was your last question. Round {self.turn + 1} of {self.max_turns} is the Answer round: "
             follow += answer_instruction()

@@ -33,7 +33,8 @@ result and another try (counted as a user step). Replies are cached under a hash
 Simulator failure (``ChatReply.ok`` False after the client's retries), or a user that is still
 calling tools after ``max_user_tool_steps``: the user turn degrades to the fixed reply
 ``DEGRADED_USER_REPLY`` (kept in the transcript, so the conversation stays well formed), the turn's
-critique is 0 and not fallback-eligible, and it is counted (``sim_failures`` / ``user_step_caps``).
+critique is 0 with fallback role ``EXEMPT`` (not the agent's fault: neither ``step_abs_sum`` fallback
+may promote it), and it is counted (``sim_failures`` / ``user_step_caps``).
 ``MAX_CONSECUTIVE_SIM_FAILURES`` failures in a row end the episode without a stop token (tau2's
 ``user_error``: official reward 0), so a dead endpoint cannot stall a rollout for 22 turns.
 
@@ -72,13 +73,15 @@ applies decides the turn's critique:
    ended with ``###STOP###``, or ``###TRANSFER###`` in a task that expects a transfer)
 6. ``repeat``: the same tool call (name and arguments) or the same message (normalised) as an
    earlier turn                                                                              -> -1
-7. ``sim_failure``: the user turn degraded (see above)                                  -> 0, not eligible
+7. ``sim_failure``: the user turn degraded (see above)                                     -> 0, exempt
 8. ``warmup``: nothing of the above and the turn is before ``min_turn`` (default 6)       -> 0, eligible
 9. ``unproductive``: nothing of the above from turn ``min_turn`` on                         -> -1
 
-``TurnLabel.fallback_eligible`` is True exactly for ``warmup`` turns: well-formed, non-repeated
-turns that drew a real answer but no measurable progress yet; ``step_abs_sum``'s fallback promotes
-them to positives in a trajectory that has negatives but no positive turn.
+``TurnLabel.fallback`` (:class:`~verl_selflock.protocol.FallbackRole`) is ``ELIGIBLE`` exactly for
+``warmup`` turns: well-formed, non-repeated turns that drew a real answer but no measurable progress
+yet; ``step_abs_sum``'s fallback promotes them to positives in a trajectory that has negatives but no
+positive turn. ``sim_failure`` turns are ``EXEMPT``; every other turn is ``ORDINARY`` (its critique is
+nonzero, so the role is never read).
 
 ``StepResult.info``: ``round`` ("action"), ``turn``, ``kind`` ("message" | "tool_call" |
 ``"invalid"``), ``rule`` (the deciding rule above), ``signals`` (all positive signals), and
@@ -113,7 +116,7 @@ from verl_selflock.envs.base import (
     register_env,
 )
 from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block
-from verl_selflock.protocol import CHANNEL_AS, TurnLabel
+from verl_selflock.protocol import CHANNEL_AS, FallbackRole, TurnLabel
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -653,11 +656,11 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
             else:
                 negative, observation, degraded = await self._agent_message_turn(action, signals, info)
 
-        critique, rule, eligible = self._critique(negative, signals, repeated, degraded)
+        critique, rule, fallback = self._critique(negative, signals, repeated, degraded)
         self.counts["repeats"] += int(repeated)
         self.counts["as_pos"] += int(critique > 0)
         self.counts["as_neg"] += int(critique < 0)
-        self.counts["fallback_eligible"] += int(eligible)
+        self.counts["fallback_eligible"] += int(fallback is FallbackRole.ELIGIBLE)
         if self.turn >= self.max_turns:
             self.done = True
         info.update(
@@ -666,7 +669,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         )
         return StepResult(
             observation=None if self.done else observation,
-            label=TurnLabel(critique=critique, channel=CHANNEL_AS, fallback_eligible=eligible),
+            label=TurnLabel(critique=critique, channel=CHANNEL_AS, fallback=fallback),
             done=self.done,
             valid=parsed.ok,
             repeated=repeated,
@@ -731,19 +734,20 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
 
     def _critique(
         self, negative: str | None, signals: list[str], repeated: bool, degraded: str | None
-    ) -> tuple[int, str, bool]:
-        """(critique, deciding rule, fallback-eligible), rules 1-9 of the module docstring in order."""
+    ) -> tuple[int, str, FallbackRole]:
+        """(critique, deciding rule, fallback role), rules 1-9 of the module docstring in order."""
         if negative is not None:
-            return -1, negative, False
+            return -1, negative, FallbackRole.ORDINARY
         if signals:
-            return 1, "positive", False
+            return 1, "positive", FallbackRole.ORDINARY
         if repeated:
-            return -1, "repeat", False
+            return -1, "repeat", FallbackRole.ORDINARY
         if degraded is not None:
-            return 0, "sim_failure", False
+            # The user side failed, not the agent: a fallback must not turn this 0 into a bonus of either sign.
+            return 0, "sim_failure", FallbackRole.EXEMPT
         if self.turn < self.min_turn:
-            return 0, "warmup", True
-        return -1, "unproductive", False
+            return 0, "warmup", FallbackRole.ELIGIBLE
+        return -1, "unproductive", FallbackRole.ORDINARY
 
     # ------------------------------------------------------------------ outcome
 
