@@ -148,7 +148,8 @@ def main() -> None:
           + (f", mean turn of the cut {np.mean([o.extra_fields[ef.T3_TURN] for o in cut]):.1f}" if cut else ""))
     print(f"generated tokens: {generated_tokens(plain)} without T3, {generated_tokens(with_t3)} with T3 "
           f"(sampled independently); rollout {rollout_s:.2f} s vs {rollout_t3_s:.2f} s")
-    print(f"T3's estimate of the budget left unused: {sum(o.extra_fields[ef.T3_TOKENS_SAVED] for o in with_t3)} tokens")
+    print(f"T3's budget left unused (an upper bound on tokens saved): "
+          f"{sum(o.extra_fields[ef.T3_BUDGET_SAVED] for o in with_t3)} tokens")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,19 @@ def test_repeat_and_max_turns_without_answer(make_config, chatml_tokenizer):
     assert f[ef.ANSWERED] is False and f[ef.REWARD] == 0.0 and f[ef.STOP_REASON] == ef.STOP_DONE
 
 
+def test_an_early_answer_is_counted_as_the_answer_turn_only(make_config, chatml_tokenizer):
+    """<answer> in the Action round of turn 3: one Action and one Update round, three judged turns."""
+    tok = chatml_tokenizer
+    script = ["<interact>Pair: 1,2</interact><|im_end|>", "<interact>Guess</interact><|im_end|>",
+              "<answer>1,2</answer><|im_end|>"]
+    server = ScriptedServer(tok, script, stop_ids={tok.convert_tokens_to_ids(IM_END)})
+    _, out = run_episode(make_config(), server, tok, scripted_row(max_turns=6))
+    f = out.extra_fields
+    assert f[ef.TURNS] == 3 and f[ef.STOP_REASON] == ef.STOP_ANSWER and f[ef.REWARD] == 1.0
+    assert (f[ef.ACTION_ROUNDS], f[ef.UPDATE_ROUNDS], f[ef.JUDGED_TURNS]) == (1, 1, 3)
+    assert (f[ef.AS_POS], f[ef.BT_POS]) == (1, 1)  # as_proxy 1.0, bt_proxy 1.0
+
+
 # --------------------------------------------------------------------------- per-turn cap, no tag
 
 

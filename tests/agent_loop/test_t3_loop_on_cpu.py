@@ -53,10 +53,12 @@ def test_t3_ends_the_episode_where_the_window_says(make_config, chatml_tokenizer
     assert len(server.calls) == expected_turns == env.turn == fields[ef.TURNS]
     assert max(fields["turn_ids"]) == expected_turns - 1
     assert fields[ef.STOP_REASON] == ef.STOP_T3
+    assert fields[ef.T3_ENABLED] is True
     assert fields[ef.T3_TRUNCATED] is True and fields[ef.T3_TURN] == expected_turns
-    # Unused budget: the turns left (each <= max_turn_tokens), capped by what is left of response_length.
+    # Unused budget (an upper bound on tokens saved): the turns left (each <= max_turn_tokens), capped by
+    # what is left of response_length.
     room = loop.response_length - len(out.response_ids)
-    assert fields[ef.T3_TOKENS_SAVED] == min(room, (MAX_TURNS - expected_turns) * TURN_TOKENS) > 0
+    assert fields[ef.T3_BUDGET_SAVED] == min(room, (MAX_TURNS - expected_turns) * TURN_TOKENS) > 0
     # Scored as the task specifies: no answer was given, so env.result() says 0 / not answered.
     assert fields[ef.REWARD] == 0.0 and fields[ef.ANSWERED] is False
     # The response ends with the closed last turn: no observation was appended after the cut.
@@ -70,7 +72,8 @@ def test_t3_off_or_never_firing_changes_nothing(make_config, chatml_tokenizer):
     _, quiet, _ = _run(make_config, chatml_tokenizer, {"enabled": True}, progress=[1.0] * MAX_TURNS)
     for out in (off, quiet):
         assert out.extra_fields[ef.STOP_REASON] != ef.STOP_T3
-        assert out.extra_fields[ef.T3_TRUNCATED] is False and out.extra_fields[ef.T3_TOKENS_SAVED] == 0
+        assert out.extra_fields[ef.T3_TRUNCATED] is False and out.extra_fields[ef.T3_BUDGET_SAVED] == 0
+    assert off.extra_fields[ef.T3_ENABLED] is False and quiet.extra_fields[ef.T3_ENABLED] is True
     assert off.response_ids == quiet.response_ids and off.extra_fields[ef.TURNS] == MAX_TURNS
 
 
@@ -83,7 +86,32 @@ def test_bad_t3_settings_fail_when_the_loop_is_built(make_config, chatml_tokeniz
         _run(make_config, chatml_tokenizer, {"enabled": True, "signal": "nope"})
 
 
-def test_reward_manager_surfaces_t3_metrics(make_config, chatml_tokenizer):
+def test_trainer_t3_metrics_come_from_the_episodes_t3_watched(make_config, chatml_tokenizer):
+    """``t3/*`` from real loop outputs: a run with T3 off logs none; with T3 on, the turn mean is over the
+    cut episodes only and absent (not 0) when nothing was cut; the token figure is the budget bound."""
+    from verl_selflock.trainer.igpo_step import t3_metrics
+
+    _, off, _ = _run(make_config, chatml_tokenizer, None)
+    _, cut, _ = _run(make_config, chatml_tokenizer, {"enabled": True})  # cut after turn 4
+    _, quiet, _ = _run(make_config, chatml_tokenizer, {"enabled": True}, progress=[1.0] * MAX_TURNS)
+    assert t3_metrics([off.extra_fields] * 2, [False, False]) == {}
+    budget = float(cut.extra_fields[ef.T3_BUDGET_SAVED])
+    metrics = t3_metrics([cut.extra_fields, quiet.extra_fields, cut.extra_fields], [False, False, True])
+    assert metrics == {
+        "t3/frac_truncated": 0.5,  # the padding row is not an episode
+        "t3/turn_mean": 4.0,
+        "t3/tokens_budget_saved_mean": budget / 2,
+        "t3/tokens_budget_saved_total": budget,
+    }
+    assert t3_metrics([quiet.extra_fields], [False]) == {
+        "t3/frac_truncated": 0.0,
+        "t3/tokens_budget_saved_mean": 0.0,
+        "t3/tokens_budget_saved_total": 0.0,
+    }
+
+
+def test_validation_metrics_carry_no_t3_keys(make_config, chatml_tokenizer):
+    """T3 never acts on evaluation rows, so validation (the reward manager's extra info) reports no T3."""
     import torch
     from verl.protocol import DataProto
 
@@ -102,8 +130,9 @@ def test_reward_manager_surfaces_t3_metrics(make_config, chatml_tokenizer):
         return await manager.run_single(data)
 
     info = asyncio.run(main())["reward_extra_info"]
-    assert info["selflock/t3_truncated"] == 1.0 and info["selflock/t3_turn"] == 4.0
-    assert info["selflock/t3_tokens_saved"] == float(out.extra_fields[ef.T3_TOKENS_SAVED])
+    assert not any("t3" in key for key in info)
+    # 4 turns, all valid distinct queries (+1): Action rounds 1, 3 and Update rounds 2, 4.
+    assert info["selflock/as_proxy"] == 1.0 and info["selflock/bt_proxy"] == 1.0
 
 
 def test_t3_leaves_evaluation_rows_untruncated(make_config, chatml_tokenizer):

@@ -136,3 +136,16 @@ def test_pe_reports_similarity_gain_and_movement_on_update_rounds():
     fired = [monitor.observe(step.progress) for step in [action, *steps]]
     assert fired == [False, False, False, True]
     assert env.ground_truth_answer() == "0.6,0.3,0.1"
+
+
+def test_the_signal_documentation_names_signals_tasks_report():
+    """``T3Config.signal``'s docstring tells users which names to write: each must be a real signal."""
+    import inspect
+    import re
+
+    from verl_selflock.envs.base import registered_progress_signals
+
+    source = inspect.getsource(T3Config)
+    doc = source[source.index("signal: str") : source.index("k: int | None")]
+    named = set(re.findall(r"``([a-z_]+)``", doc)) - {"auto"}
+    assert named and named <= set(registered_progress_signals()), named - set(registered_progress_signals())

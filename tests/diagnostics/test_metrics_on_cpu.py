@@ -89,6 +89,80 @@ def test_batch_metrics_pool_rounds_over_episodes():
     assert "selflock/bt_proxy" not in batch_metrics([counts_of(only_actions)])
 
 
+def _played(*turns: tuple[str, StepResult, str | None]) -> EpisodeStats:
+    """Count turns (planned round, step, closing tag) as the agent loop and eval do."""
+    stats = EpisodeStats(task="pe")
+    for kind, step, tag in turns:
+        stats.turns += 1
+        stats.count_step(kind, step, closing_tag=tag)
+    return stats
+
+
+def _answer(valid: bool = True, **info) -> StepResult:
+    return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=valid, info=info)
+
+
+def test_an_early_answer_is_the_answer_turn_only():
+    """PE: Action +1, Update +1, then <answer> in the Action round of turn 3: 3 turns, 3 judged, one
+    Action round with AS +1 (as_proxy 1.0, not 1/2 with the answer taken for a second Action round)."""
+    stats = _played(
+        ("action", _step(1, CHANNEL_AS), "interact"),
+        ("update", _step(1, CHANNEL_BT, psi=0.6, psi_prev=0.5), "interact"),
+        ("action", _answer(early=True), "answer"),
+    )
+    stats.stop_reason, stats.answered = "answer", True
+    assert (stats.action_rounds, stats.update_rounds, stats.judged_turns) == (1, 1, 3)
+    counts = counts_of(stats)
+    assert counts.judged_turns == 3 == stats.turns
+    metrics = batch_metrics([counts])
+    assert metrics["selflock/as_proxy"] == 1.0 and metrics["selflock/bt_proxy"] == 1.0
+    assert metrics["selflock/invalid_ratio"] == 0.0
+    # An early answer in an Update round is no Update round either: no BT proxy at all.
+    in_update = _played(("action", _step(1, CHANNEL_AS), "interact"), ("update", _answer(valid=False), "answer"))
+    in_update.stop_reason = "answer"
+    assert (in_update.action_rounds, in_update.update_rounds, counts_of(in_update).judged_turns) == (1, 0, 2)
+    metrics = batch_metrics([counts_of(in_update)])
+    assert "selflock/bt_proxy" not in metrics and metrics["selflock/invalid_ratio"] == 0.5
+
+
+def test_an_episode_that_ends_with_done_counts_each_turn_once():
+    """tau2-like: every turn an Action round (AS critiques), the last one ends the episode (done, no
+    <answer>): judged turns = turns, and BT has no value (absent, not 0)."""
+    last = StepResult(None, TurnLabel(-1, CHANNEL_AS), done=True, valid=True)
+    stats = _played(
+        ("action", _step(1, CHANNEL_AS), "tool_call"),
+        ("action", _step(0, CHANNEL_AS), "message"),
+        ("action", last, "message"),
+    )
+    stats.stop_reason = "done"
+    counts = counts_of(stats)
+    assert (stats.action_rounds, stats.update_rounds, counts.judged_turns) == (3, 0, 3)
+    metrics = batch_metrics([counts])
+    assert metrics["selflock/as_proxy"] == pytest.approx(1 / 3) and "selflock/bt_proxy" not in metrics
+    assert "bt_proxy" not in summarize([counts])
+
+
+def test_psi_delta_counts_update_rounds_only():
+    """An answer turn that reports a psi (no psi_prev) is no belief update: it must not be counted as a
+    change from the last Update round's psi."""
+    stats = _played(
+        ("action", _step(1, CHANNEL_AS), "interact"),
+        ("update", _step(1, CHANNEL_BT, psi=0.4, psi_prev=0.25), "interact"),
+        ("answer", _answer(psi=0.9, answer_psi=0.9), "answer"),
+    )
+    assert stats.psi_delta_count == 1 and stats.psi_delta_sum == pytest.approx(0.15)
+    assert batch_metrics([counts_of(stats)])["selflock/psi_delta"] == pytest.approx(0.15)
+
+
+def test_records_without_judged_turns_read_back_as_before():
+    """episodes.jsonl of an older eval (no selflock_judged_turns) still summarises."""
+    fields = _episode_a().as_extra_fields()
+    del fields["selflock_judged_turns"]
+    back = EpisodeStats.from_extra_fields(fields)
+    assert back.judged_turns == 5  # 2 + 2 rounds + the answer turn
+    assert EpisodeStats.from_extra_fields(_episode_a().as_extra_fields()).judged_turns == 5
+
+
 def test_wilson_interval_matches_hand_values():
     low, high = wilson_interval(5, 10)
     assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
@@ -159,6 +233,42 @@ def test_monitor_config_validation():
         MonitorConfig.from_mapping({"windw": 5})
 
 
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        ({"max_proxy_rise": "0.01"}, "max_proxy_rise"),  # a string would fail in the first training step
+        ({"max_proxy_rise": float("nan")}, "max_proxy_rise"),  # NaN: the monitor would never fire
+        ({"max_proxy_rise": float("inf")}, "max_proxy_rise"),
+        ({"max_proxy_rise": True}, "max_proxy_rise"),
+        ({"min_reward_rise": float("inf")}, "min_reward_rise"),
+        ({"min_reward_rise": "0.1"}, "min_reward_rise"),
+        ({"window": 10.0}, "window"),
+        ({"window": True}, "window"),
+        ({"warn_every": 0}, "warn_every"),
+    ],
+)
+def test_monitor_config_rejects_bad_values(settings, key):
+    with pytest.raises(ValueError, match=rf"selflock_diagnostics\.{key}"):
+        MonitorConfig.from_mapping(settings)
+
+
+def test_monitor_config_accepts_ints_for_thresholds():
+    config = MonitorConfig.from_mapping({"max_proxy_rise": 0, "min_reward_rise": 1})
+    assert config.max_proxy_rise == 0.0 and isinstance(config.max_proxy_rise, float)
+    assert MonitorConfig(max_proxy_rise=-0.02).max_proxy_rise == -0.02  # "proxies must have fallen": allowed
+
+
+def test_monitor_settings_fail_on_the_driver(verl_config):
+    """veRL's driver-side validate_config runs our check (verl_selflock.config) before Ray starts."""
+    from verl_selflock.config import SelflockConfigError, validate_selflock_config
+
+    with pytest.raises(SelflockConfigError, match=r"selflock_diagnostics\.max_proxy_rise"):
+        validate_selflock_config(
+            verl_config(["algorithm.adv_estimator=grpo", "+selflock_diagnostics.max_proxy_rise=nan"])
+        )
+    validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo", "+selflock_diagnostics.max_proxy_rise=0"]))
+
+
 def test_training_diagnostics_record_step_metrics_and_the_lock_flag():
     diagnostics = TrainingDiagnostics({"selflock_diagnostics": {"window": 3, "min_reward_rise": 0.1}})
     metrics: dict = {}
@@ -171,6 +281,20 @@ def test_training_diagnostics_record_step_metrics_and_the_lock_flag():
         metrics = {}
         diagnostics.record([stats.as_extra_fields()], metrics, step=step)
     assert metrics[SELF_LOCKING_KEY] == 1.0
+
+
+def test_monitor_ignores_bt_when_no_episode_has_update_rounds():
+    """A task whose turns are all Action rounds (tau2): the step's metrics have no bt_proxy and the monitor
+    judges AS alone (BT's rise is NaN, not a flat 0 that would count as "BT did not rise")."""
+    diagnostics = TrainingDiagnostics({"selflock_diagnostics": {"window": 3, "min_reward_rise": 0.1}})
+    for step, (reward, as_pos) in enumerate([(0.0, 2), (0.5, 1), (1.0, 0)], start=1):
+        stats = EpisodeStats(reward=reward, turns=2, judged_turns=2, action_rounds=2, as_pos=as_pos, stop_reason="done")
+        metrics: dict = {}
+        diagnostics.record([stats.as_extra_fields()], metrics, step=step)
+        assert "selflock/bt_proxy" not in metrics
+    verdict = diagnostics.monitor.update(4, 1.5, 0.0, None)
+    assert math.isnan(verdict.bt_rise) and not math.isnan(verdict.as_rise)
+    assert metrics[SELF_LOCKING_KEY] == 1.0  # fired on AS alone at step 3
 
 
 def test_training_diagnostics_report_simulator_traffic():

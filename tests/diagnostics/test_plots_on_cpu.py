@@ -43,6 +43,18 @@ def test_readers_accept_every_documented_format(tmp_path):
         read_training_log(empty)
 
 
+def test_a_wandb_export_of_several_runs_is_refused_naming_them(tmp_path, capsys):
+    """Merging two runs' columns into one series would silently plot a mix of both."""
+    export = tmp_path / "wandb.csv"
+    export.write_text("Step,vanilla - selflock/as_proxy,arew - selflock/as_proxy,arew - selflock/as_proxy__MIN\n"
+                      "1,0.3,0.8,0.7\n2,0.2,0.9,0.8\n")
+    with pytest.raises(ValueError, match=r"holds 2 wandb runs \('vanilla', 'arew'\).*one run"):
+        read_training_log(export)
+    with pytest.raises(ValueError, match="'vanilla', 'arew'"):
+        main(["plot", "train", "--runs", f"both={export}", "--out", str(tmp_path / "train.png")])
+    assert not (tmp_path / "train.png").exists()
+
+
 def test_plot_train_and_eval_write_pngs(tmp_path, capsys):
     steps = 12
     vanilla = _jsonl(tmp_path / "vanilla.jsonl", [0.1 + 0.02 * i for i in range(steps)],

@@ -73,6 +73,7 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
         # Self-locking diagnostics of the trainer mode (every step, not only validation).
         assert 0.0 <= m["selflock/as_proxy"] <= 1.0 and m["selflock/turns"] >= 1
         assert m["selflock/self_locking"] == 0.0  # the monitor's window (10 steps) is not full
+        assert not any(key.startswith("t3/") for key in m)  # T3 is off in this run: no t3/* at all
 
     # 2. The actor and the critic were updated: their weights moved away from the initial model.
     from safetensors.torch import load_file
@@ -116,9 +117,11 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
     assert 0 < igpo["igpo/p_mean"] < 1 and igpo["igpo/frac_rows_outcome_only"] == 0.0
     assert igpo["igpo/adv_abs_mean"] > 0 and igpo["igpo/scoring_time_ratio_to_gen"] > 0
     t3 = {key: value for key, value in first.items() if key.startswith("t3/")}
-    assert set(t3) == {"t3/frac_truncated", "t3/turn_mean", "t3/tokens_saved_mean", "t3/tokens_saved_total"}
+    assert set(t3) == {
+        "t3/frac_truncated", "t3/turn_mean", "t3/tokens_budget_saved_mean", "t3/tokens_budget_saved_total"
+    }
     assert all(math.isfinite(value) for value in t3.values()), t3
-    assert t3["t3/frac_truncated"] > 0 and t3["t3/tokens_saved_total"] > 0 and t3["t3/turn_mean"] == 2.0
+    assert t3["t3/frac_truncated"] > 0 and t3["t3/tokens_budget_saved_total"] > 0 and t3["t3/turn_mean"] == 2.0
     assert first["actor/pg_loss"] == first["actor/pg_loss"]  # the actor was updated (NaN-free)
     # Where neither method acts, the two runs agree: same data, same initial weights, seeded rollout.
     same = ["prompt_length/mean"]

@@ -204,3 +204,84 @@ def test_feedback_ablation_is_refused_for_tasks_without_an_uninformative_reply(t
                         feedback="unknown", progress=False)
     with pytest.raises(ValueError, match="'tau2_telecom' does not support --feedback unknown"):
         asyncio.run(evaluate(config, policy=MediQPolicy()))
+
+
+class EarlyAnswerPolicy(ScriptedPolicy):
+    """Asks, guesses, then answers in the Action round of turn 3."""
+
+    async def chat(self, messages, *, max_tokens=None, temperature=None, **_):
+        turn = sum(m["role"] == "assistant" for m in messages) + 1
+        if turn == 3:
+            return ChatReply("<answer>1,1,1,2,2,2</answer>", ok=True)
+        return await super().chat(messages, max_tokens=max_tokens, temperature=temperature)
+
+
+def test_an_early_answer_is_counted_once_as_the_answer_turn(pe_test_file, tmp_path):
+    config = EvalConfig(data=pe_test_file, out=str(tmp_path / "out"), base_url="http://unused/v1", model="m",
+                        max_episodes=2, progress=False)
+    summary = asyncio.run(evaluate(config, policy=EarlyAnswerPolicy()))
+    records = [json.loads(line) for line in (tmp_path / "out" / "episodes.jsonl").read_text().splitlines()]
+    for record in records:
+        stats = record["stats"]
+        assert record["turns"] == 3 and [t["round"] for t in record["transcript"]] == ["action", "update", "answer"]
+        assert (stats["selflock_action_rounds"], stats["selflock_update_rounds"]) == (1, 1)
+        assert stats["selflock_judged_turns"] == 3
+    metrics = summary["metrics"]
+    # Every valid query of this policy is informative (AS +1): one Action round each, proxy 1.0, not 1/2.
+    assert [r["transcript"][0]["critique"] for r in records] == [1, 1]
+    assert metrics["as_proxy"]["value"] == 1.0 and metrics["invalid_ratio"]["value"] == 0.0
+
+
+@pytest.mark.parametrize("content", [None, "", "  \n"])
+def test_an_answered_empty_reply_is_the_models_turn_never_retried(pe_test_file, tmp_path, content):
+    """A server that answered 200 with no content ran the model: the empty turn is judged (invalid action)
+    and the episode scored; nothing is retried or recorded as an endpoint error."""
+    out = tmp_path / "run"
+    mode = "empty" if content == "" else "ok"
+    with FaultServer(mode, reply=content) as server:
+        code = main(["eval", "--data", pe_test_file, "--out", str(out), "--base-url", server.base_url, "--model", "m",
+                     "--max-episodes", "2", "--retries", "3", "--no-progress"])
+        assert code == 0
+        assert len(server.requests) == 2 * 10  # every turn of both episodes asked once (PE-G: 10 turns)
+    assert not (out / "errors.jsonl").exists() or _ids(out / "errors.jsonl") == []
+    records = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["turns"] == 10 and r["answered"] is False for r in records)
+    assert all(not turn["valid"] for r in records for turn in r["transcript"])
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    assert metrics["invalid_ratio"]["value"] == 1.0 and metrics["finish_ratio"]["value"] == 0.0
+
+
+def test_a_failed_check_leaves_no_run_json_behind(pe_test_file, tmp_path):
+    """A typo (data path, an option the task does not support, a missing simulator) fails before run.json
+    is written, so the corrected command starts the run instead of being refused as "other settings"."""
+    from verl_selflock.data.mediq import build_mediq_dataset
+
+    out = tmp_path / "out"
+    base = ["eval", "--out", str(out), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        main([*base, "--data", pe_test_file + ".typo"])
+    assert not (out / "run.json").exists()
+    with pytest.raises(ValueError, match="--base-url|base_url"):
+        main([*base[:4], "localhost:8000", *base[5:], "--data", pe_test_file])
+    assert not (out / "run.json").exists()
+
+    source = tmp_path / "mediq.jsonl"
+    source.write_text("".join(json.dumps(official_row(i, answer="B")) + "\n" for i in range(3)))
+    paths, _ = build_mediq_dataset([source], tmp_path / "mediq", n_val=2, progress=False)
+    with pytest.raises(ValueError, match="--oracle-bt is available for tasks"):
+        main([*base, "--data", paths["test"], "--oracle-bt"])
+    assert not (out / "run.json").exists()
+    config = EvalConfig(data=paths["test"], out=str(out), base_url="http://unused/v1", model="m", progress=False)
+    with pytest.raises(ValueError, match="needs a simulated patient"):
+        asyncio.run(evaluate(config, policy=MediQPolicy()))  # forgot --simulator-url
+    assert not (out / "run.json").exists()
+
+    # The corrected command runs (and a MediQ answer's psi is no belief update: one Update round, one delta).
+    patient = Patient()
+    summary = asyncio.run(evaluate(config, policy=MediQPolicy(), simulator=patient))
+    assert summary["episodes"] == 2 and json.loads((out / "run.json").read_text())["model"] == "m"
+    for line in (out / "episodes.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        answer = record["transcript"][-1]
+        assert answer["round"] == "answer" and "psi" not in answer["info"] and "answer_psi" in answer["info"]
+        assert record["stats"]["selflock_psi_delta_count"] == 1

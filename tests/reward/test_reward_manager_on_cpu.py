@@ -24,6 +24,7 @@ from verl_selflock.reward.manager import (  # noqa: E402
     EXTRA_INFO_KEYS,
     MISSING_OUTCOME,
     ActiveReasoningRewardManager,
+    reward_extra_info,
 )
 
 IM_END = "<|im_end|>"
@@ -149,7 +150,9 @@ def test_scores_the_env_outcome_from_tool_extra_fields(config, tokenizer):
     assert info[MISSING_OUTCOME] == 0.0
     # simulator counters surface from the env's metrics (0 where the task has no simulator)
     assert (info["selflock/sim_calls"], info["selflock/sim_cache_hits"], info["selflock/sim_failures"]) == (3.0, 2.0, 0.0)
-    assert all(isinstance(v, float) for v in info.values())
+    # No rounds were counted in these hand-built stats: the per-episode proxies have no value (None).
+    assert info["selflock/as_proxy"] is None and info["selflock/bt_proxy"] is None
+    assert all(isinstance(v, float) for key, v in info.items() if not key.endswith("_proxy"))
 
 
 def test_the_score_is_the_env_reward_not_a_text_search(config, tokenizer):
@@ -263,3 +266,21 @@ def test_agent_loop_worker_streams_rewards_through_the_manager(config, tokenizer
     transcript = tokenizer.decode(out.batch["input_ids"][2], skip_special_tokens=True)
     assert re.findall(r"<answer>(.*?)</answer>", transcript)[-1] == "1,2"
     assert "do not know" in transcript
+
+
+def test_validation_reports_per_episode_proxies_skipping_episodes_without_rounds():
+    """veRL's validation means drop None (a NaN would make the whole mean NaN): an episode without Action
+    or Update rounds (an answer in turn 1) leaves the proxies to the episodes that have them."""
+    from verl.trainer.ppo.metric_utils import process_validation_metrics
+
+    answered_at_once = ef.EpisodeStats(turns=1, judged_turns=1, answered=True)
+    asked = ef.EpisodeStats(turns=4, judged_turns=4, action_rounds=2, as_pos=1, update_rounds=1, bt_pos=1)
+    asked_badly = ef.EpisodeStats(turns=3, judged_turns=3, action_rounds=2, as_pos=0, update_rounds=1, bt_pos=0)
+    infos = [reward_extra_info(s) for s in (answered_at_once, asked, asked_badly)]
+    assert infos[0]["selflock/as_proxy"] is None and infos[0]["selflock/bt_proxy"] is None
+    assert (infos[1]["selflock/as_proxy"], infos[1]["selflock/bt_proxy"]) == (0.5, 1.0)
+    columns = {key: [info[key] for info in infos] for key in EXTRA_INFO_KEYS}
+    metrics = process_validation_metrics(["pe"] * 3, ["u0", "u1", "u2"], columns)["pe"]
+    assert metrics["selflock/as_proxy"]["mean@1"] == pytest.approx(0.25)  # (0.5 + 0) / 2 episodes with actions
+    assert metrics["selflock/bt_proxy"]["mean@1"] == pytest.approx(0.5)
+    assert metrics["acc"]["mean@1"] == 0.0

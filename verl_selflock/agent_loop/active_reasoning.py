@@ -228,7 +228,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         response_mask: list[int] = []
         response_logprobs: list[float] | None = [] if want_logprobs else None
         layout = ResponseLayout()
-        stats = EpisodeStats(task=env.task)
+        stats = EpisodeStats(task=env.task, t3_enabled=t3 is not None)
         tags: dict[str, Any] = {}
         timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
         branches = {"count": 0, "time_s": 0.0}  # counterfactual side branches (training only)
@@ -278,7 +278,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             step = await env.step(cut.text)
             timing["tool_calls"] += time.perf_counter() - start
             layout.set_label(turn, step.label)
-            stats.count_step(round_kind, step)
+            stats.count_step(round_kind, step, closing_tag=cut.tag)
             messages.append({"role": "assistant", "content": cut.text})
             turn += 1
 
@@ -295,7 +295,8 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
                 # Belief trapped: end here; env.result() scores the episode as it stands.
                 room_left = self.response_length - len(response_mask)
                 stats.t3_truncated, stats.t3_turn, stats.stop_reason = True, turn, STOP_T3
-                stats.t3_tokens_saved = max(0, min(room_left, (turn_cap - turn) * cfg.max_turn_tokens))
+                # An upper bound: the episode could have ended sooner or used shorter turns.
+                stats.t3_budget_saved = max(0, min(room_left, (turn_cap - turn) * cfg.max_turn_tokens))
                 break
 
             # 5. the observation as a user message + the next assistant header (mask 0, turn id -1)

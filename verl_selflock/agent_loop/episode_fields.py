@@ -19,23 +19,29 @@ key                             type   meaning
 ``selflock_repeated_actions``   int    turns that repeated an earlier action
 ``selflock_as_pos``/``_as_neg`` int    Action-round turns critiqued +1 / -1
 ``selflock_bt_pos``/``_bt_neg`` int    Update-round turns critiqued +1 / -1
-``selflock_action_rounds``      int    Action-round turns the environment judged
-``selflock_update_rounds``      int    Update-round turns the environment judged
+``selflock_action_rounds``      int    Action-round turns the environment judged (an ``<answer>`` turn is
+                                       never one, whatever round it came in)
+``selflock_update_rounds``      int    Update-round turns the environment judged (idem)
+``selflock_judged_turns``       int    turns the environment judged: Action + Update rounds + the answer
+                                       turn if one was played (a turn cut by the response budget is not)
 ``selflock_info_gain_sum``      float  sum of ``StepResult.info["info_gain"]`` over the turns that set it
 ``selflock_info_gain_count``    int    turns that set ``info["info_gain"]`` (0: the task defines none)
-``selflock_psi_delta_sum``      float  sum of the changes of ``info["psi"]`` (Psi_hat, the belief's
-                                       readout toward the truth) from one update to the next
-``selflock_psi_delta_count``    int    updates with such a change (``info["psi_prev"]`` or an earlier
-                                       ``psi`` of the episode gives the previous value)
+``selflock_psi_delta_sum``      float  sum over Update rounds of the change of ``info["psi"]`` (Psi_hat, the
+                                       belief's readout toward the truth); other turns' ``psi`` is ignored
+``selflock_psi_delta_count``    int    Update rounds with such a change (``info["psi_prev"]`` or the
+                                       previous Update round's ``psi`` gives the previous value)
 ``selflock_truncated``          bool   the episode was cut by ``rollout.response_length``
 ``selflock_obs_truncated``      int    observations whose text was capped at ``max_obs_tokens``
 ``selflock_stop_reason``        str    ``answer`` | ``done`` | ``max_turns`` | ``response_length`` | ``t3``
 ``selflock_task``               str    the environment's task name
 ``selflock_env_metrics``        dict   ``EpisodeResult.metrics`` (task-specific scalars)
+``selflock_t3_enabled``         bool   T3 watched this episode (``t3.enabled`` and a training row)
 ``selflock_t3_truncated``       bool   T3 ended the episode (belief trapped)
 ``selflock_t3_turn``            int    turns kept when T3 cut (0 if it did not)
-``selflock_t3_tokens_saved``    int    generation budget T3 left unused: min(tokens left in
-                                       ``response_length``, turns left x ``max_turn_tokens``)
+``selflock_t3_budget_saved``    int    generation budget T3 left unused: min(tokens left in
+                                       ``response_length``, turns left x ``max_turn_tokens``). An upper
+                                       bound on the tokens saved (the episode might have ended earlier
+                                       or used shorter turns), not a count of tokens saved
 ``selflock_gt_answer``          str    the task's ground-truth answer text (IGPO's scorer), if known
 ==============================  =====  ===========================================================
 """
@@ -62,6 +68,7 @@ TRUNCATED = "selflock_truncated"
 OBS_TRUNCATED = "selflock_obs_truncated"
 ACTION_ROUNDS = "selflock_action_rounds"
 UPDATE_ROUNDS = "selflock_update_rounds"
+JUDGED_TURNS = "selflock_judged_turns"
 INFO_GAIN_SUM = "selflock_info_gain_sum"
 INFO_GAIN_COUNT = "selflock_info_gain_count"
 PSI_DELTA_SUM = "selflock_psi_delta_sum"
@@ -69,9 +76,10 @@ PSI_DELTA_COUNT = "selflock_psi_delta_count"
 STOP_REASON = "selflock_stop_reason"
 TASK = "selflock_task"
 ENV_METRICS = "selflock_env_metrics"
+T3_ENABLED = "selflock_t3_enabled"
 T3_TRUNCATED = "selflock_t3_truncated"
 T3_TURN = "selflock_t3_turn"
-T3_TOKENS_SAVED = "selflock_t3_tokens_saved"
+T3_BUDGET_SAVED = "selflock_t3_budget_saved"
 GT_ANSWER = "selflock_gt_answer"
 
 STOP_ANSWER = "answer"
@@ -79,6 +87,19 @@ STOP_DONE = "done"
 STOP_MAX_TURNS = "max_turns"
 STOP_RESPONSE_LENGTH = "response_length"
 STOP_T3 = "t3"
+
+ROUND_ACTION = "action"
+ROUND_UPDATE = "update"
+ROUND_ANSWER = "answer"
+ANSWER_TAG = "answer"
+"""Closing tag of a final answer: a turn cut at ``</answer>`` is the answer turn in any round."""
+
+
+def judged_round(planned: str, closing_tag: str | None = None) -> str:
+    """The kind of turn the environment actually judged: ``planned`` (the round the turn was played in,
+    ``env.next_round().value``) unless the turn ended with an ``<answer>`` block, which makes it the
+    answer turn whatever round it came in (an early answer is not an Action or Update round)."""
+    return ROUND_ANSWER if closing_tag == ANSWER_TAG else planned
 
 
 @dataclass
@@ -97,6 +118,7 @@ class EpisodeStats:
     bt_neg: int = 0
     action_rounds: int = 0
     update_rounds: int = 0
+    judged_turns: int = 0
     info_gain_sum: float = 0.0
     info_gain_count: int = 0
     psi_delta_sum: float = 0.0
@@ -106,22 +128,26 @@ class EpisodeStats:
     stop_reason: str = ""
     task: str = ""
     env_metrics: dict[str, float] = field(default_factory=dict)
+    t3_enabled: bool = False
     t3_truncated: bool = False
     t3_turn: int = 0
-    t3_tokens_saved: int = 0
+    t3_budget_saved: int = 0
     last_psi: float | None = field(default=None, repr=False, compare=False)
     """Psi_hat after the latest update that reported one (bookkeeping of :meth:`count_step`, not exported)."""
 
-    def count_step(self, round_kind: str, step: Any) -> None:
-        """Count one judged turn: ``round_kind`` is ``"action"``, ``"update"`` or ``"answer"`` and ``step`` a
-        :class:`verl_selflock.envs.StepResult`. Shared by the training loop and ``verl-selflock eval`` so
-        that both report the same numbers."""
+    def count_step(self, round_kind: str, step: Any, closing_tag: str | None = None) -> None:
+        """Count one judged turn: ``round_kind`` is the round it was played in (``"action"``, ``"update"``
+        or ``"answer"``), ``step`` a :class:`verl_selflock.envs.StepResult` and ``closing_tag`` the tag the
+        turn was cut at (``"answer"`` makes it the answer turn, see :func:`judged_round`). Shared by the
+        training loop and ``verl-selflock eval`` so that both report the same numbers."""
         from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT
 
+        kind = judged_round(round_kind, closing_tag)
+        self.judged_turns += 1
         self.invalid_actions += int(not step.valid)
         self.repeated_actions += int(bool(step.repeated))
-        self.action_rounds += int(round_kind == "action")
-        self.update_rounds += int(round_kind == "update")
+        self.action_rounds += int(kind == ROUND_ACTION)
+        self.update_rounds += int(kind == ROUND_UPDATE)
         z, channel = step.label.critique, step.label.channel
         if channel == CHANNEL_AS:
             self.as_pos += int(z > 0)
@@ -134,14 +160,19 @@ class EpisodeStats:
         if gain is not None:
             self.info_gain_sum += gain
             self.info_gain_count += 1
+        if kind == ROUND_UPDATE:  # psi_delta is "change of Psi_hat per Update round": an answer's psi is no update
+            self._count_psi(info)
+
+    def _count_psi(self, info: Mapping[str, Any]) -> None:
         psi = _finite(info.get("psi"))
-        if psi is not None:
-            previous = _finite(info.get("psi_prev"))
-            previous = self.last_psi if previous is None else previous
-            if previous is not None:
-                self.psi_delta_sum += psi - previous
-                self.psi_delta_count += 1
-            self.last_psi = psi
+        if psi is None:
+            return
+        previous = _finite(info.get("psi_prev"))
+        previous = self.last_psi if previous is None else previous
+        if previous is not None:
+            self.psi_delta_sum += psi - previous
+            self.psi_delta_count += 1
+        self.last_psi = psi
 
     def as_extra_fields(self) -> dict[str, Any]:
         return {
@@ -157,6 +188,7 @@ class EpisodeStats:
             BT_NEG: int(self.bt_neg),
             ACTION_ROUNDS: int(self.action_rounds),
             UPDATE_ROUNDS: int(self.update_rounds),
+            JUDGED_TURNS: int(self.judged_turns),
             INFO_GAIN_SUM: float(self.info_gain_sum),
             INFO_GAIN_COUNT: int(self.info_gain_count),
             PSI_DELTA_SUM: float(self.psi_delta_sum),
@@ -166,9 +198,10 @@ class EpisodeStats:
             STOP_REASON: str(self.stop_reason),
             TASK: str(self.task),
             ENV_METRICS: {str(k): float(v) for k, v in self.env_metrics.items()},
+            T3_ENABLED: bool(self.t3_enabled),
             T3_TRUNCATED: bool(self.t3_truncated),
             T3_TURN: int(self.t3_turn),
-            T3_TOKENS_SAVED: int(self.t3_tokens_saved),
+            T3_BUDGET_SAVED: int(self.t3_budget_saved),
         }
 
     @classmethod
@@ -196,6 +229,7 @@ class EpisodeStats:
             bt_neg=int(scalar(BT_NEG, 0)),
             action_rounds=int(scalar(ACTION_ROUNDS, 0)),
             update_rounds=int(scalar(UPDATE_ROUNDS, 0)),
+            judged_turns=int(scalar(JUDGED_TURNS, _legacy_judged_turns(fields))),
             info_gain_sum=float(scalar(INFO_GAIN_SUM, 0.0)),
             info_gain_count=int(scalar(INFO_GAIN_COUNT, 0)),
             psi_delta_sum=float(scalar(PSI_DELTA_SUM, 0.0)),
@@ -205,10 +239,19 @@ class EpisodeStats:
             stop_reason=str(scalar(STOP_REASON, "")),
             task=str(scalar(TASK, "")),
             env_metrics=dict(env_metrics) if isinstance(env_metrics, Mapping) else {},
+            t3_enabled=bool(scalar(T3_ENABLED, False)),
             t3_truncated=bool(scalar(T3_TRUNCATED, False)),
             t3_turn=int(scalar(T3_TURN, 0)),
-            t3_tokens_saved=int(scalar(T3_TOKENS_SAVED, 0)),
+            t3_budget_saved=int(scalar(T3_BUDGET_SAVED, 0)),
         )
+
+
+def _legacy_judged_turns(fields: Mapping[str, Any]) -> int:
+    """Judged turns of a record written before ``selflock_judged_turns`` existed (``episodes.jsonl`` of an
+    older eval being resumed): its rounds plus the answer turn when the episode ended on one."""
+    rounds = int(_finite(fields.get(ACTION_ROUNDS)) or 0) + int(_finite(fields.get(UPDATE_ROUNDS)) or 0)
+    ended_on_answer = fields.get(STOP_REASON) in (STOP_ANSWER, STOP_DONE) or bool(fields.get(ANSWERED))
+    return rounds + int(ended_on_answer)
 
 
 def _finite(value: Any) -> float | None:

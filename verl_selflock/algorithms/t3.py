@@ -69,7 +69,8 @@ class T3Config:
     signal: str = AUTO_SIGNAL
     """Name of the progress signal (``StepResult.progress`` key); ``auto`` = the task's first (default)
     signal. PE: ``psi_gain`` (similarity of the belief to w* rises; default) or ``movement`` (truth-free: the
-    estimate's direction moves). MediQ / FloDial: ``new_info``. tau2: ``state_progress``."""
+    estimate's direction moves). MediQ, FloDial and tau2: ``new_information``
+    (:data:`verl_selflock.envs.base.NEW_INFORMATION_SIGNAL`, 1.0 when the turn brought new information)."""
     k: int | None = None
     """Window: consecutive measured turns without progress that trigger the cut (>= 1)."""
     delta_min: float | None = None

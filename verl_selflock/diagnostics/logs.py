@@ -10,6 +10,7 @@ Accepted formats (chosen by content, not only by extension):
 * **wide CSV** (a wandb "Export CSV" of a run's history, or any table): a step column (``step``,
   ``Step``, ``_step``, ``global_step`` or ``training/global_step``) and one column per metric. wandb's
   ``"<run> - <metric>"`` headers are reduced to ``<metric>``; its ``__MIN``/``__MAX`` columns are dropped.
+  One file is one run: an export whose headers name several wandb runs is refused, naming them.
 * **tensorboard scalar CSV** (the "Download CSV" of one scalar: columns ``Wall time, Step, Value``):
   one metric per file, named by the file (tensorboard writes ``run-<run>-tag-<tag>.csv`` with ``/`` in
   the tag turned into ``_``); pass several files for one run, comma-separated.
@@ -100,6 +101,7 @@ def _read_csv(path: Path, series: Series) -> None:
     step_column = next((c for c in STEP_COLUMNS if c in columns), None)
     if step_column is None:
         raise ValueError(f"{path}: no step column (one of {STEP_COLUMNS}) and not a tensorboard scalar CSV")
+    _refuse_several_runs(path, columns)
     for row in rows:
         step = _number(row[step_column])
         if step is None:
@@ -109,6 +111,29 @@ def _read_csv(path: Path, series: Series) -> None:
                 continue
             metric = column.split(" - ", 1)[1] if " - " in column else column
             _add(series, metric, int(step), value)
+
+
+def _wandb_runs(columns: Iterable[str]) -> list[str]:
+    """Run names of a wandb export's ``"<run> - <metric>"`` headers, in column order."""
+    runs: list[str] = []
+    for column in columns:
+        if " - " in column:
+            run = column.split(" - ", 1)[0]
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
+def _refuse_several_runs(path: Path, columns: Iterable[str]) -> None:
+    """One file is one run: a wandb export of several runs would otherwise be merged into one series
+    per metric (each step's value taken from whichever run came last), silently."""
+    runs = _wandb_runs(columns)
+    if len(runs) > 1:
+        raise ValueError(
+            f"{path} holds {len(runs)} wandb runs ({', '.join(repr(r) for r in runs)}); a log file must hold "
+            "one run. Export each run's history on its own (open the run, Export CSV) and pass them as "
+            "--runs NAME=FILE ..."
+        )
 
 
 def _tensorboard_tag(tag: str) -> str:

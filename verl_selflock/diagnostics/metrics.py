@@ -15,7 +15,8 @@ is 0):
                                    updates that moved toward the truth)
 ``selflock/info_gain_per_action``  information gained per Action round, where the task defines it
                                    (PE: bits under exact Bayesian updating)
-``selflock/psi_delta``             mean change of Psi_hat (belief readout toward the truth) per update
+``selflock/psi_delta``             mean change of Psi_hat (belief readout toward the truth) per Update
+                                   round that reported one
 ``selflock/turns``                 mean agent turns per episode
 ``selflock/finish_ratio``          episodes that produced a well-formed final answer / episodes
 ``selflock/invalid_ratio``         turns judged invalid (bad action, guess or answer, or a repeat) /
@@ -117,7 +118,7 @@ class EpisodeCounts:
     psi_delta_count: int
     invalid_actions: int
     judged_turns: int
-    """Turns the environment judged (every Action, Update and answer turn it stepped)."""
+    """Turns the environment judged (every Action, Update and answer turn it stepped, each once)."""
     repeated_actions: int
     turns: int
     reward: float
@@ -129,12 +130,11 @@ class EpisodeCounts:
 
 
 def counts_of(stats: EpisodeStats) -> EpisodeCounts:
-    """The counts of one episode. Judged turns = Action + Update rounds + an answer turn if the
-    episode reached one (a turn cut by the response budget was never judged)."""
-    judged = stats.action_rounds + stats.update_rounds
-    if stats.stop_reason in ("answer", "done") or stats.answered:
-        judged += 1
-    judged = max(judged, stats.invalid_actions)  # older records without round counts
+    """The counts of one episode. Judged turns are the turns the environment stepped
+    (:attr:`EpisodeStats.judged_turns`: each Action, Update and answer turn once; a turn cut by the
+    response budget was never judged); never fewer than the rounds or invalid turns counted, for
+    stats built by hand."""
+    judged = max(stats.judged_turns, stats.action_rounds + stats.update_rounds, stats.invalid_actions)
     return EpisodeCounts(
         as_pos=stats.as_pos,
         action_rounds=stats.action_rounds,

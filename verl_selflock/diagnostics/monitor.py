@@ -48,11 +48,13 @@ class MonitorConfig:
     """While the condition holds, repeat the warning every this many steps."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or self.window < 3:
-            raise ValueError(f"selflock_diagnostics.window must be an int >= 3, got {self.window!r}")
-        if not isinstance(self.warn_every, int) or self.warn_every < 1:
-            raise ValueError(f"selflock_diagnostics.warn_every must be a positive int, got {self.warn_every!r}")
-        if not float(self.min_reward_rise) > 0:
+        # Checked on the driver (verl_selflock.config) so that a typo fails before Ray starts, not as a
+        # TypeError in the trainer's first step or as a monitor that silently never fires (NaN, inf).
+        _check_int(self, "window", minimum=3)
+        _check_int(self, "warn_every", minimum=1)
+        _check_number(self, "min_reward_rise")
+        _check_number(self, "max_proxy_rise")
+        if not self.min_reward_rise > 0:
             raise ValueError(f"selflock_diagnostics.min_reward_rise must be > 0, got {self.min_reward_rise!r}")
 
     @classmethod
@@ -62,6 +64,20 @@ class MonitorConfig:
         if unknown:
             raise ValueError(f"selflock_diagnostics: unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}")
         return cls(**data)
+
+
+def _check_int(config: MonitorConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"selflock_diagnostics.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_number(config: MonitorConfig, name: str) -> None:
+    """``name`` must be a finite real number (an int from the command line is fine); stored as float."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"selflock_diagnostics.{name} must be a finite number, got {value!r}")
+    object.__setattr__(config, name, float(value))
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ non-negative numbers, not all zero.
 "unknown"), ``row`` (the table row the simulator named, or None), ``new_information`` (a yes/no to a
 row not answered before: the T3 progress signal), ``info_gain`` (distractors newly ruled out by that
 answer), ``candidates_left``, ``simulator_failed``, ``simulator_reply`` or ``error``; update:
-``guess``, ``psi``, ``psi_prev``, ``evidence`` or ``error``; answer: ``early``, ``answer``, ``psi``
-or ``error``.
+``guess``, ``psi``, ``psi_prev``, ``evidence`` or ``error``; answer: ``early``, ``answer``,
+``answer_psi`` (the answer's normalised weight on the true fault) or ``error``.
 
 ``EpisodeResult.metrics``: ``turns``, ``action_rounds``, ``update_rounds``, ``invalid_actions``,
 ``invalid_guesses``, ``repeats``, ``answers_yes``/``_no``/``_unknown``, ``as_pos``/``as_neg``,
@@ -486,7 +486,8 @@ class FloDialEnv(RoundBasedEnv):
             self.answer = tuple(float(v) for v in weights)
             top = np.flatnonzero(weights == weights.max())
             self.success = len(top) == 1 and int(top[0]) == self.gt
-            info.update(answer=list(self.answer), psi=self.psi(weights))
+            # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
+            info.update(answer=list(self.answer), answer_psi=self.psi(weights))
         else:
             info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
         return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)

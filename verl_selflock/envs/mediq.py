@@ -37,8 +37,8 @@ Critiques (AREW):
 ``StepResult.info``: ``round``, ``turn``; action: ``query``, ``feedback``, ``new_information``,
 ``info_gain`` (new facts), ``facts`` (new 1-based fact numbers), ``sim_ok``/``sim_cached``/``sim_error``
 or ``error``; update: ``guess``, ``psi``, ``psi_prev``, ``bt_rule`` or ``error``; answer: ``answer``,
-``correct`` or ``error``. Episode metrics add ``sim_calls``, ``sim_cache_hits``, ``sim_failures``,
-``facts_revealed``, ``cf_branches``, ``cf_invalid``.
+``correct``, ``answer_psi`` (the answer's weight on the truth) or ``error``. Episode metrics add
+``sim_calls``, ``sim_cache_hits``, ``sim_failures``, ``facts_revealed``, ``cf_branches``, ``cf_invalid``.
 """
 
 from __future__ import annotations
@@ -377,7 +377,8 @@ class MediQEnv(RoundBasedEnv):
             self.answer = answer
             # Unique argmax equal to the truth <=> the margin of the truth is positive.
             self.correct = margin(answer, self.truth) > 0
-            info.update(answer=answer.tolist(), correct=self.correct, psi=float(answer[self.truth]))
+            # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
+            info.update(answer=answer.tolist(), correct=self.correct, answer_psi=float(answer[self.truth]))
         else:
             info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
         return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)

@@ -8,7 +8,9 @@ model, or ``transformers serve`` on a CPU). Each episode uses the same pieces as
 loop's token cut), and the same counting (:meth:`EpisodeStats.count_step`). This reproduces the
 paper's "direct prompting" column for any model. Differences from training: the conversation goes
 through the server's chat template as messages (not our token layout), and observations are not
-capped at ``max_obs_tokens``.
+capped at ``max_obs_tokens``. A reply the endpoint answered with no content (None or blank) is the
+model's turn, judged by the environment (an invalid action), never retried
+(:mod:`verl_selflock.eval.policy`).
 
 Output folder (``--out``):
 
@@ -18,7 +20,8 @@ Output folder (``--out``):
   already there are skipped, so nothing is lost or duplicated when a run is interrupted.
 * ``errors.jsonl``: episodes abandoned because the *endpoint* failed after all retries (never
   counted as a failure of the model); they are retried by the next run.
-* ``run.json``: the settings; a resume with different settings (model, data, feedback ...) is refused.
+* ``run.json``: the settings, written once every check passed (data, options per task, endpoints); a
+  resume with different settings (model, data, feedback ...) is refused.
 * ``summary.json``: success rate, AS/BT proxies, information gain, turns, finish/invalid/repeat
   ratios with 95% confidence intervals (:func:`verl_selflock.diagnostics.metrics.summarize`), also
   printed as a table.
@@ -46,7 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_selflock.agent_loop.episode_fields import STOP_ANSWER, STOP_DONE, STOP_MAX_TURNS, EpisodeStats
+from verl_selflock.agent_loop.episode_fields import (
+    STOP_ANSWER,
+    STOP_DONE,
+    STOP_MAX_TURNS,
+    EpisodeStats,
+    judged_round,
+)
 from verl_selflock.diagnostics.metrics import counts_of, pearson, summarize, wilson_interval
 from verl_selflock.eval.oracle import ORACLE_BT
 from verl_selflock.eval.store import EpisodeStore, to_jsonable
@@ -96,6 +105,14 @@ class EvalConfig:
             raise ValueError(f"--max-episodes must be >= 1, got {self.max_episodes}")
         if (self.simulator_url is None) != (self.simulator_model is None):
             raise ValueError("--simulator-url and --simulator-model go together")
+        if self.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"--temperature must be in [0, 2], got {self.temperature}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
+        if self.max_retries < 0:
+            raise ValueError(f"--retries must be >= 0, got {self.max_retries}")
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -125,6 +142,8 @@ def load_rows(path: str | os.PathLike, max_episodes: int | None = None) -> list[
     """The first ``max_episodes`` rows of a parquet written by our builders (clear error otherwise)."""
     import pandas as pd
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--data {path}: no such file (build a test split with `verl-selflock data`)")
     frame = pd.read_parquet(path)
     missing = [column for column in ("prompt", "extra_info") if column not in frame.columns]
     if missing:
@@ -180,10 +199,10 @@ async def run_episode(
         else:
             raise EndpointError(f"policy endpoint failed at turn {stats.turns + 1}: {reply.error}")
         cut, tag = cut_after_first_closing_tag(text, env.closing_tags)  # the task's turn format, as in training
-        round_kind = env.next_round().value
+        round_kind = judged_round(env.next_round().value, tag)  # an early <answer> is the answer turn
         step = await env.step(cut)
         stats.turns += 1
-        stats.count_step(round_kind, step)
+        stats.count_step(round_kind, step, closing_tag=tag)
         transcript.append(
             {
                 "turn": stats.turns,
@@ -232,67 +251,117 @@ async def run_episode(
 
 
 def _check_resume(out: Path, config: EvalConfig) -> None:
+    """Refuse to resume a run of ``out`` made with other settings (writes nothing)."""
     run_path = out / RUN_FILE
+    if not run_path.exists():
+        return
     settings = config.settings()
-    if run_path.exists():
-        previous = json.loads(run_path.read_text())
-        changed = {key: (previous.get(key), settings[key]) for key in _RESUME_KEYS if previous.get(key) != settings[key]}
-        if changed:
-            detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-            raise ValueError(f"{out} holds a run with other settings ({detail}); use another --out to start a new run")
-    else:
+    previous = json.loads(run_path.read_text())
+    changed = {key: (previous.get(key), settings[key]) for key in _RESUME_KEYS if previous.get(key) != settings[key]}
+    if changed:
+        detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise ValueError(f"{out} holds a run with other settings ({detail}); use another --out to start a new run")
+
+
+def _start_run(out: Path, config: EvalConfig) -> None:
+    """Record the settings of a new run. Called only once everything was validated: a run.json left by a
+    command that failed its checks would make the corrected command look like a resume with other settings."""
+    run_path = out / RUN_FILE
+    if not run_path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        run_path.write_text(json.dumps(settings, indent=2) + "\n")
+        run_path.write_text(json.dumps(config.settings(), indent=2) + "\n")
 
 
-async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None) -> dict[str, Any]:
-    """Run (or resume) an evaluation; returns the summary (also written to ``summary.json``).
-
-    ``policy`` / ``simulator`` default to :class:`ChatClient` s for ``config``'s endpoints.
-    """
-    from tqdm import tqdm
-
-    from verl_selflock.simulators import ChatClient, SimulatorConfig
-
-    out = Path(config.out)
-    _check_resume(out, config)
-    rows = load_rows(config.data, config.max_episodes)
+def _check_tasks(rows: Sequence[EpisodeRow], config: EvalConfig) -> None:
+    """The options this run asks for are supported by every task in the data."""
+    tasks = sorted({str(row.spec.get("task")) for row in rows})
     if config.oracle_bt:
-        tasks = {str(row.spec.get("task")) for row in rows}
-        unsupported = sorted(tasks - set(ORACLE_BT))
+        unsupported = [task for task in tasks if task not in ORACLE_BT]
         if unsupported:
             raise ValueError(f"--oracle-bt is available for tasks {sorted(ORACLE_BT)}, not {unsupported}")
     if config.feedback == "unknown":
         from verl_selflock.envs.base import env_class
 
-        for task in sorted({str(row.spec.get("task")) for row in rows}):
+        for task in tasks:
             if env_class(task).uninformative_feedback is None:
                 raise ValueError(f"task {task!r} does not support --feedback unknown (no uninformative_feedback)")
+
+
+def _check_envs_build(rows: Sequence[EpisodeRow], config: EvalConfig, simulator: Any) -> None:
+    """Build the environment of each task's first row, as the episodes will: a spec the task rejects or a
+    task that needs a simulated user (``--simulator-url``) fails here, before the run starts."""
+    from verl_selflock.envs import EnvContext, make_env
+
+    first: dict[str, EpisodeRow] = {}
+    for row in rows:
+        first.setdefault(str(row.spec.get("task")), row)
+    for task, row in first.items():
+        context = EnvContext(simulator=simulator, training=False, withhold_feedback=config.feedback == "unknown")
+        try:
+            make_env(row.spec, context=context)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"episode {row.id!r} (task {task!r}) cannot start: {err}") from err
+
+
+def _policy_client(config: EvalConfig) -> Any:
+    from verl_selflock.eval.policy import PolicyClient
+    from verl_selflock.simulators import SimulatorConfig
+
+    return PolicyClient(
+        SimulatorConfig(
+            base_url=config.base_url,
+            model=config.model,
+            api_key_env=config.api_key_env,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            timeout_s=config.timeout_s,
+            max_concurrency=config.concurrency,
+            max_retries=config.max_retries,
+            cache=False,
+        )
+    )
+
+
+def _open_clients(config: EvalConfig, policy: Any, simulator: Any, owned: list[Any]) -> tuple[Any, Any]:
+    """The policy and simulator clients, defaulting to ``config``'s endpoints; those opened here are
+    appended to ``owned`` (bad endpoint settings raise here, before the run starts)."""
+    from verl_selflock.simulators import ChatClient, SimulatorConfig
+
+    if policy is None:
+        policy = _policy_client(config)
+        owned.append(policy)
+    if simulator is None and config.simulator_url:
+        simulator = ChatClient(SimulatorConfig(base_url=config.simulator_url, model=str(config.simulator_model)))
+        owned.append(simulator)
+    return policy, simulator
+
+
+async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None) -> dict[str, Any]:
+    """Run (or resume) an evaluation; returns the summary (also written to ``summary.json``).
+
+    ``policy`` defaults to a :class:`~verl_selflock.eval.policy.PolicyClient` and ``simulator`` to a
+    :class:`ChatClient` for ``config``'s endpoints. Everything is validated (data, options per task,
+    endpoints, resume settings) before ``run.json`` is written.
+    """
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    rows = load_rows(config.data, config.max_episodes)
+    _check_tasks(rows, config)
+    _check_resume(out, config)
+    owned: list[Any] = []  # clients this call opened (and closes)
+    try:
+        policy, simulator = _open_clients(config, policy, simulator, owned)
+        _check_envs_build(rows, config, simulator)
+    except BaseException:
+        await _close(owned)
+        raise
+    _start_run(out, config)
     store, errors = EpisodeStore(out / EPISODES_FILE), EpisodeStore(out / ERRORS_FILE)
     store.repair()
     errors.repair()
     done = store.ids()
     pending = [row for row in rows if row.id not in done]
-
-    owned: list[Any] = []
-    if policy is None:
-        policy = ChatClient(
-            SimulatorConfig(
-                base_url=config.base_url,
-                model=config.model,
-                api_key_env=config.api_key_env,
-                temperature=config.temperature,
-                max_tokens=config.max_tokens,
-                timeout_s=config.timeout_s,
-                max_concurrency=config.concurrency,
-                max_retries=config.max_retries,
-                cache=False,
-            )
-        )
-        owned.append(policy)
-    if simulator is None and config.simulator_url:
-        simulator = ChatClient(SimulatorConfig(base_url=config.simulator_url, model=str(config.simulator_model)))
-        owned.append(simulator)
 
     semaphore = asyncio.Semaphore(config.concurrency)
     bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc="eval", unit="episode", disable=not config.progress)
@@ -315,12 +384,16 @@ async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None
         await asyncio.gather(*(one(row) for row in pending))
     finally:
         bar.close()
-        for client in owned:
-            await client.aclose()
+        await _close(owned)
     summary = summarize_run(out, [row.id for row in rows])
     summary["errored_this_run"] = failed
     (out / SUMMARY_FILE).write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
     return summary
+
+
+async def _close(clients: Sequence[Any]) -> None:
+    for client in clients:
+        await client.aclose()
 
 
 def summarize_run(out: str | os.PathLike, selected_ids: Sequence[str] | None = None) -> dict[str, Any]:

@@ -53,14 +53,19 @@ EXTRA_INFO_KEYS = (
     "selflock/sim_calls",
     "selflock/sim_cache_hits",
     "selflock/sim_failures",
-    "selflock/t3_truncated",
-    "selflock/t3_turn",
-    "selflock/t3_tokens_saved",
+    "selflock/as_proxy",
+    "selflock/bt_proxy",
     MISSING_OUTCOME,
 )
 """``reward_extra_info`` keys, identical for every sample (veRL stacks them by the first sample's
 keys). ``acc`` = success, so veRL's ``val-core`` metrics report the success rate. ``sim_*`` come from the
-environment's metrics of the same name (:data:`SIMULATOR_METRICS`; 0 for tasks without a simulator)."""
+environment's metrics of the same name (:data:`SIMULATOR_METRICS`; 0 for tasks without a simulator).
+
+``as_proxy`` / ``bt_proxy`` are the episode's own proxies (AS +1 / Action rounds, BT +1 / Update rounds),
+None where the episode has no such round: veRL's validation metrics drop None values before averaging
+(``process_validation_metrics``), where a NaN would turn the whole mean into NaN. Validation thus reports
+the mean of the per-episode proxies (veRL averages per prompt, then over prompts), where training's
+``selflock/*`` pools rounds over the batch. No T3 keys: T3 never acts on evaluation rows (``split: test``), so they would always be 0."""
 
 SIMULATOR_METRICS = ("sim_calls", "sim_cache_hits", "sim_failures")
 """Per-episode ``EpisodeResult.metrics`` keys of tasks with a simulated user: questions put to the
@@ -68,11 +73,16 @@ simulator, answers served from the client's cache, and calls that failed after a
 was degraded to the task's "cannot answer" reply with critique 0)."""
 
 
-def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float]:
-    """Scalars for validation metrics; all zero (and ``missing_outcome`` 1) when ``stats`` is None."""
+def _proxy(positive: int, rounds: int) -> float | None:
+    """One episode's proxy; None (skipped by veRL's validation means) when it had no such round."""
+    return positive / rounds if rounds > 0 else None
+
+
+def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float | None]:
+    """Scalars for validation metrics; zero (proxies None, ``missing_outcome`` 1) when ``stats`` is None."""
     if stats is None:
-        info = dict.fromkeys(EXTRA_INFO_KEYS, 0.0)
-        info[MISSING_OUTCOME] = 1.0
+        info: dict[str, float | None] = dict.fromkeys(EXTRA_INFO_KEYS, 0.0)
+        info.update({"selflock/as_proxy": None, "selflock/bt_proxy": None, MISSING_OUTCOME: 1.0})
         return info
     return {
         "acc": float(stats.success),
@@ -87,9 +97,8 @@ def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float]:
         "selflock/bt_neg": float(stats.bt_neg),
         "selflock/truncated": float(stats.truncated),
         **{f"selflock/{key}": float(stats.env_metrics.get(key, 0.0)) for key in SIMULATOR_METRICS},
-        "selflock/t3_truncated": float(stats.t3_truncated),
-        "selflock/t3_turn": float(stats.t3_turn),
-        "selflock/t3_tokens_saved": float(stats.t3_tokens_saved),
+        "selflock/as_proxy": _proxy(stats.as_pos, stats.action_rounds),
+        "selflock/bt_proxy": _proxy(stats.bt_pos, stats.update_rounds),
         MISSING_OUTCOME: 0.0,
     }
 

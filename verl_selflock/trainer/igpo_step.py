@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_selflock.agent_loop.episode_fields import GT_ANSWER, T3_TOKENS_SAVED, T3_TRUNCATED, T3_TURN
+from verl_selflock.agent_loop.episode_fields import GT_ANSWER, T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
 from verl_selflock.algorithms.igpo import broadcast_turn_values, compute_igpo_turn_advantages, group_ids
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.protocol import TURN_IDS, collate_critiques
@@ -31,19 +31,29 @@ def _rows(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Sequence[bool]) -> dict[str, float]:
-    """``t3/*`` metrics of a training batch from the agent loop's episode fields (empty if none carries them)."""
-    episodes = [f for f, pad in zip(extra_fields, is_padding, strict=True) if not pad and f and T3_TRUNCATED in f]
+    """``t3/*`` metrics of a training batch, over the episodes T3 watched (``selflock_t3_enabled``); empty
+    when T3 is off in the run, so a run without T3 logs no ``t3/*`` at all.
+
+    ``t3/turn_mean`` (turns kept by a cut) is left out when nothing was cut: no cut has no mean, and a 0
+    would read as "cut at turn 0". ``t3/tokens_budget_saved_*`` is an upper bound on the tokens T3 saved
+    (the budget the cut left unused, see ``selflock_t3_budget_saved``), not a count of tokens saved.
+    """
+    episodes = [
+        f for f, pad in zip(extra_fields, is_padding, strict=True) if not pad and f and bool(f.get(T3_ENABLED))
+    ]
     if not episodes:
         return {}
-    cut = np.array([bool(f[T3_TRUNCATED]) for f in episodes])
+    cut = np.array([bool(f.get(T3_TRUNCATED, False)) for f in episodes])
     turns = np.array([int(f.get(T3_TURN, 0)) for f in episodes], dtype=np.float64)
-    saved = np.array([int(f.get(T3_TOKENS_SAVED, 0)) for f in episodes], dtype=np.float64)
-    return {
+    budget = np.array([int(f.get(T3_BUDGET_SAVED, 0)) for f in episodes], dtype=np.float64)
+    metrics = {
         "t3/frac_truncated": float(cut.mean()),
-        "t3/turn_mean": float(turns[cut].mean()) if cut.any() else 0.0,
-        "t3/tokens_saved_mean": float(saved.mean()),
-        "t3/tokens_saved_total": float(saved.sum()),
+        "t3/tokens_budget_saved_mean": float(budget.mean()),
+        "t3/tokens_budget_saved_total": float(budget.sum()),
     }
+    if cut.any():
+        metrics["t3/turn_mean"] = float(turns[cut].mean())
+    return metrics
 
 
 def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) -> Any:
