@@ -82,3 +82,23 @@ def test_real_main_ppo_fails_before_ray_starts(tmp_path):
     assert out.returncode != 0
     assert "trainer.v1.trainer_mode=selflock" in out.stdout + out.stderr
     assert "ray init kwargs" not in out.stdout  # main_ppo prints this right before ray.init
+
+
+IGPO = ["algorithm.adv_estimator=igpo", "trainer.v1.trainer_mode=selflock"]
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_igpo_with_a_group_of_rollouts_passes(verl_config, n):
+    validate_selflock_config(verl_config(IGPO + [f"actor_rollout_ref.rollout.n={n}"]))
+
+
+@pytest.mark.parametrize("overrides", [[], ["actor_rollout_ref.rollout.n=1"]])
+def test_igpo_with_one_rollout_per_prompt_names_the_key(verl_config, overrides):
+    # veRL's default n is 1: every prompt group would hold one trajectory and the outcome term would vanish.
+    message = r"actor_rollout_ref\.rollout\.n to 2 or more \(got actor_rollout_ref\.rollout\.n=1\)"
+    with pytest.raises(SelflockConfigError, match=message):
+        validate_selflock_config(verl_config(IGPO + overrides))
+
+
+def test_rollout_n_is_not_checked_for_arew(verl_config):
+    validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"]))

@@ -95,6 +95,15 @@ def validate_selflock_config(config: Any) -> None:
             "algorithm.adv_estimator=igpo builds its turn rewards from the outcome score and the information "
             "gain only: set algorithm.use_kl_in_reward=false (use actor_rollout_ref.actor.use_kl_loss for a KL term)"
         )
+    rollout_n = _get(config, "actor_rollout_ref.rollout.n", 1)
+    if estimator == "igpo" and int(rollout_n) < 2:
+        # A prompt group of one trajectory z-scores the outcome against itself: exactly 0 under
+        # norm_mode=separate, and under joint the first turn's return (the sum of the row's centred
+        # rewards) is 0, so the outcome would silently drop out of training.
+        raise SelflockConfigError(
+            "algorithm.adv_estimator=igpo normalises rewards within each prompt's group of rollouts: set "
+            f"actor_rollout_ref.rollout.n to 2 or more (got actor_rollout_ref.rollout.n={rollout_n})"
+        )
     critic_enable = _get(config, "critic.enable")
     if estimator == "arew" and arew.base == "gae" and not critic_enable:
         raise SelflockConfigError(

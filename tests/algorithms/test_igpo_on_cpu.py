@@ -8,13 +8,24 @@ import random
 import pytest
 import torch
 
+from verl_selflock.agent_loop import episode_fields as ef
 from verl_selflock.algorithms.igpo import (
     IgpoConfig,
     broadcast_turn_values,
     compute_igpo_turn_advantages,
+    dense_turn_index,
     group_ids,
 )
-from verl_selflock.trainer.igpo_scoring import plan_scoring, segment_means, turn_starts
+from verl_selflock.protocol import ResponseLayout, TurnLabel
+from verl_selflock.trainer.igpo_scoring import (
+    balance_for_forward,
+    forward_batch_multiple,
+    plan_scoring,
+    scoring_answers,
+    segment_means,
+    turn_starts,
+)
+from verl_selflock.trainer.igpo_step import compute_igpo_step
 
 LOG = math.log
 
@@ -160,7 +171,12 @@ def test_config_validation_names_the_key():
 def test_selflock_validation_of_igpo_runs(verl_config):
     from verl_selflock.config import SelflockConfigError, validate_selflock_config
 
-    good = ["algorithm.adv_estimator=igpo", "trainer.v1.trainer_mode=selflock", "+algorithm.igpo.norm_mode=separate"]
+    good = [
+        "algorithm.adv_estimator=igpo",
+        "trainer.v1.trainer_mode=selflock",
+        "actor_rollout_ref.rollout.n=4",
+        "+algorithm.igpo.norm_mode=separate",
+    ]
     validate_selflock_config(verl_config(good))
     with pytest.raises(SelflockConfigError, match=r"algorithm\.igpo\.gamma"):
         validate_selflock_config(verl_config(good + ["+algorithm.igpo.gamma=-1"]))
@@ -183,7 +199,8 @@ class _CharTokenizer:
 def test_turn_starts_and_scoring_plan():
     assert turn_starts([0, 0, -1, -1, 1, -1, 2, 2]) == [0, 4, 6]
     assert turn_starts([-1, 0, 0, -1, 1]) == [1, 4]
-    assert turn_starts([0, 0, -1, 2]) is None and turn_starts([-1, -1]) is None
+    # A turn that kept no tokens leaves a gap in the ids: the turns present still count.
+    assert turn_starts([0, 0, -1, 2]) == [0, 3] and turn_starts([-1, -1]) is None
 
     cfg = IgpoConfig(bridge="<a>")
     prompts = [[1, 2], [3], [4], [5]]
@@ -203,3 +220,180 @@ def test_turn_starts_and_scoring_plan():
     assert skipped.num_turns.tolist() == [0, 1, 1, 0] and len(skipped) == 1
 
     assert segment_means(torch.tensor([1.0, 3.0, 5.0, 2.0]), torch.tensor([2, 1, 1])).tolist() == [2.0, 5.0, 2.0]
+
+
+def test_dense_turn_index_tolerates_gaps_and_gives_turnless_rows_one_turn():
+    turn_ids = torch.tensor(
+        [
+            [0, 0, -1, 2, 2, -1],  # turn 1 kept no tokens: turns 0 and 2 are dense turns 0 and 1
+            [-1, -1, -1, -1, -1, -1],  # no turn at all: one turn over every token
+            [1, 1, -1, 3, -1, 4],  # starts at 1, gap at 2
+            [0, 0, 1, 1, -1, -1],  # padding row
+        ]
+    )
+    index, num_turns = dense_turn_index(turn_ids, torch.tensor([True, True, True, False]))
+    assert index.tolist() == [
+        [0, 0, -1, 1, 1, -1],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, -1, 1, -1, 2],
+        [-1, -1, -1, -1, -1, -1],
+    ]
+    assert num_turns.tolist() == [2, 1, 3, 0]
+    # The plan's turn starts follow the same rule.
+    assert [turn_starts(row.tolist()) for row in turn_ids[:3]] == [[0, 3], None, [0, 3, 5]]
+
+
+def test_a_table_narrower_than_the_turns_falls_back_to_the_outcome():
+    # Row 0 has 2 turns but the score table holds 1 column (nothing scored for turn 1): outcome only.
+    table = compute_igpo_turn_advantages(
+        torch.tensor([[LOG(0.5)], [0.0]]), torch.tensor([True, False]), torch.tensor([2, 1]),
+        torch.tensor([1.0, 0.0]), group_ids(["a", "a"]), IgpoConfig(norm_by_std=False),
+    )
+    assert table.scored.tolist() == [False, False]
+    assert table.reward_mask.tolist() == [[False, True], [True, False]]
+    assert table.advantages.tolist() == [[0.5, 0.5], [-0.5, 0.0]]
+
+
+def _fields(turns: list[tuple[int, int]], stop: str | None, answer: str | None = "x") -> dict:
+    """extra_fields of an episode: ``turns`` = (turn id, n tokens) spans, turn id -1 for observations."""
+    layout = ResponseLayout()
+    for turn, n in turns:
+        if turn < 0:
+            layout.add_observation_tokens(n)
+        else:
+            layout.add_turn_tokens(turn, n)
+            layout.set_label(turn, TurnLabel())
+    fields = layout.as_extra_fields()
+    if stop is not None:
+        fields[ef.STOP_REASON] = stop
+    if answer is not None:
+        fields[ef.GT_ANSWER] = answer
+    return fields
+
+
+def test_scoring_answers_only_for_episodes_that_ended_at_a_final_turn():
+    rows = [
+        _fields([(0, 1)], ef.STOP_ANSWER),
+        _fields([(0, 1)], ef.STOP_DONE),
+        _fields([(0, 1)], ef.STOP_T3),
+        _fields([(0, 1)], ef.STOP_MAX_TURNS),
+        _fields([(0, 1)], ef.STOP_RESPONSE_LENGTH),
+        _fields([(0, 1)], None),
+        _fields([(0, 1)], ef.STOP_ANSWER, answer=None),
+        None,
+    ]
+    assert scoring_answers(rows) == ["x", "x", None, None, None, None, None, None]
+
+
+def test_igpo_step_by_hand_gaps_turnless_rows_and_rows_cut_short():
+    """One prompt group: row 0 answered, with a gap in its turn ids (turn 1 kept no tokens); row 1 has no
+    turn ids at all (another agent loop); row 2 was cut by T3; row 3 is veRL padding."""
+    cfg = IgpoConfig(norm_by_std=False, bridge="<a>")
+    extra_fields = [
+        _fields([(0, 2), (-1, 1), (2, 2)], ef.STOP_ANSWER),
+        {},
+        _fields([(0, 1), (-1, 1), (1, 1)], ef.STOP_T3),
+        _fields([(0, 1)], ef.STOP_ANSWER),
+    ]
+    response_mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 0, 0], [1, 0, 0, 0, 0]])
+    prompts = [[1], [2], [3], [4]]
+    responses = [[10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32], [40]]
+    beliefs = {(0, 0): 0.2, (0, 1): 0.5}  # p of the answer before row 0's first and second turn
+    asked = []
+
+    def score(plan):
+        asked.extend(zip(plan.rows.tolist(), plan.prefixes.tolist(), [ids.tolist() for ids in plan.input_ids]))
+        return torch.tensor([LOG(beliefs[r, k]) for r, k in zip(plan.rows.tolist(), plan.prefixes.tolist())])
+
+    advantages, metrics = compute_igpo_step(
+        prompts, responses, extra_fields, ["a", "a", "a", "pad"], [False, False, False, True], response_mask,
+        torch.tensor([1.0, 0.0, 0.5, 0.0]), _CharTokenizer(), cfg, score,
+    )
+    tail = [ord(c) for c in "<a>x"]
+    # Only row 0 is scored: before its turn 0, and before its second turn (response[:3]).
+    assert asked == [(0, 0, [1, *tail]), (0, 1, [1, 10, 11, 12, *tail])]
+    # Rewards: row 0 IG 0.5 - 0.2 = 0.3 then outcome 1.0; row 1 outcome 0.0; row 2 outcome 0.5 on its last
+    # turn only. Group mean (0.3 + 1.0 + 0.0 + 0.5) / 4 = 0.45; centred: -0.15, 0.55 | -0.45 | 0.05.
+    # gamma 1: row 0 A = (0.4, 0.55); row 1 A = -0.45 on its whole response; row 2 A = (0.05, 0.05).
+    expected = torch.tensor(
+        [[0.4, 0.4, 0.0, 0.55, 0.55], [-0.45, -0.45, -0.45, 0.0, 0.0], [0.05, 0.0, 0.05, 0.0, 0.0], [0.0] * 5]
+    )
+    torch.testing.assert_close(advantages, expected)
+    assert metrics["igpo/frac_rows_outcome_only"] == pytest.approx(2 / 3)
+    assert metrics["igpo/scored_sequences"] == 2.0 and metrics["igpo/ig_mean"] == pytest.approx(0.3)
+    assert metrics["igpo/outcome_mean"] == pytest.approx(0.5)  # (1.0 + 0.0 + 0.5) / 3: padding left out
+
+
+def test_igpo_step_with_nothing_to_score_never_calls_the_scorer():
+    def score(plan):
+        raise AssertionError("nothing should be scored")
+
+    advantages, metrics = compute_igpo_step(
+        [[1], [2]], [[10, 11], [20]], [_fields([(0, 2)], ef.STOP_MAX_TURNS), None], ["a", "a"], [False, False],
+        torch.tensor([[1, 1], [1, 0]]), torch.tensor([1.0, 0.0]), _CharTokenizer(), IgpoConfig(), score,
+    )
+    # Outcomes 1 and 0 in one group: z-scores +-1 (population std 0.5), on every generated token.
+    torch.testing.assert_close(advantages, torch.tensor([[1.0, 1.0], [-1.0, 0.0]]), atol=1e-5, rtol=0)
+    assert metrics["igpo/frac_rows_outcome_only"] == 1.0 and metrics["igpo/scored_sequences"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "dp, dynamic, micro, expected",
+    [(4, True, 8, 4), (4, False, 2, 8), (1, False, 1, 1), (2, False, None, 2)],
+)
+def test_forward_batch_multiple(dp, dynamic, micro, expected):
+    assert forward_batch_multiple(dp, dynamic, micro) == expected
+
+
+class _WorkerGroup:
+    """The two attributes of veRL's worker group that the dispatch (and our balancing) read."""
+
+    def __init__(self, mapping: list[int]) -> None:
+        self._dispatch_info: dict[str, list[int]] = {}
+        self.mapping = mapping
+
+    def _query_dispatch_info(self, mesh: str) -> list[int]:
+        assert mesh == "actor"
+        return self.mapping
+
+
+def test_scoring_batch_is_padded_to_the_dp_size_not_the_mini_batch(monkeypatch):
+    """5 sequences, actor DP size 2 (4 workers, TP 2), dynamic batch sizes, PPO mini-batch 4 x n 8: veRL's
+    ``_balance_batch`` would pad to lcm(2, 32) = 32 rows; a forward pass needs 6."""
+    from omegaconf import OmegaConf
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo import padding_utils
+
+    asked = []
+
+    def upsample(meta, multiple, eos_token_id):  # veRL's, minus the TransferQueue writes
+        asked.append(multiple)
+        pad = -len(meta) % multiple
+        keys = meta.keys + [f"pad{i}" for i in range(pad)]
+        tags = meta.tags + [{"seq_len": 2, "is_padding": True}] * pad
+        return KVBatchMeta(keys=keys, tags=tags, partition_id=meta.partition_id)
+
+    monkeypatch.setattr(padding_utils, "upsample_batch_to_divisible_size", upsample)
+    config = OmegaConf.create(
+        {
+            "actor_rollout_ref": {
+                "actor": {"use_dynamic_bsz": True, "ppo_mini_batch_size": 4},
+                "rollout": {"n": 8, "log_prob_micro_batch_size_per_gpu": 2},
+            }
+        }
+    )
+    trainer = type("Trainer", (), {})()
+    trainer.config, trainer.actor_rollout_wg = config, _WorkerGroup([0, 0, 1, 1])
+    trainer.tokenizer = type("Tok", (), {"eos_token_id": 0})()
+    lengths = [100, 10, 60, 50, 40]
+    meta = KVBatchMeta(keys=[f"s{i}" for i in range(5)], tags=[{"seq_len": n} for n in lengths], partition_id="p")
+    out = balance_for_forward(trainer, meta)
+    assert asked == [2] and len(out) == 6
+    # Equal halves, one per DP rank, with similar token work (100 + 10 + 2 against 60 + 50 + 40 or so).
+    halves = [sum(tag["seq_len"] for tag in out.tags[:3]), sum(tag["seq_len"] for tag in out.tags[3:])]
+    assert sorted(out.keys) == sorted([*meta.keys, "pad0"]) and max(halves) <= 150
+    # Fixed micro-batches: every rank must also hold whole micro-batches of 2.
+    config.actor_rollout_ref.actor.use_dynamic_bsz = False
+    asked.clear()
+    out = balance_for_forward(trainer, KVBatchMeta(keys=["a", "b", "c"], tags=[{"seq_len": 5}] * 3, partition_id="p"))
+    assert asked == [4] and len(out) == 4

@@ -11,6 +11,10 @@ are z-scored together (``joint``) or per kind (``separate``: outcome vs IG), dis
 turns, ``A_k = r~_k + gamma * A_{k+1}``, and each turn's value is put on all of its tokens.
 Advantages = returns (no critic).
 
+A row's turns are the distinct turn ids among its tokens, in order (:func:`dense_turn_index`): a turn
+that kept no tokens leaves a gap in the ids and is simply not a turn. A row without any turn (another
+agent loop's, or one whose only turn kept nothing) is one outcome-only turn spanning its whole response.
+
 Everything works on a small per-turn table (bs, T): a scatter per group for the statistics, one
 (T, T) matrix product for the discounted sums, one gather to spread turn values onto tokens.
 """
@@ -20,10 +24,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 
-__all__ = ["IgpoConfig", "IgpoTurnTable", "broadcast_turn_values", "compute_igpo_turn_advantages", "group_ids"]
+__all__ = [
+    "IgpoConfig",
+    "IgpoTurnTable",
+    "broadcast_turn_values",
+    "compute_igpo_turn_advantages",
+    "dense_turn_index",
+    "group_ids",
+]
 
 
 class IgpoTurnTable(NamedTuple):
@@ -51,6 +63,41 @@ def group_ids(uids: list[object]) -> torch.Tensor:
     return torch.tensor([index.setdefault(uid, len(index)) for uid in uids], dtype=torch.int64)
 
 
+def dense_turn_index(turn_ids: torch.Tensor, take_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Number each row's turns 0..T_i-1 by the distinct turn ids it holds (gaps tolerated).
+
+    The agent loop numbers turns as it generates them, so a turn that kept no tokens (e.g. its first token
+    was an eos that ends nothing) leaves a gap: ids {0, 2} are two turns here, 0 and 1. Rows that take part
+    but hold no turn id get one turn covering every token, so their outcome still reaches the generated
+    tokens and the group statistics (the outcome-only convention of GRPO).
+
+    Args:
+        turn_ids: (bs, L) int turn id per response token, -1 outside generated turns.
+        take_part: (bs,) bool, False for rows left out entirely (veRL's padding rows).
+
+    Returns:
+        ``(turn_index, num_turns)``: (bs, L) int64 dense turn of each token (-1 outside turns; 0 on every
+        token of a row without turns; -1 everywhere on rows that do not take part) and (bs,) int64 T_i
+        (1 for a row without turns, 0 for rows that do not take part).
+    """
+    bs, device = turn_ids.shape[0], turn_ids.device
+    take_part = take_part.to(device).bool()
+    ids = turn_ids.long()
+    max_id = int(ids.max()) if ids.numel() else -1
+    # present[i, t + 1]: row i has a token of turn id t; column 0 collects the -1 (off-turn) tokens.
+    present = torch.zeros(bs, max_id + 2, dtype=torch.bool, device=device)
+    present.scatter_(1, ids + 1, True)
+    present[:, 0] = False
+    rank = present.long().cumsum(1) - 1  # dense index of each present id; column 0 reads -1
+    turn_index = rank.gather(1, ids + 1)
+    num_turns = present.sum(1)
+    no_turn = num_turns == 0
+    turn_index = torch.where(no_turn.unsqueeze(1), torch.zeros_like(turn_index), turn_index)
+    num_turns = torch.where(no_turn, torch.ones_like(num_turns), num_turns)
+    turn_index = torch.where(take_part.unsqueeze(1), turn_index, torch.full_like(turn_index, -1))
+    return turn_index, torch.where(take_part, num_turns, torch.zeros_like(num_turns))
+
+
 def _scatter_stats(values: torch.Tensor, keys: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-key mean and population std of 1-D ``values`` (std 1 for keys with <= 1 value)."""
     count = torch.zeros(num_keys, dtype=values.dtype, device=values.device).scatter_add_(0, keys, torch.ones_like(values))
@@ -74,9 +121,10 @@ def compute_igpo_turn_advantages(
     """IGPO's turn rewards, group normalisation and discounted turn advantages.
 
     Args:
-        answer_logprob: (bs, T) mean log-prob of the ground-truth answer tokens teacher-forced after
+        answer_logprob: (bs, W) mean log-prob of the ground-truth answer tokens teacher-forced after
             prefix k (the dialogue before 0-based agent turn k; prefix 0 = the prompt). Only columns
-            k < num_turns[i] are read; others may hold anything.
+            k < num_turns[i] are read; others may hold anything. A table narrower than max(num_turns)
+            reads as NaN beyond its width (those rows fall back to the outcome).
         scored: (bs,) bool, the row's prefixes were scored (its task knows the answer). A row whose used
             columns are not all finite is treated as unscored. Unscored rows get the outcome reward only
             (their earlier turns receive the discounted outcome, as in the authors' fallback).
@@ -88,10 +136,13 @@ def compute_igpo_turn_advantages(
     Returns:
         An :class:`IgpoTurnTable`.
     """
-    bs, width = answer_logprob.shape
     device, dtype = answer_logprob.device, torch.float32
+    num_turns = num_turns.to(device).long()
+    bs = answer_logprob.shape[0]
+    width = max(answer_logprob.shape[1], int(num_turns.max()) if num_turns.numel() else 0)
+    if answer_logprob.shape[1] < width:  # never drop a turn: missing scores are NaN, i.e. outcome only
+        answer_logprob = F.pad(answer_logprob, (0, width - answer_logprob.shape[1]), value=float("nan"))
     cols = torch.arange(width, device=device)
-    num_turns = num_turns.to(device).long().clamp(max=width)
     turn_valid = cols.unsqueeze(0) < num_turns.unsqueeze(1)
     outcome_mask = turn_valid & (cols.unsqueeze(0) == (num_turns - 1).unsqueeze(1))
 

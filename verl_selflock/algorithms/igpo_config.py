@@ -13,7 +13,6 @@ CONFIG_PATH = "algorithm.igpo"
 INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")
 NORM_MODES = ("joint", "separate")
 DEFAULT_BRIDGE = "<scratch>I now have enough information to give my final answer.</scratch>\n<answer>"
-DEFAULT_CLOSING = "</answer>"
 
 
 def _is_number(value: Any) -> bool:
@@ -48,9 +47,9 @@ class IgpoConfig:
     """Scale of the outcome reward before normalisation (>= 0)."""
     bridge: str = DEFAULT_BRIDGE
     """Text written between the dialogue prefix (which ends with an assistant header) and the
-    ground-truth answer: a short statement that the agent is ready, then the opening ``<answer>``."""
-    closing: str = DEFAULT_CLOSING
-    """Text after the answer (then the chat template's end-of-turn). Neither it nor ``bridge`` is scored."""
+    ground-truth answer: a short statement that the agent is ready, then the opening ``<answer>``. Not
+    scored. Nothing follows the answer: the reference's closing tag and end-of-turn token are never
+    scored and, under causal attention, cannot change the answer tokens' log-probs."""
 
     def __post_init__(self) -> None:
         if self.info_gain_type not in INFO_GAIN_TYPES:
@@ -67,9 +66,8 @@ class IgpoConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{CONFIG_PATH}.{name} must be a finite number >= 0, got {value!r}")
-        for name in ("bridge", "closing"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{CONFIG_PATH}.{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.bridge, str):
+            raise ValueError(f"{CONFIG_PATH}.bridge must be a string, got {self.bridge!r}")
         for name in ("epsilon", "gamma", "ig_weight", "outcome_weight"):
             object.__setattr__(self, name, float(getattr(self, name)))
 

@@ -8,9 +8,15 @@ For every trajectory and every agent turn k (0-based), the scored sequence is
 turn k-1 was rendered as a user message plus that header), so the model is asked to write its next
 message; ``bridge`` (``algorithm.igpo.bridge``) says it is ready and opens ``<answer>``; ``answer`` is the
 task's ground-truth answer text (``selflock_gt_answer``, from ``env.ground_truth_answer()``). Only the
-answer tokens are scored (mean of their log-probs); nothing after them is built, since under causal
-attention later tokens cannot change those log-probs. The pieces are tokenized separately, so the
-scored token span is exact.
+answer tokens are scored (mean of their log-probs). Nothing after them is built (no closing tag, no
+end-of-turn token, which the reference appends but never scores): under causal attention later tokens
+cannot change those log-probs, and the pieces are tokenized separately, so the scored span is exactly the
+answer's own tokens. Turns are the distinct turn ids of a row, in order
+(:func:`verl_selflock.algorithms.igpo.dense_turn_index`, the same rule as :func:`turn_starts`).
+
+Only rows whose episode ended at a final turn are scored (:func:`scoring_answers`): as in the reference,
+whose gain count no longer matches its turns when a trajectory stops without answering, a row cut short
+(T3, the loop's turn cap, the response budget) gets the outcome reward only.
 
 :func:`score_with_actor` runs all sequences of a training step as **one** batch through the actor
 worker group's ``compute_log_prob``: the same call, model, weights and temperature veRL uses for the
@@ -23,14 +29,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from verl_selflock.agent_loop.episode_fields import GT_ANSWER, STOP_ANSWER, STOP_DONE, STOP_REASON
 from verl_selflock.algorithms.igpo_config import IgpoConfig
+
+FINAL_STOP_REASONS = (STOP_ANSWER, STOP_DONE)
+"""Stop reasons of an episode whose last turn is a final one (an answer, or the environment ended it)."""
 
 SCORING_PARTITION = "selflock_igpo"
 """TransferQueue partition of the scoring sequences (cleared after each step; never the ``train`` one,
@@ -65,9 +75,11 @@ class ScoringPlan:
     def num_tokens(self) -> int:
         return int(sum(ids.numel() for ids in self.input_ids))
 
-    def to_table(self, mean_logprob: torch.Tensor) -> torch.Tensor:
-        """(bs, T) table of per-prefix mean log-probs (NaN where not scored), T = max turns in the batch."""
-        width = int(self.num_turns.max()) if self.num_turns.numel() else 0
+    def to_table(self, mean_logprob: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """(bs, width) table of per-prefix mean log-probs (NaN where not scored); width defaults to the
+        plan's max turns (it is raised to that if smaller)."""
+        planned = int(self.num_turns.max()) if self.num_turns.numel() else 0
+        width = planned if width is None else max(width, planned)
         table = torch.full((self.num_turns.numel(), width), float("nan"))
         if len(self):
             table[self.rows, self.prefixes] = mean_logprob.float()
@@ -75,17 +87,37 @@ class ScoringPlan:
 
 
 def turn_starts(turn_ids: Sequence[int]) -> list[int] | None:
-    """Index of the first token of each agent turn 0..T-1 in a response, or None if a turn is missing.
+    """Index of the first token of each turn of a response, turns in id order; None if it has no turn.
+
+    A turn is a distinct id present (as in :func:`verl_selflock.algorithms.igpo.dense_turn_index`): a turn
+    id with no token (a turn that kept nothing) is a gap, not a missing turn.
 
     Args:
         turn_ids: per response token, the 0-based turn that generated it, -1 on other tokens.
     """
     ids = np.asarray(turn_ids, dtype=np.int64)
     present, first = np.unique(ids[ids >= 0], return_index=True)
-    if present.size == 0 or not np.array_equal(present, np.arange(present.size)):
+    if present.size == 0:
         return None
     offsets = np.flatnonzero(ids >= 0)  # np.unique indexed the filtered array: map back to positions
     return offsets[first].tolist()
+
+
+def scoring_answers(extra_fields: Sequence[Mapping[str, Any] | None]) -> list[str | None]:
+    """Per row, the ground-truth answer to score, or None for an outcome-only row.
+
+    A row is scored when its task knows the answer (``selflock_gt_answer``) and its episode ended at a
+    final turn (``selflock_stop_reason`` ``answer`` or ``done``), so its last turn is the one that takes
+    the outcome. A row cut short (``t3``, ``max_turns``, ``response_length``, or no stop reason) stopped
+    in the middle of the dialogue: the reference (igpo_method.md section 3) falls back to the outcome
+    alone when the gains do not line up with the turns, and so do we.
+    """
+    answers: list[str | None] = []
+    for fields in extra_fields:
+        fields = fields if isinstance(fields, Mapping) else {}
+        finished = fields.get(STOP_REASON) in FINAL_STOP_REASONS
+        answers.append(fields.get(GT_ANSWER) if finished else None)
+    return answers
 
 
 def plan_scoring(
@@ -107,6 +139,10 @@ def plan_scoring(
         tokenizer: the policy's tokenizer.
         config: ``algorithm.igpo`` settings (``bridge``).
         skip: per trajectory, True to leave it out entirely (num_turns 0), e.g. veRL's padding rows.
+
+    Returns:
+        A :class:`ScoringPlan`: one sequence per turn of every row with turns and a non-empty answer;
+        ``num_turns`` counts the turns found (0 for rows without any, or skipped).
     """
     bs = len(prompts)
     bridge = list(tokenizer.encode(config.bridge, add_special_tokens=False))
@@ -202,11 +238,61 @@ def plan_to_tensordict(plan: ScoringPlan, uids: Sequence[object] | None = None):
     return list_of_dict_to_tensordict(samples)
 
 
+def forward_batch_multiple(dp_size: int, use_dynamic_bsz: bool, micro_batch_size_per_gpu: int | None) -> int:
+    """The batch-size multiple a forward-only ``compute_log_prob`` of the actor needs (veRL 0.9.1).
+
+    The dispatch splits the batch into ``dp_size`` equal chunks, and without dynamic batch sizes each
+    rank cuts its chunk into micro-batches of ``rollout.log_prob_micro_batch_size_per_gpu`` that must
+    divide it (``prepare_micro_batches``). The PPO mini-batch sizes, which veRL's ``_balance_batch`` also
+    pads to (the lcm of the DP size and them), matter only for an update, never for a forward pass.
+    """
+    if use_dynamic_bsz or not micro_batch_size_per_gpu:
+        return dp_size
+    return dp_size * int(micro_batch_size_per_gpu)
+
+
+def actor_dp_size(worker_group: Any) -> int:
+    """Data-parallel size of the actor mesh: the lookup veRL's own dispatch and ``_balance_batch`` make."""
+    info = worker_group._dispatch_info.get("actor")
+    if info is None:
+        info = worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
+    return max(info) + 1
+
+
+def balance_for_forward(trainer: Any, meta: Any) -> Any:
+    """Pad a scoring batch to :func:`forward_batch_multiple` and spread its tokens evenly over the DP ranks.
+
+    veRL's ``_balance_batch`` minus the mini-batch alignment: the same synthetic no-op padding rows
+    (``upsample_batch_to_divisible_size``) and the same balanced partitions, but at most
+    ``multiple - 1`` padding rows instead of up to lcm(DP size, mini-batch sizes) - 1.
+
+    Args:
+        trainer: the running v1 trainer (``actor_rollout_wg``, ``config``, ``tokenizer``).
+        meta: the scoring sequences' ``KVBatchMeta`` (tags carry ``seq_len``).
+
+    Returns:
+        The padded, reordered ``KVBatchMeta``.
+    """
+    from verl.trainer.ppo import padding_utils
+    from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
+
+    dp_size = actor_dp_size(trainer.actor_rollout_wg)
+    roles = trainer.config.actor_rollout_ref
+    multiple = forward_batch_multiple(
+        dp_size, bool(roles.actor.use_dynamic_bsz), roles.rollout.get("log_prob_micro_batch_size_per_gpu")
+    )
+    meta = padding_utils.upsample_batch_to_divisible_size(meta, multiple, trainer.tokenizer.eos_token_id)
+    seqlens = torch.tensor([tag["seq_len"] for tag in meta.tags], dtype=torch.int64)
+    partitions = get_seqlen_balanced_partitions(calculate_workload(seqlens), k_partitions=dp_size, equal_size=True)
+    meta.reorder([index for partition in partitions for index in partition])
+    return meta
+
+
 def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: Sequence[object]) -> torch.Tensor:
     """Mean answer log-prob of every plan sequence from the actor worker group (one batched call).
 
     Args:
-        trainer: the running v1 trainer (``actor_rollout_wg``, ``_balance_batch``).
+        trainer: the running v1 trainer (``actor_rollout_wg``, ``config``, ``tokenizer``).
         plan: the sequences to score (non-empty).
         temperature: the rollout temperature (veRL scores old log-probs at it too).
         uids: per batch row, veRL's ``uid`` (stored with each sequence for veRL's padding helper).
@@ -223,9 +309,7 @@ def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: 
     ]
     meta = tq.kv_batch_put(keys=keys, partition_id=SCORING_PARTITION, fields=plan_to_tensordict(plan, uids), tags=tags)
     try:
-        # The trainer's own balancing pads the batch to what the actor's data-parallel dispatch needs
-        # (synthetic no-op rows) and spreads the tokens evenly over the DP ranks.
-        meta = trainer._balance_batch(meta, metrics={}, logging_prefix="igpo/seqlen")
+        meta = balance_for_forward(trainer, meta)
         # Read only the fields we wrote: veRL's padding rows carry a few more (rm_scores, num_turns ...).
         meta.fields = list(SCORING_FIELDS)
         meta.extra_info.update({"calculate_entropy": False, "compute_loss": False, "temperature": temperature})

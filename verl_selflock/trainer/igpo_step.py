@@ -8,17 +8,23 @@ TransferQueue, calls them, writes ``advantages`` and ``returns`` back and report
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from verl_selflock.agent_loop.episode_fields import GT_ANSWER, T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
-from verl_selflock.algorithms.igpo import broadcast_turn_values, compute_igpo_turn_advantages, group_ids
+from verl_selflock.agent_loop.episode_fields import T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
+from verl_selflock.algorithms.igpo import (
+    IgpoTurnTable,
+    broadcast_turn_values,
+    compute_igpo_turn_advantages,
+    dense_turn_index,
+    group_ids,
+)
 from verl_selflock.algorithms.igpo_config import IgpoConfig
-from verl_selflock.protocol import TURN_IDS, collate_critiques
-from verl_selflock.trainer.igpo_scoring import plan_scoring, score_with_actor, timed
+from verl_selflock.protocol import collate_critiques
+from verl_selflock.trainer.igpo_scoring import ScoringPlan, plan_scoring, score_with_actor, scoring_answers, timed
 
 
 def _padded(tensor: torch.Tensor, value: float) -> torch.Tensor:
@@ -77,53 +83,107 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
         partition_id=batch.partition_id,
         select_fields=["uid", "prompts", "responses", "response_mask", "rm_scores", "extra_fields"],
     )
-    extra_fields = list(data["extra_fields"])
     uids = list(data["uid"])
-    is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
     response_mask_nested = data["response_mask"]
-    response_mask = _padded(response_mask_nested, 0)
-    outcome = _padded(data["rm_scores"], 0.0).float().sum(dim=1)
-
-    def field(fields: Mapping[str, Any] | None, key: str) -> Any:
-        return fields.get(key) if isinstance(fields, Mapping) else None
-
-    # 1. teacher-forced scores of the ground-truth answer after every turn prefix, one batched call
-    plan = plan_scoring(
+    temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
+    advantages, step_metrics = compute_igpo_step(
         prompts=[row.tolist() for row in _rows(data["prompts"])],
         responses=[row.tolist() for row in _rows(data["responses"])],
-        turn_ids=[field(f, TURN_IDS) for f in extra_fields],
-        answers=[field(f, GT_ANSWER) for f in extra_fields],
+        extra_fields=list(data["extra_fields"]),
+        uids=uids,
+        is_padding=[bool(tag.get("is_padding", False)) for tag in batch.tags],
+        response_mask=_padded(response_mask_nested, 0),
+        outcome=_padded(data["rm_scores"], 0.0).float().sum(dim=1),
         tokenizer=trainer.tokenizer,
+        config=config,
+        score=lambda plan: score_with_actor(trainer, plan, temperature, uids),
+        gen_time=float((getattr(trainer, "timing_raw", None) or {}).get("gen", 0.0)),
+    )
+    # Write back: advantages = returns (no critic).
+    nested = response_to_nested(advantages, response_mask_nested)
+    output = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
+    metrics.update(step_metrics)
+    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+
+def compute_igpo_step(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    extra_fields: Sequence[Mapping[str, Any] | None],
+    uids: Sequence[object],
+    is_padding: Sequence[bool],
+    response_mask: torch.Tensor,
+    outcome: torch.Tensor,
+    tokenizer: Any,
+    config: IgpoConfig,
+    score: Callable[[ScoringPlan], torch.Tensor],
+    gen_time: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """IGPO's token advantages of one batch, given a scorer for the teacher-forced sequences (no veRL, no I/O).
+
+    Args:
+        prompts, responses: per row, the prompt and response token ids.
+        extra_fields: per row, the agent loop's ``extra_fields`` (turn ids, ground-truth answer, stop reason).
+        uids: per row, veRL's prompt-group id.
+        is_padding: per row, True for veRL's synthetic padding rows (left out entirely).
+        response_mask: (bs, L) 1 on tokens the policy generated.
+        outcome: (bs,) outcome reward of each row.
+        tokenizer: the policy's tokenizer.
+        config: validated ``algorithm.igpo``.
+        score: plan -> (len(plan),) mean answer log-probs (the actor in training); called once, only for a
+            non-empty plan.
+        gen_time: the step's generation time in seconds, for ``igpo/scoring_time_ratio_to_gen``.
+
+    Returns:
+        ``(advantages, metrics)``: (bs, L) float32 advantages, 0 off generated tokens and on padding rows,
+        and the ``igpo/*`` metrics.
+    """
+    # 0. The rows' turns: distinct turn ids, a row without any being one outcome-only turn. The plan reads
+    # the same collated ids, so its prefix k is the table's turn k.
+    turn_ids = collate_critiques(extra_fields, response_mask.shape[1]).turn_ids
+    take_part = torch.tensor([not pad for pad in is_padding], dtype=torch.bool)
+    turn_index, num_turns = dense_turn_index(turn_ids, take_part)
+
+    # 1. Teacher-forced scores of the ground-truth answer after every turn prefix, one batched call.
+    plan = plan_scoring(
+        prompts=prompts,
+        responses=responses,
+        turn_ids=[row.tolist() for row in turn_ids],
+        answers=scoring_answers(extra_fields),  # None (outcome only): cut short, or no known answer
+        tokenizer=tokenizer,
         config=config,
         skip=is_padding,
     )
     scoring_time = 0.0
     mean_logprob = torch.empty(0)
     if len(plan):
-        temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
-        mean_logprob, scoring_time = timed(score_with_actor, trainer, plan, temperature, uids)
+        mean_logprob, scoring_time = timed(score, plan)
 
-    # 2. turn rewards, group normalisation, discounted turn advantages
+    # 2. Turn rewards, group normalisation, discounted turn advantages, spread over each turn's tokens.
+    width = int(num_turns.max()) if num_turns.numel() else 0
     table = compute_igpo_turn_advantages(
-        plan.to_table(mean_logprob), plan.scored, plan.num_turns, outcome, group_ids(uids), config
+        plan.to_table(mean_logprob, width), plan.scored, num_turns, outcome, group_ids(list(uids)), config
     )
-    turn_ids = collate_critiques(extra_fields, response_mask.shape[1]).turn_ids
-    advantages = broadcast_turn_values(table.advantages, turn_ids, response_mask)
-
-    # 3. write back (advantages = returns: no critic) and report
-    nested = response_to_nested(advantages, response_mask_nested)
-    output = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
-    metrics.update(_igpo_metrics(table, plan, mean_logprob, scoring_time, advantages, response_mask, trainer))
-    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+    advantages = broadcast_turn_values(table.advantages, turn_index, response_mask)
+    metrics = _igpo_metrics(table, plan, num_turns, mean_logprob, scoring_time, advantages, response_mask, gen_time)
+    return advantages, metrics
 
 
-def _igpo_metrics(table, plan, mean_logprob, scoring_time, advantages, response_mask, trainer) -> dict[str, float]:
-    active = plan.num_turns > 0
+def _igpo_metrics(
+    table: IgpoTurnTable,
+    plan: ScoringPlan,
+    num_turns: torch.Tensor,
+    mean_logprob: torch.Tensor,
+    scoring_time: float,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    gen_time: float,
+) -> dict[str, float]:
+    active = num_turns > 0  # every row but veRL's padding: rows without turns or cut short count as outcome-only
     ig_mask = table.reward_mask & ~table.outcome_mask
     ig = table.rewards[ig_mask]
     scored_prob = mean_logprob.exp() if mean_logprob.numel() else torch.zeros(0)
     first = plan.prefixes == 0 if len(plan) else torch.zeros(0, dtype=torch.bool)
-    gen_time = float((getattr(trainer, "timing_raw", None) or {}).get("gen", 0.0))
     tokens = response_mask.bool()
 
     def mean(t: torch.Tensor) -> float:
