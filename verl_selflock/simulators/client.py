@@ -4,13 +4,21 @@ Simulated users and patients (MediQ, FloDial, tau2) and the policy under evaluat
 an OpenAI-compatible ``/v1/chat/completions`` endpoint: ``vllm serve`` on a GPU cluster, a hosted
 API, or ``transformers serve`` on a CPU box. A rollout must never crash because such a server is
 down, slow, overloaded or talks nonsense, so :meth:`ChatClient.chat` returns a :class:`ChatReply`
-whose ``ok`` is False after ``max_retries`` retries with exponential backoff, and the caller
-degrades the turn the way its task specifies (and counts it). Every outcome is counted in
-:meth:`ChatClient.stats`.
+whose ``ok`` is False after ``max_retries`` retries, and the caller degrades the turn the way its
+task specifies (and counts it). Every outcome is counted in :meth:`ChatClient.stats`.
 
-Greedy answers (temperature 0) are deterministic, so a reply can be cached under a key the caller
-chooses (e.g. ``(case_id, normalised_query)``): repeated questions across rollouts cost nothing.
-Failures are never cached.
+Retries (connection errors, timeouts, 429, 5xx, unparsable or empty bodies) wait an exponential
+backoff with jitter: ``backoff_s * 2**(retry - 1)`` scaled by a random factor in [0.5, 1] (so that
+many workers hit by the same outage do not retry in lockstep), at most ``backoff_max_s``. A 429 or
+503 that carries ``Retry-After`` (seconds or an HTTP date; or ``retry-after-ms``) waits what the
+server asks instead, also at most ``backoff_max_s``, so a rollout never stalls on a server's say-so.
+
+Cache. Only greedy calls (temperature 0, the config's or the call's) use it: their replies are
+deterministic, so a reply can be kept under a key the caller chooses (e.g. ``(case_id,
+normalised_query)``) and repeated questions across rollouts cost nothing. A sampled call
+(temperature > 0) always asks the server, so sampled replies are never frozen. Failures are never
+cached. Identical greedy calls in flight at the same time share one request: the later ones await
+the first and count as cache hits. The cache keeps the ``cache_size`` most recently used replies.
 
 Config (``simulator:`` in a recipe's agent-loop YAML, or ``verl-selflock eval`` options)::
 
@@ -24,16 +32,22 @@ Config (``simulator:`` in a recipe's agent-loop YAML, or ``verl-selflock eval`` 
       max_concurrency: 16
       max_retries: 2
       backoff_s: 0.5
+      backoff_max_s: 10
       cache: true
+      cache_size: 50000
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
+import math
 import os
+import random
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -41,6 +55,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_API_KEY_ENV = "SELFLOCK_SIMULATOR_API_KEY"
+DEFAULT_CACHE_SIZE = 50_000
+"""Default cache bound: a few hundred bytes per short reply, tens of MB at most for tau2's longer ones."""
+JITTER_MIN = 0.5
+"""Retry delays are scaled by a random factor in [JITTER_MIN, 1]."""
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
 class SimulatorConfigError(ValueError):
@@ -67,9 +86,13 @@ class SimulatorConfig:
     max_retries: int = 2
     """Retries after the first attempt, on connection errors, timeouts, 429 and 5xx."""
     backoff_s: float = 0.5
-    """First retry delay; doubles each retry."""
+    """First retry delay; doubles each retry (before jitter)."""
+    backoff_max_s: float = 10.0
+    """Longest wait before a retry, also when a 429/503 asks for longer with ``Retry-After``."""
     cache: bool = True
-    """Cache successful replies under the caller's key (only sensible with temperature 0)."""
+    """Cache successful greedy replies (temperature 0) under the caller's key; sampled calls never use it."""
+    cache_size: int = DEFAULT_CACHE_SIZE
+    """Most replies the cache keeps; the least recently used one is dropped first."""
 
     def __post_init__(self) -> None:
         def fail(key: str, why: str) -> None:
@@ -81,7 +104,7 @@ class SimulatorConfig:
             fail("model", "must name the served model")
         if not 0.0 <= float(self.temperature) <= 2.0:
             fail("temperature", f"must be in [0, 2], got {self.temperature!r}")
-        for key in ("max_tokens", "max_concurrency"):
+        for key in ("max_tokens", "max_concurrency", "cache_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(key, f"must be a positive int, got {value!r}")
@@ -91,6 +114,8 @@ class SimulatorConfig:
             fail("timeout_s", f"must be > 0, got {self.timeout_s!r}")
         if float(self.backoff_s) < 0:
             fail("backoff_s", f"must be >= 0, got {self.backoff_s!r}")
+        if float(self.backoff_max_s) < 0:
+            fail("backoff_max_s", f"must be >= 0, got {self.backoff_max_s!r}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SimulatorConfig:
@@ -125,10 +150,23 @@ class ChatReply:
     """The reply's content; None when the call failed."""
     ok: bool
     error: str | None = None
-    """``timeout``, ``connection``, ``http_<status>``, ``empty`` or ``bad_response``, when not ok."""
+    """``timeout``, ``connection``, ``http_<status>``, ``empty`` or ``bad_response``, when not ok
+    (``exception`` when :func:`verl_selflock.envs.base.ask_simulator` caught one)."""
     cached: bool = False
+    """Served from the cache, or by an identical request already in flight."""
     attempts: int = 0
-    """Requests actually sent (0 for a cache hit)."""
+    """Requests this call actually sent (0 for a cache hit or a shared in-flight request)."""
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """Outcome of one request."""
+
+    text: str | None
+    error: str = ""
+    retryable: bool = False
+    retry_after_s: float | None = None
+    """What the server asked to wait (``Retry-After`` on a 429/503), if it said."""
 
 
 class ChatClient:
@@ -143,8 +181,10 @@ class ChatClient:
             base_url=config.base_url, api_key=config.api_key(), timeout=float(config.timeout_s), max_retries=0
         )
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
-        self._cache: dict[Hashable, str] = {}
+        self._cache: OrderedDict[Hashable, str] = OrderedDict()  # least recently used first
+        self._in_flight: dict[Hashable, asyncio.Future[ChatReply]] = {}
         self._counts: Counter[str] = Counter()
+        self._rng = random.Random()
 
     async def chat(
         self,
@@ -157,13 +197,6 @@ class ChatClient:
     ) -> ChatReply:
         """One chat completion. Never raises for server or network faults: see :class:`ChatReply`."""
         self._counts["calls"] += 1
-        use_cache = self.config.cache and cache_key is not None
-        if use_cache and cache_key in self._cache:
-            self._counts["cache_hits"] += 1
-            return ChatReply(text=self._cache[cache_key], ok=True, cached=True)
-        if use_cache:
-            self._counts["cache_misses"] += 1
-
         request: dict[str, Any] = {
             "model": self.config.model,
             "messages": [dict(m) for m in messages],
@@ -172,67 +205,170 @@ class ChatClient:
         }
         if stop:
             request["stop"] = list(stop)
+        # A sampled reply is one draw of many: caching it would replay that draw forever.
+        if not (self.config.cache and cache_key is not None and request["temperature"] == 0.0):
+            return await self._send(request)
+        return await self._cached_chat(request, cache_key)
 
-        error = "unknown"
+    async def _cached_chat(self, request: dict[str, Any], key: Hashable) -> ChatReply:
+        """A greedy call: the cache, else a request already in flight for ``key``, else a new one."""
+        text = self._cache.get(key)
+        if text is not None:
+            self._cache.move_to_end(key)
+            self._counts["cache_hits"] += 1
+            return ChatReply(text=text, ok=True, cached=True)
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            return await self._join(pending)
+        self._counts["cache_misses"] += 1
+        # A task of its own, so that a caller cancelled mid-request does not cancel the others' reply.
+        task = asyncio.ensure_future(self._send_and_store(request, key))
+        self._in_flight[key] = task
+        task.add_done_callback(lambda done: self._forget(key, done))
+        return await asyncio.shield(task)
+
+    async def _join(self, pending: asyncio.Future[ChatReply]) -> ChatReply:
+        """Await an identical request in flight: a hit if it succeeds, this call's failure if it fails."""
+        self._counts["in_flight_shared"] += 1
+        reply = await asyncio.shield(pending)
+        if reply.ok:
+            self._counts["cache_hits"] += 1
+            return ChatReply(text=reply.text, ok=True, cached=True)
+        self._counts["cache_misses"] += 1
+        self._counts["failures"] += 1
+        return ChatReply(text=None, ok=False, error=reply.error)
+
+    def _forget(self, key: Hashable, done: asyncio.Future[ChatReply]) -> None:
+        if self._in_flight.get(key) is done:
+            del self._in_flight[key]
+
+    async def _send_and_store(self, request: dict[str, Any], key: Hashable) -> ChatReply:
+        reply = await self._send(request)
+        if reply.ok and reply.text is not None:
+            self._store(key, reply.text)
+        return reply
+
+    def _store(self, key: Hashable, text: str) -> None:
+        """Keep ``text`` under ``key``, dropping the least recently used replies beyond ``cache_size``."""
+        self._cache[key] = text
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.config.cache_size:
+            self._cache.popitem(last=False)
+            self._counts["cache_evictions"] += 1
+
+    async def _send(self, request: dict[str, Any]) -> ChatReply:
+        """The request with up to ``max_retries`` retries; counts requests, retries, errors and failures."""
+        outcome = _Attempt(None, "unknown")
         attempts = 0
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self._counts["retries"] += 1
-                await asyncio.sleep(float(self.config.backoff_s) * 2 ** (attempt - 1))
+                await asyncio.sleep(self._retry_delay(attempt, outcome.retry_after_s))
             attempts += 1
             self._counts["requests"] += 1
-            text, error, retryable = await self._attempt(request)
-            if text is not None:
-                if use_cache:
-                    self._cache[cache_key] = text
-                return ChatReply(text=text, ok=True, attempts=attempts)
-            self._counts[f"error_{error}"] += 1
-            if not retryable:
+            outcome = await self._attempt(request)
+            if outcome.text is not None:
+                return ChatReply(text=outcome.text, ok=True, attempts=attempts)
+            self._counts[f"error_{outcome.error}"] += 1
+            if not outcome.retryable:
                 break
         self._counts["failures"] += 1
         logger.warning(
-            "simulator %s at %s failed after %d attempt(s): %s", self.config.model, self.config.base_url, attempts, error
+            "simulator %s at %s failed after %d attempt(s): %s",
+            self.config.model, self.config.base_url, attempts, outcome.error,
         )
-        return ChatReply(text=None, ok=False, error=error, attempts=attempts)
+        return ChatReply(text=None, ok=False, error=outcome.error, attempts=attempts)
 
-    async def _attempt(self, request: dict[str, Any]) -> tuple[str | None, str, bool]:
-        """(text or None, error kind, retryable)."""
+    def _retry_delay(self, retry: int, retry_after_s: float | None) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based); see the module docstring."""
+        return backoff_delay(
+            retry, float(self.config.backoff_s), float(self.config.backoff_max_s), self._rng.random(), retry_after_s
+        )
+
+    async def _attempt(self, request: dict[str, Any]) -> _Attempt:
         import openai
 
         try:
             async with self._semaphore:
                 response = await self._client.chat.completions.create(**request)
         except openai.APITimeoutError:
-            return None, "timeout", True
+            return _Attempt(None, "timeout", True)
         except openai.APIConnectionError:
-            return None, "connection", True
+            return _Attempt(None, "connection", True)
         except openai.APIStatusError as exc:
             status = int(exc.status_code)
-            return None, f"http_{status}", status == 429 or status >= 500
+            wait = retry_after_seconds(exc.response.headers) if status in RETRY_AFTER_STATUSES else None
+            return _Attempt(None, f"http_{status}", status == 429 or status >= 500, wait)
         except (ValueError, TypeError, KeyError) as exc:  # a body the SDK cannot parse
             logger.debug("simulator: unparsable response: %r", exc)
-            return None, "bad_response", True
+            return _Attempt(None, "bad_response", True)
         try:
             content = response.choices[0].message.content
         except (AttributeError, IndexError, TypeError):
-            return None, "bad_response", True
+            return _Attempt(None, "bad_response", True)
         if not isinstance(content, str):
-            return None, "bad_response", True
+            return _Attempt(None, "bad_response", True)
         if not content.strip():
-            return None, "empty", True
-        return content, "", False
+            return _Attempt(None, "empty", True)
+        return _Attempt(content)
 
     def stats(self) -> dict[str, float]:
-        """Counters since creation: calls, requests, retries, failures, error_<kind>, cache hits/misses, hit rate."""
+        """Counters since creation: calls, requests, retries, failures, error_<kind>, cache hits/misses,
+        hit rate, evictions, calls that joined a request in flight, cached replies."""
         out = {key: float(value) for key, value in self._counts.items()}
-        for key in ("calls", "requests", "retries", "failures", "cache_hits", "cache_misses"):
+        for key in (
+            "calls", "requests", "retries", "failures", "cache_hits", "cache_misses", "cache_evictions",
+            "in_flight_shared",
+        ):
             out.setdefault(key, 0.0)
         lookups = out["cache_hits"] + out["cache_misses"]
         out["cache_hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
+        out["cache_entries"] = float(len(self._cache))
         return out
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def backoff_delay(
+    retry: int, backoff_s: float, backoff_max_s: float, unit_random: float, retry_after_s: float | None = None
+) -> float:
+    """Wait before retry number ``retry`` (1-based): the server's ``Retry-After`` if given, else
+    ``backoff_s * 2**(retry - 1)`` scaled by a jitter factor in [JITTER_MIN, 1] (``unit_random`` in
+    [0, 1) picks it); never more than ``backoff_max_s``."""
+    if retry_after_s is not None:
+        return min(max(retry_after_s, 0.0), backoff_max_s)
+    nominal = min(backoff_s * 2 ** (retry - 1), backoff_max_s)
+    return nominal * (JITTER_MIN + (1.0 - JITTER_MIN) * unit_random)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """What ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date) ask to wait; None if absent or unreadable."""
+    millis = _seconds(headers.get("retry-after-ms"))
+    if millis is not None:
+        return millis / 1000.0
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
+
+
+def _seconds(text: str | None) -> float | None:
+    """A header's number, clamped at 0; None when absent or not a finite number (NaN would break sleep)."""
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return max(value, 0.0) if math.isfinite(value) else None
 
 
 # One client per (config, event loop) and process: the cache and the concurrency limit are shared by
