@@ -273,3 +273,48 @@ def test_t3_signal_and_igpo_answer():
     assert all(s.progress == {} for s in steps[1:7:2])
     truth = episode_spec()["answer_index"]
     assert env.ground_truth_answer().split(",") == ["1" if i == truth else "0" for i in range(5)]
+
+
+def test_exact_repeat_of_an_unknown_query_is_a_repeat_without_a_simulator_call():
+    """Like MediQ: an exact (normalised) repeat of any answered query is a repeat, whatever the answer was;
+    the simulator is not asked again and the AS critique stays -1."""
+    simulator = ScriptedSimulator(REPLIES)
+    env = make_env(episode_spec(max_turns=6), context=EnvContext(simulator=simulator))
+    steps = run_script(
+        env,
+        [
+            action("Is it raining?"),  # "Unknown": AS -1
+            guess("1,1,1,1,1"),
+            action("is it   RAINING"),  # the same question, normalised: a repeat, no call
+            guess("1,1,1,1,1"),
+            "<answer>0,0,1,0,0</answer>",
+        ],
+    )
+    first, again = steps[0], steps[2]
+    assert len(simulator.calls) == 1
+    assert (first.label.critique, first.repeated, first.valid) == (-1, False, True)
+    assert (again.label.critique, again.repeated, again.valid) == (-1, True, False)
+    assert again.info["error"] == "repeated query" and again.info["feedback"] == "unknown"
+    assert again.observation.startswith("The feedback of your latest query: Unknown. (You asked this question already.)")
+    assert again.progress == {"new_information": 0.0}
+    m = env.result().metrics
+    assert (m["repeats"], m["sim_calls"], m["answers_unknown"], m["as_neg"]) == (1, 1, 2, 2)
+
+
+def test_a_query_whose_simulator_call_failed_may_be_asked_again():
+    """A failed call is not the agent's fault (AS 0) and leaves no answer to repeat: asking again goes to
+    the simulator and is judged normally."""
+
+    class FailsOnce(ScriptedSimulator):
+        async def chat(self, messages, *, cache_key=None, **kwargs: object) -> ChatReply:
+            if not self.calls:
+                self.calls.append(list(messages))
+                return ChatReply(None, ok=False, error="timeout", attempts=2)
+            return await super().chat(messages, cache_key=cache_key, **kwargs)
+
+    simulator = FailsOnce(REPLIES)
+    env = make_env(episode_spec(), context=EnvContext(simulator=simulator))
+    failed, _, again = run_script(env, [action("Does the laptop power on?"), guess("1,1,1,1,1"), action("Does the laptop power on?")])
+    assert (failed.label.critique, failed.info["simulator_failed"], failed.repeated) == (0, True, False)
+    assert (again.label.critique, again.repeated, again.info["feedback"]) == (1, False, "yes")
+    assert len(simulator.calls) == 2 and env.result().metrics["repeats"] == 0

@@ -176,6 +176,39 @@ def test_fractional_reward_counts_atomic_checks():
     assert not result.answered and not result.success
 
 
+def test_every_turn_is_an_action_round_for_the_diagnostics():
+    """tau2 has no Update rounds and no answer turn. Counted as the agent loop and ``verl-selflock eval``
+    count (``env.next_round()`` before each step), every turn is an Action round: ``as_proxy`` is
+    AS +1 turns / turns (<= 1) and ``bt_proxy`` has no data (absent), so the self-locking monitor
+    ignores it instead of reading a BT proxy of 0."""
+    from verl_selflock.agent_loop.episode_fields import EpisodeStats
+    from verl_selflock.diagnostics.metrics import batch_metrics, counts_of
+    from verl_selflock.envs import RoundKind
+
+    def episode(env, turns: list[str]) -> EpisodeStats:
+        stats = EpisodeStats(task=env.task)
+        for text in turns:
+            kind = env.next_round()
+            assert kind is RoundKind.ACTION
+            stats.turns += 1
+            stats.count_step(kind.value, run(env, [text])[0])
+        stats.answered = env.result().answered
+        return stats
+
+    solved = episode(new_env(KeywordUser()), GOOD_SOLUTION)  # 8 of 9 turns AS +1
+    # Ends at max_turns: the last turn is an Action round too, not an answer turn.
+    cut = episode(new_env(KeywordUser(), max_turns=4), [say("Hi."), say("Please turn on data roaming."), say("Ok."), say("Bye.")])
+    for stats, turns in ((solved, 9), (cut, 4)):
+        assert (stats.action_rounds, stats.update_rounds, stats.bt_pos, stats.bt_neg) == (turns, 0, 0, 0)
+        assert stats.as_pos + stats.as_neg <= stats.action_rounds
+    metrics = batch_metrics([counts_of(solved)])
+    assert metrics["selflock/as_proxy"] == pytest.approx(8 / 9)
+    assert "selflock/bt_proxy" not in metrics
+    both = batch_metrics([counts_of(solved), counts_of(cut)])
+    assert both["selflock/as_proxy"] == pytest.approx((8 + cut.as_pos) / 13) and both["selflock/as_proxy"] <= 1
+    assert "selflock/bt_proxy" not in both
+
+
 def test_parsers_reject_malformed_turns():
     assert parse_agent_turn("<message> hi </message> <tool_call>{}</tool_call>").value.content == "hi"
     assert parse_agent_turn('<tool_call>{"name": "x", "arguments": {"a": 1}}</tool_call>').value.arguments == {"a": 1}
@@ -210,13 +243,15 @@ def test_env_needs_a_simulator_and_a_known_task():
         new_env(KeywordUser()).__class__({"task": "tau2_telecom", "task_id": "nope"}, context=EnvContext(KeywordUser()))
 
 
-@pytest.mark.parametrize("mode", ["error500", "down"])
+@pytest.mark.parametrize("mode", ["error500", "down", "slow", "garbage"])
 def test_simulator_failures_degrade_and_are_counted(mode):
     from fixtures.openai_servers import FaultServer, down_url
 
     def episode(base_url: str):
         async def main():
-            client = ChatClient(SimulatorConfig(base_url=base_url, model="m", max_retries=1, backoff_s=0.0, timeout_s=2))
+            # A short timeout: the slow server (1.5 s per reply) must time out on every attempt.
+            config = SimulatorConfig(base_url=base_url, model="m", max_retries=1, backoff_s=0.0, timeout_s=0.5)
+            client = ChatClient(config)
             env = new_env(client)
             steps = [await env.step(say(f"Message {i}.")) for i in range(MAX_CONSECUTIVE_SIM_FAILURES)]
             await client.aclose()
@@ -227,8 +262,9 @@ def test_simulator_failures_degrade_and_are_counted(mode):
     if mode == "down":
         env, steps = episode(down_url())
     else:
-        with FaultServer("error500") as server:
+        with FaultServer(mode, delay_s=1.5) as server:
             env, steps = episode(server.base_url)
+            assert len(server.requests) == 2 * MAX_CONSECUTIVE_SIM_FAILURES  # first attempt + one retry per turn
     assert [s.observation for s in steps[:-1]] == [DEGRADED_USER_REPLY] * (MAX_CONSECUTIVE_SIM_FAILURES - 1)
     assert all(s.label.critique == 0 and not s.label.fallback_eligible for s in steps)
     assert all(s.label.fallback is FallbackRole.EXEMPT for s in steps)  # not the agent's fault: never promoted

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import enum
 import inspect
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from verl_selflock.envs.parsing import cut_after_first_closing_tag, extract_block
 from verl_selflock.protocol import CHANNEL_AS, TurnLabel
+from verl_selflock.simulators.client import ChatReply
+
+logger = logging.getLogger(__name__)
 
 
 class RoundKind(str, enum.Enum):
@@ -163,6 +167,9 @@ class ActiveReasoningEnv(ABC):
         """
 
     def next_round(self) -> RoundKind:
+        """Kind of the next turn, as the agent loop and ``verl-selflock eval`` count it (Action rounds
+        and Update rounds are the denominators of ``selflock/as_proxy`` and ``selflock/bt_proxy``).
+        Default: the paper's alternation; a task with another protocol overrides it."""
         return round_kind(self.turn + 1, self.max_turns)
 
     def ground_truth_answer(self) -> str | None:
@@ -224,6 +231,26 @@ class RoundBasedEnv(ActiveReasoningEnv):
     @abstractmethod
     def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
         """An ``<answer>`` turn, or the answer turn reached without one (``cut`` = the turn's text)."""
+
+
+async def ask_simulator(
+    simulator: Any, messages: Sequence[Mapping[str, str]], *, cache_key: Hashable | None, task: str
+) -> ChatReply:
+    """``simulator.chat(messages, cache_key=...)`` that never raises: an exception (a bug in a client,
+    an SDK error nobody mapped) becomes a failed reply (``error="exception"``), logged, so the task
+    degrades the turn exactly as after a failed call instead of crashing the rollout."""
+    try:
+        reply = await simulator.chat(messages, cache_key=cache_key)
+    except Exception as err:  # noqa: BLE001  (whatever the simulator raises, the rollout goes on)
+        logger.warning("%s: the simulator raised %r; the turn degrades like a failed call", task, err)
+        return ChatReply(text=None, ok=False, error="exception")
+    if not isinstance(reply, ChatReply):
+        logger.warning("%s: the simulator returned %r, not a ChatReply; the turn degrades", task, type(reply))
+        return ChatReply(text=None, ok=False, error="bad_response")
+    if reply.ok and not isinstance(reply.text, str):
+        # An "ok" reply without text is as useless as a failed one: every task reads the text.
+        return ChatReply(text=None, ok=False, error="bad_response", attempts=reply.attempts)
+    return reply
 
 
 def _episode_over() -> StepResult:

@@ -16,8 +16,9 @@ Feedback rules:
   the table, not the simulator's yes/no word, is the ground truth (a simulator that names a row
   but garbles its answer is counted in ``sim_answer_mismatch``);
 * a reply naming a row answered before -> "Unknown." plus a note that the question was asked
-  already (a paraphrased repeat); an exact repeat of an answered query text gets the same reply
-  without a simulator call;
+  already (a paraphrased repeat); an exact (normalised) repeat of any earlier query the simulator
+  answered (yes, no or unknown) gets the same reply without a simulator call (as in MediQ; a query
+  whose simulator call failed may be asked again);
 * "Unknown", an unparsable reply (counted in ``sim_unparsable``: several IDs, an ID out of range,
   no ID, free text) -> "Unknown.";
 * a failed simulator call (server down, timeouts, 5xx, garbage after the client's retries) ->
@@ -74,6 +75,7 @@ from verl_selflock.envs.base import (
     RoundBasedEnv,
     RoundKind,
     StepResult,
+    ask_simulator,
     register_env,
     round_kind,
 )
@@ -267,7 +269,7 @@ class FloDialEnv(RoundBasedEnv):
 
         # Episode state.
         self.revealed: set[int] = set()  # table rows answered so far
-        self.answered_queries: set[str] = set()  # normalised query texts that got a yes/no
+        self.asked_queries: set[str] = set()  # normalised query texts the simulator answered (any answer)
         self.ruled_out: set[int] = set()  # candidate indices contradicted by a revealed answer
         self.last_action_informative = False
         self.prev_valid_guess = self.prior
@@ -336,8 +338,9 @@ class FloDialEnv(RoundBasedEnv):
     async def _ask(self, query: str) -> tuple[SimulatorVerdict | None, dict[str, Any]]:
         """One simulator call; (None, info) when it failed after the client's retries."""
         messages = [*self.messages_head, {"role": "user", "content": query}]
-        reply = await self.context.simulator.chat(
-            messages, cache_key=("flodial", self.cache_scope, normalise_query(query))
+        # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
+        reply = await ask_simulator(
+            self.context.simulator, messages, cache_key=("flodial", self.cache_scope, normalise_query(query)), task=self.task
         )
         self.counts["sim_calls"] += 1
         self.counts["sim_cache_hits"] += int(bool(reply.cached))
@@ -384,11 +387,13 @@ class FloDialEnv(RoundBasedEnv):
             query = parsed.value
             assert query is not None
             info["query"] = query
-            if normalise_query(query) in self.answered_queries:
+            if normalise_query(query) in self.asked_queries:
                 verdict, extra = SimulatorVerdict(None, None, True), {"error": "repeated query"}
                 repeated = True
             else:
                 verdict, extra = await self._ask(query)
+                if verdict is not None:  # answered (even "Unknown"): asking it again is a repeat
+                    self.asked_queries.add(normalise_query(query))
             info.update(extra)
             if verdict is None:  # the simulator failed: "Unknown", not the agent's fault
                 critique = 0
@@ -435,7 +440,6 @@ class FloDialEnv(RoundBasedEnv):
         if verdict.word != answer:
             self.counts["sim_answer_mismatch"] += 1
         self.revealed.add(verdict.row)
-        self.answered_queries.add(normalise_query(query))
         self.counts[f"answers_{answer}"] += 1
         info.update(feedback=answer, new_information=True, info_gain=float(self._rule_out(verdict.row)))
         return (1 if answer == "yes" else 0), "", False

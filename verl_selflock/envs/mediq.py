@@ -43,7 +43,6 @@ or ``error``; update: ``guess``, ``psi``, ``psi_prev``, ``bt_rule`` or ``error``
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -58,6 +57,7 @@ from verl_selflock.envs.base import (
     RoundBasedEnv,
     RoundKind,
     StepResult,
+    ask_simulator,
     register_env,
     round_kind,
 )
@@ -81,8 +81,6 @@ __all__ = [
     "normalise_query",
     "parse_patient_reply",
 ]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TURNS = 8
 N_OPTIONS = len(OPTION_LETTERS)
@@ -303,16 +301,15 @@ class MediQEnv(RoundBasedEnv):
 
     async def _ask_patient(self, query: str, key: str, info: dict[str, Any]) -> tuple[str, int, list[int]]:
         """(feedback text, AS critique, new 0-based fact indices) for a fresh, valid query."""
-        simulator = self.context.simulator
         self.counts["sim_calls"] += 1
-        try:
-            reply = await simulator.chat(patient_messages(self.facts, query), cache_key=("mediq", self.case_id, key))
-        except Exception as err:  # noqa: BLE001  (a simulator that raises must not crash the rollout)
-            logger.warning("MediQ: the simulator raised %r; degrading the turn", err)
-            reply = None
-        if reply is None or not reply.ok or not isinstance(reply.text, str):
+        messages = patient_messages(self.facts, query)
+        # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
+        reply = await ask_simulator(
+            self.context.simulator, messages, cache_key=("mediq", self.case_id, key), task=self.task
+        )
+        if not reply.ok or reply.text is None:
             self.counts["sim_failures"] += 1
-            info.update(sim_ok=False, sim_error=getattr(reply, "error", None) or "exception")
+            info.update(sim_ok=False, sim_error=reply.error)
             # Not the agent's fault: critique 0, and the question may be asked again.
             return FEEDBACK_PREFIX + FIXED_REPLY, 0, []
         self.asked.add(key)

@@ -19,7 +19,9 @@ is ``<think>...</think>`` then exactly one of
 
 The turn is cut after the first ``</message>`` or ``</tool_call>`` (:attr:`closing_tags`). All
 turns are Action turns (critique channel AS: each one queries the user or the system; there is no
-separate belief-update round). The episode ends when the user writes ``###STOP###``,
+separate belief-update round and no answer turn): :meth:`Tau2TelecomEnv.next_round` says so, so the
+diagnostics count every turn in ``selflock/as_proxy`` (AS +1 turns / turns) and report no
+``selflock/bt_proxy``. The episode ends when the user writes ``###STOP###``,
 ``###TRANSFER###`` or ``###OUT-OF-SCOPE###`` (tau2's user stop tokens), after
 ``MAX_CONSECUTIVE_SIM_FAILURES`` failed user turns in a row, or at ``max_turns`` (22).
 
@@ -112,7 +114,9 @@ from verl_selflock.envs.base import (
     EnvContext,
     EpisodeResult,
     ProgressSignal,
+    RoundKind,
     StepResult,
+    ask_simulator,
     register_env,
 )
 from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block
@@ -495,6 +499,11 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
             0,
         )
 
+    def next_round(self) -> RoundKind:
+        """Every tau2 turn is an Action round: the base class's Action/Update alternation would count
+        half of them as Update rounds that carry no BT critique (a ``bt_proxy`` of 0, not "no data")."""
+        return RoundKind.ACTION
+
     # ------------------------------------------------------------------ identity
 
     def _identities(self) -> tuple[set[str], set[str], dict[str, str]]:
@@ -583,7 +592,10 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         for _ in range(self.max_user_tool_steps + 1):
             messages = [{"role": "system", "content": self.user_system}, *self.user_messages]
             digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-            reply = await self.context.simulator.chat(messages, cache_key=(TASK_NAME, self.task_id, digest))
+            # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
+            reply = await ask_simulator(
+                self.context.simulator, messages, cache_key=(TASK_NAME, self.task_id, digest), task=TASK_NAME
+            )
             self.counts["sim_calls"] += 1
             self.counts["sim_cache_hits"] += int(bool(reply.cached))
             if not reply.ok or not reply.text:
