@@ -114,6 +114,24 @@ def test_cli_and_errors(tmp_path, capsys):
         build_mediq_dataset([data], out, n_val=99, progress=False)
 
 
+def test_rows_without_an_id_are_named_by_their_line(tmp_path):
+    """Id-less rows (key missing, null or blank) are distinct cases named by their line, the same on every
+    read; a real duplicate id is still dropped."""
+    rows = [official_row(0), official_row(1), official_row(2), official_row(3), official_row(0)]
+    del rows[1]["id"]
+    rows[2]["id"] = None
+    rows[3]["id"] = "  "
+    path = tmp_path / "no_ids.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    cases, skipped = read_cases([path])
+    # Line 2 is blank: the id-less rows sit on lines 3, 4 and 5.
+    assert [c.case_id for c in cases] == ["no_ids-0", "no_ids-line3", "no_ids-line4", "no_ids-line5"]
+    assert [c.question for c in cases[1:]] == [f"Which treatment fits case {i}?" for i in (1, 2, 3)]
+    assert dict(skipped) == {"duplicate_id": 1}
+    again, _ = read_cases([path])
+    assert [c.case_id for c in again] == [c.case_id for c in cases]  # stable
+
+
 def test_download_without_network_is_a_clear_error(tmp_path, monkeypatch):
     from fixtures.openai_servers import free_port
 

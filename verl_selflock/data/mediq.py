@@ -12,7 +12,8 @@ Python-literal strings (parsed with :func:`ast.literal_eval`). Fact strings lose
 numbering ("3. ") or bullet ("- "): the patient prompt numbers them itself.
 
 Skipped, counted and reported (never silently): rows without facts (3 rows of ``all_dev_good``),
-and malformed rows (options not exactly A-D, answer letter not among them, unparsable fields).
+malformed rows (options not exactly A-D, answer letter not among them, unparsable fields), and rows
+whose case id repeats an earlier one. A row without an ``id`` is named by its line number.
 
 Split: cases are ordered by (file, id) and shuffled with the seed; the first ``n_val`` (or
 ``val_fraction`` of them) form the validation split, written as ``test.parquet`` with env spec
@@ -48,6 +49,7 @@ from verl_selflock.envs.mediq_prompts import OPTION_LETTERS, mediq_messages
 __all__ = [
     "OFFICIAL_URLS",
     "MediQCase",
+    "case_id_of",
     "parse_case",
     "read_cases",
     "resolve_inputs",
@@ -78,7 +80,8 @@ class MediQCase:
     """One usable case."""
 
     case_id: str
-    """``<file stem>-<row id>``: unique across files (part of the simulator cache key)."""
+    """``<file stem>-<row id>`` (``<file stem>-line<n>`` for a row without an id): unique across files
+    (part of the simulator cache key)."""
     initial: str
     question: str
     options: tuple[str, str, str, str]
@@ -100,8 +103,19 @@ def _clean_fact(fact: Any) -> str:
     return _FACT_PREFIX_RE.sub("", str(fact)).strip()
 
 
-def parse_case(row: dict[str, Any], source: str) -> tuple[MediQCase | None, str | None]:
-    """``(case, None)`` for a usable row, ``(None, reason)`` for a skipped one (``no_facts`` or ``malformed``)."""
+def case_id_of(row: dict[str, Any], source: str, line_no: int) -> str:
+    """``<source>-<row id>``; a row without an id (missing, null or blank) gets ``<source>-line<line_no>``
+    instead: its line in the file is stable for the same input, and unlike ``<source>-None`` it does not
+    make every id-less row a duplicate of the first one."""
+    row_id = row.get("id")
+    if row_id is None or not str(row_id).strip():
+        return f"{source}-line{line_no}"
+    return f"{source}-{row_id}"
+
+
+def parse_case(row: dict[str, Any], source: str, line_no: int) -> tuple[MediQCase | None, str | None]:
+    """``(case, None)`` for a usable row, ``(None, reason)`` for a skipped one (``no_facts`` or ``malformed``).
+    ``line_no`` (1-based line in ``source``) names a row that has no ``id`` (see :func:`case_id_of`)."""
     try:
         facts_field = row.get("atomic_facts")
         if facts_field is None:
@@ -127,11 +141,12 @@ def parse_case(row: dict[str, Any], source: str) -> tuple[MediQCase | None, str 
         question = str(row.get("question", "")).strip()
         if not question:
             return None, "malformed"
+        case_id = case_id_of(row, source, line_no)
     except (KeyError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None, "malformed"
     return (
         MediQCase(
-            case_id=f"{source}-{row.get('id')}",
+            case_id=case_id,
             initial=initial,
             question=question,
             options=tuple(str(options[k]).strip() for k in OPTION_LETTERS),  # type: ignore[arg-type]
@@ -176,7 +191,7 @@ def read_cases(paths: Iterable[Path]) -> tuple[list[MediQCase], Counter[str]]:
                     raise MediQDataError(f"{path}:{line_no}: not a JSON line ({err.msg})") from err
                 if not isinstance(row, dict):
                     raise MediQDataError(f"{path}:{line_no}: expected a JSON object")
-                case, reason = parse_case(row, path.stem)
+                case, reason = parse_case(row, path.stem, line_no)
                 if case is None:
                     skipped[str(reason)] += 1
                 elif case.case_id in seen:
