@@ -207,3 +207,52 @@ def test_t3_recipe_with_a_bad_knob_fails_on_the_driver(smollm2_dir):
     config = compose_recipe("pe_g", "t3", smollm2_dir, [override])
     with pytest.raises(Exception, match=r"t3\.k must be an integer >= 1"):
         OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")
+
+
+@pytest.mark.parametrize("name, counterfactual", [("vanilla_ppo", False), ("arew_as", False), ("arew_as_bt", True)])
+def test_mediq_counterfactual_branches_only_where_bt_critiques_train(name, counterfactual, smollm2_dir):
+    """Counterfactual BT branches cost a generation per informative reply: only the recipe that trains on
+    BT critiques (AREW AS+BT) turns them on; the agent loop's own default would be on."""
+    import yaml
+
+    from verl_selflock.agent_loop.active_reasoning import ActiveReasoningLoopConfig
+
+    assert ActiveReasoningLoopConfig().counterfactual_bt is True  # so base.yaml must say false
+    config = compose_recipe("mediq", name, smollm2_dir)
+    (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
+    trains_bt = config.algorithm.adv_estimator == "arew" and config.algorithm.arew.channels == "both"
+    assert entry["counterfactual_bt"] is trains_bt is counterfactual
+
+
+SIMULATOR_GPU = "CUDA_VISIBLE_DEVICES=7 vllm serve"
+TRAINER_GPUS = "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 python -m verl.trainer.main_ppo"
+
+
+def _same_node_command(task: str) -> tuple[str, list[str]]:
+    """(recipe name, overrides) of the README's training command for a node whose GPU 7 runs the simulator.
+    Overrides naming local paths ($HOME) are left out: compose_recipe supplies its own."""
+    import shlex
+
+    text = (RECIPES / task / "README.md").read_text()
+    assert SIMULATOR_GPU in text, f"{task}: README has no simulator pinned to GPU 7"
+    start = text.index(TRAINER_GPUS)
+    command = text[start : text.index("```", start)].replace("\\\n", " ")
+    tokens = shlex.split(command.splitlines()[0])
+    name = tokens[tokens.index("--config-name") + 1]
+    overrides = [t for t in tokens if "=" in t and "$" not in t and not t.startswith(("CUDA_", "--"))]
+    return name, overrides
+
+
+@pytest.mark.parametrize("task", ["mediq", "flodial", "tau2_telecom"])
+def test_readme_same_node_command_keeps_training_off_the_simulator_gpu(task, smollm2_dir):
+    """The README's command for a simulator on GPU 7 gives training GPUs 0-6 only, and its overrides pass
+    veRL's validation with 7 GPUs."""
+    import verl  # noqa: F401
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    name, overrides = _same_node_command(task)
+    assert "trainer.n_gpus_per_node=7" in overrides
+    config = compose_recipe(task, name, smollm2_dir, overrides)
+    assert config.trainer.n_gpus_per_node == 7
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
