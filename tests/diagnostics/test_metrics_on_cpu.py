@@ -169,6 +169,10 @@ def test_wilson_interval_matches_hand_values():
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    # The interval holds the observed rate exactly at the edges (rounding once put low a hair above 0).
+    for successes, n in ((0, 3), (3, 3), (0, 1), (1, 1), (7, 7)):
+        low, high = wilson_interval(successes, n)
+        assert low <= successes / n <= high
 
 
 def test_bootstrap_interval_covers_the_point_and_is_seeded():

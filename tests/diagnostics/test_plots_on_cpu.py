@@ -91,3 +91,16 @@ def test_store_cuts_a_partial_last_line(tmp_path):
     store.append({"id": "c"})
     assert [r["id"] for r in store.records()] == ["a", "c"]
     assert next(store.records())["value"] is None  # NaN is stored as null (valid JSON)
+
+
+def test_plot_eval_with_a_zero_rate_whose_stored_interval_starts_above_it(tmp_path):
+    # summary.json files written before wilson_interval clamped its bounds hold ci_low = 5.6e-17 for a
+    # rate of 0; matplotlib refuses a negative error bar, so the plot must still draw.
+    metrics = {key: {"value": 0.0, "ci_low": 5.551115123125783e-17, "ci_high": 0.56, "n": 3, "ci": "wilson"}
+               for key in ("success_rate", "finish_ratio")}
+    metrics["as_proxy"] = {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    metrics["turns"] = {"value": 10.0, "ci_low": 10.0, "ci_high": 10.0, "n": 3, "ci": "bootstrap"}
+    (tmp_path / "summary.json").write_text(json.dumps({"episodes": 3, "metrics": metrics}))
+    out = tmp_path / "eval.png"
+    assert main(["plot", "eval", "--runs", f"tiny={tmp_path}", "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_MAGIC)

@@ -130,6 +130,13 @@ def load_eval_summary(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def _error_bar(value: float, low: float, high: float) -> tuple[float, float]:
+    """Lengths below and above ``value`` of its interval; 0 where undefined (matplotlib refuses < 0)."""
+    below = 0.0 if math.isnan(value) or math.isnan(low) else max(0.0, value - low)
+    above = 0.0 if math.isnan(value) or math.isnan(high) else max(0.0, high - value)
+    return below, above
+
+
 def plot_eval(runs: Sequence[tuple[str, Mapping[str, Any]]], out: str | os.PathLike, title: str | None = None) -> Path:
     """Grouped bars with 95% CI error bars for each ``(run name, summary)``; returns the PNG path."""
     plt = _pyplot()
@@ -142,8 +149,9 @@ def plot_eval(runs: Sequence[tuple[str, Mapping[str, Any]]], out: str | os.PathL
         for key, _ in EVAL_RATES:
             value, low, high = _estimate(metrics.get(key))
             values.append(value)
-            errors[0].append(value - low if not math.isnan(low) else 0.0)
-            errors[1].append(high - value if not math.isnan(high) else 0.0)
+            below, above = _error_bar(value, low, high)
+            errors[0].append(below)
+            errors[1].append(above)
         offset = (number - (len(runs) - 1) / 2) * width
         episodes = summary.get("episodes", "?")
         bars = ax_rates.bar(positions + offset, np.nan_to_num(values), width, yerr=errors, capsize=3,
@@ -153,9 +161,8 @@ def plot_eval(runs: Sequence[tuple[str, Mapping[str, Any]]], out: str | os.PathL
             ax_rates.annotate(text, (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 2), textcoords="offset points",
                               ha="center", va="bottom", fontsize=7, color="white" if value > 0.08 else "black")
         value, low, high = _estimate(metrics.get("turns"))
-        ax_turns.bar([number], [np.nan_to_num(value)], 0.6,
-                     yerr=[[0.0 if math.isnan(low) else value - low], [0.0 if math.isnan(high) else high - value]],
-                     capsize=3, color=bars.patches[0].get_facecolor() if bars.patches else None)
+        below, above = _error_bar(value, low, high)
+        ax_turns.bar([number], [np.nan_to_num(value)], 0.6, yerr=[[below], [above]], capsize=3, color=bars.patches[0].get_facecolor() if bars.patches else None)
         ax_turns.annotate("n/a" if math.isnan(value) else f"{value:.1f}", (number, 0), xytext=(0, 2),
                           textcoords="offset points", ha="center", va="bottom", fontsize=8, color="white")
     ax_rates.set_xticks(positions, [label for _, label in EVAL_RATES])
