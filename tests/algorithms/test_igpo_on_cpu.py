@@ -283,6 +283,8 @@ def test_scoring_answers_only_for_episodes_that_ended_at_a_final_turn():
         None,
     ]
     assert scoring_answers(rows) == ["x", "x", None, None, None, None, None, None]
+    # algorithm.igpo.unfinished=score: rows cut short are scored too; rows without an answer still are not.
+    assert scoring_answers(rows, "score") == ["x", "x", "x", "x", "x", "x", None, None]
 
 
 def test_igpo_step_by_hand_gaps_turnless_rows_and_rows_cut_short():

@@ -12,6 +12,7 @@ from verl_selflock.algorithms.config_node import checked_kwargs
 CONFIG_PATH = "algorithm.igpo"
 INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")
 NORM_MODES = ("joint", "separate")
+UNFINISHED_MODES = ("outcome_only", "score")
 DEFAULT_BRIDGE = "<scratch>I now have enough information to give my final answer.</scratch>\n<answer>"
 
 
@@ -45,6 +46,11 @@ class IgpoConfig:
     """Scale of the IG rewards before normalisation (>= 0)."""
     outcome_weight: float = 1.0
     """Scale of the outcome reward before normalisation (>= 0)."""
+    unfinished: str = "outcome_only"
+    """Rows whose episode stopped before a final turn (T3 cut, turn cap, response budget):
+    ``outcome_only`` (the reference: its gains no longer line up with the turns, so the row gets the
+    outcome alone) or ``score`` (their turns are scored like any other; the outcome still sits on the
+    last turn kept)."""
     bridge: str = DEFAULT_BRIDGE
     """Text written between the dialogue prefix (which ends with an assistant header) and the
     ground-truth answer: a short statement that the agent is ready, then the opening ``<answer>``. Not
@@ -66,6 +72,8 @@ class IgpoConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{CONFIG_PATH}.{name} must be a finite number >= 0, got {value!r}")
+        if self.unfinished not in UNFINISHED_MODES:
+            raise ValueError(f"{CONFIG_PATH}.unfinished must be one of {list(UNFINISHED_MODES)}, got {self.unfinished!r}")
         if not isinstance(self.bridge, str):
             raise ValueError(f"{CONFIG_PATH}.bridge must be a string, got {self.bridge!r}")
         for name in ("epsilon", "gamma", "ig_weight", "outcome_weight"):

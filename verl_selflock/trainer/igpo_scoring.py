@@ -14,9 +14,10 @@ cannot change those log-probs, and the pieces are tokenized separately, so the s
 answer's own tokens. Turns are the distinct turn ids of a row, in order
 (:func:`verl_selflock.algorithms.igpo.dense_turn_index`, the same rule as :func:`turn_starts`).
 
-Only rows whose episode ended at a final turn are scored (:func:`scoring_answers`): as in the reference,
-whose gain count no longer matches its turns when a trajectory stops without answering, a row cut short
-(T3, the loop's turn cap, the response budget) gets the outcome reward only.
+By default only rows whose episode ended at a final turn are scored (:func:`scoring_answers`): as in the
+reference, whose gain count no longer matches its turns when a trajectory stops without answering, a row
+cut short (T3, the loop's turn cap, the response budget) gets the outcome reward only
+(``algorithm.igpo.unfinished=score`` scores those rows too).
 
 :func:`score_with_actor` runs all sequences of a training step as **one** batch through the actor
 worker group's ``compute_log_prob``: the same call, model, weights and temperature veRL uses for the
@@ -103,19 +104,22 @@ def turn_starts(turn_ids: Sequence[int]) -> list[int] | None:
     return offsets[first].tolist()
 
 
-def scoring_answers(extra_fields: Sequence[Mapping[str, Any] | None]) -> list[str | None]:
+def scoring_answers(
+    extra_fields: Sequence[Mapping[str, Any] | None], unfinished: str = "outcome_only"
+) -> list[str | None]:
     """Per row, the ground-truth answer to score, or None for an outcome-only row.
 
     A row is scored when its task knows the answer (``selflock_gt_answer``) and its episode ended at a
     final turn (``selflock_stop_reason`` ``answer`` or ``done``), so its last turn is the one that takes
     the outcome. A row cut short (``t3``, ``max_turns``, ``response_length``, or no stop reason) stopped
     in the middle of the dialogue: the reference (igpo_method.md section 3) falls back to the outcome
-    alone when the gains do not line up with the turns, and so do we.
+    alone when the gains do not line up with the turns, and so do we unless ``unfinished`` is ``score``
+    (``algorithm.igpo.unfinished``), which scores such rows like finished ones.
     """
     answers: list[str | None] = []
     for fields in extra_fields:
         fields = fields if isinstance(fields, Mapping) else {}
-        finished = fields.get(STOP_REASON) in FINAL_STOP_REASONS
+        finished = unfinished == "score" or fields.get(STOP_REASON) in FINAL_STOP_REASONS
         answers.append(fields.get(GT_ANSWER) if finished else None)
     return answers
 

@@ -149,7 +149,7 @@ def compute_igpo_step(
         prompts=prompts,
         responses=responses,
         turn_ids=[row.tolist() for row in turn_ids],
-        answers=scoring_answers(extra_fields),  # None (outcome only): cut short, or no known answer
+        answers=scoring_answers(extra_fields, config.unfinished),  # None (outcome only): cut short, or no known answer
         tokenizer=tokenizer,
         config=config,
         skip=is_padding,
