@@ -172,6 +172,10 @@ class _Attempt:
 class ChatClient:
     """Async client for one endpoint: bounded concurrency, retries with backoff, a reply cache, counters."""
 
+    empty_reply_is_failure: bool = True
+    """A simulated user that answers nothing has failed (retried, then the task degrades the turn). For
+    an evaluated policy an empty answer is the model's turn: see :class:`verl_selflock.eval.policy.PolicyClient`."""
+
     def __init__(self, config: SimulatorConfig) -> None:
         from openai import AsyncOpenAI
 
@@ -274,7 +278,7 @@ class ChatClient:
                 break
         self._counts["failures"] += 1
         logger.warning(
-            "simulator %s at %s failed after %d attempt(s): %s",
+            "endpoint %s at %s failed after %d attempt(s): %s",
             self.config.model, self.config.base_url, attempts, outcome.error,
         )
         return ChatReply(text=None, ok=False, error=outcome.error, attempts=attempts)
@@ -306,10 +310,14 @@ class ChatClient:
             content = response.choices[0].message.content
         except (AttributeError, IndexError, TypeError):
             return _Attempt(None, "bad_response", True)
+        if content is None and not self.empty_reply_is_failure:
+            content = ""
         if not isinstance(content, str):
             return _Attempt(None, "bad_response", True)
         if not content.strip():
-            return _Attempt(None, "empty", True)
+            if self.empty_reply_is_failure:
+                return _Attempt(None, "empty", True)
+            self._counts["empty_replies"] += 1
         return _Attempt(content)
 
     def stats(self) -> dict[str, float]:
