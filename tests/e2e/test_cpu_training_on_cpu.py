@@ -89,9 +89,11 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
 
     # 3. IGPO (GRPO-style: 2 rollouts per prompt, no critic) with T3 on, 1 step. The run's 4-turn episodes
     # have one Update round, so T3 uses k = 1; delta_min = 1.0 (a cosine gain never exceeds 1 for
-    # non-negative vectors) makes it cut every episode that reaches its Update round, so the T3 path and
-    # metrics are exercised for sure. IGPO then scores 2 prefixes per episode with the actor.
-    loop_yaml = (
+    # non-negative vectors, an invalid guess makes no progress) cuts every episode that reaches its Update
+    # round after it, so the T3 path and metrics are exercised for sure. The reference gives an episode that
+    # stops without answering the outcome only; `unfinished=score` scores the cut rows too, so the actor's
+    # teacher-forced scoring of every turn prefix runs for sure (4 episodes, 2 prefixes each).
+    t3_loop_yaml = (
         "${selflock.agent_loop_yaml:'max_turn_tokens=40','max_obs_tokens=160','min_turn_tokens=8',"
         "'t3.enabled=true','t3.k=1','t3.delta_min=1.0'}"
     )
@@ -100,9 +102,10 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
         "igpo_t3",
         [
             "algorithm.adv_estimator=igpo",
+            "+algorithm.igpo.unfinished=score",
             "actor_rollout_ref.rollout.n=2",
             "critic.enable=false",
-            f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_yaml}",
+            f"actor_rollout_ref.rollout.agent.agent_loop_config_path={t3_loop_yaml}",
             "trainer.total_training_steps=1",
             "trainer.save_freq=-1",
         ],
@@ -113,7 +116,7 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
     assert "critic/vf_loss" not in first
     igpo = {key: value for key, value in first.items() if key.startswith("igpo/")}
     assert all(math.isfinite(value) for value in igpo.values()), igpo
-    assert igpo["igpo/scored_sequences"] >= 4 and igpo["igpo/scoring_time_s"] > 0  # 4 episodes, >= 1 prefix each
+    assert igpo["igpo/scored_sequences"] >= 4 and igpo["igpo/scoring_time_s"] > 0
     assert 0 < igpo["igpo/p_mean"] < 1 and igpo["igpo/frac_rows_outcome_only"] == 0.0
     assert igpo["igpo/adv_abs_mean"] > 0 and igpo["igpo/scoring_time_ratio_to_gen"] > 0
     t3 = {key: value for key, value in first.items() if key.startswith("t3/")}
