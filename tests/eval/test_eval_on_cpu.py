@@ -134,22 +134,38 @@ def test_killed_run_resumes_without_losing_or_duplicating_episodes(pe_test_file,
 
 @pytest.mark.slow
 def test_eval_end_to_end_against_real_transformers_serve(chat_server, tmp_path):
-    """Two PE-G episodes of SmolLM2-135M-Instruct behind `transformers serve` (the real model, prompts,
-    parser and environment), with the oracle-BT replay; the CLI's table and summary.json."""
-    data = build_pe_dataset("gated", 3, 0, 2, seed=0, out_dir=tmp_path / "data", max_turns=2, progress=False)["test"]
+    """Three PE-G episodes of SmolLM2-135M-Instruct behind `transformers serve` (the real model, prompts,
+    parser and environment), with the oracle-BT replay: the CLI in a subprocess is killed after its first
+    finished episode, the same command run again finishes the rest, every episode exactly once; the
+    table and summary.json."""
+    data = build_pe_dataset("gated", 3, 0, 3, seed=0, out_dir=tmp_path / "data", max_turns=2, progress=False)["test"]
     out = tmp_path / "eval"
-    code = main(["eval", "--data", data, "--out", str(out), "--base-url", chat_server.base_url,
-                 "--model", chat_server.model, "--max-tokens", "24", "--concurrency", "2", "--no-progress",
-                 "--oracle-bt"])
-    assert code == 0
-    records = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and {r["task"] for r in records} == {"pe"}
+    episodes = out / "episodes.jsonl"
+    args = ["eval", "--data", data, "--out", str(out), "--base-url", chat_server.base_url,
+            "--model", chat_server.model, "--max-tokens", "24", "--concurrency", "1", "--no-progress", "--oracle-bt"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "verl_selflock.cli", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if episodes.exists() and episodes.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    done_before = _ids(episodes)
+    assert 1 <= len(done_before) < 3, "the run was not interrupted mid-way"
+    assert main(args) == 0
+    ids = _ids(episodes)
+    assert len(ids) == 3 == len(set(ids)) and ids[: len(done_before)] == done_before
+    records = [json.loads(line) for line in episodes.read_text().splitlines()]
+    assert {r["task"] for r in records} == {"pe"}
     for record in records:
         assert record["transcript"][0]["round"] == "action" and 1 <= record["turns"] <= 2
         assert record["stats"]["selflock_action_rounds"] == 1  # the Action round was judged
         assert "reward" in record["oracle_bt"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["episodes"] == 2 and summary["missing"] == 0 and summary["settings"]["model"] == chat_server.model
+    assert summary["episodes"] == 3 and summary["missing"] == 0 and summary["settings"]["model"] == chat_server.model
     assert {"success_rate", "as_proxy", "turns", "invalid_ratio", "finish_ratio"} <= set(summary["metrics"])
 
 
