@@ -105,24 +105,30 @@ def test_endpoint_failures_are_retried_on_resume_never_scored(pe_test_file, tmp_
         main([*args, "--base-url", "http://127.0.0.1:9/v1", "--feedback", "unknown"])
 
 
+def _kill_after_first_episode(command: list[str], episodes, timeout_s: float) -> list[str]:
+    """Run the CLI ``command`` in a subprocess, SIGKILL it once ``episodes`` holds a finished episode (or
+    after ``timeout_s``); the ids written by then."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and run.poll() is None:
+        if episodes.exists() and episodes.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait(10)
+    return _ids(episodes)
+
+
 def test_killed_run_resumes_without_losing_or_duplicating_episodes(pe_test_file, tmp_path, capsys):
     """The real CLI in a subprocess against a real HTTP endpoint (slow replies, an early answer each):
     SIGKILL after the first finished episode, run the same command again, every episode exactly once."""
     out = tmp_path / "eval"
     episodes = out / "episodes.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with FaultServer("slow", reply="<answer>1,1,1,2,2,2</answer>", delay_s=0.3) as server:
         command = [sys.executable, "-m", "verl_selflock.cli", "eval", "--data", pe_test_file, "--out", str(out),
                    "--base-url", server.base_url, "--model", "m", "--concurrency", "2", "--no-progress"]
-        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and first.poll() is None:
-            if episodes.exists() and episodes.read_text().count("\n") >= 1:
-                break
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-        done_before = _ids(episodes)
+        done_before = _kill_after_first_episode(command, episodes, timeout_s=60)
         assert 1 <= len(done_before) < 6
         # The same command again (in this process: a second interpreter start-up costs seconds).
         assert main(command[3:]) == 0
@@ -143,17 +149,7 @@ def test_eval_end_to_end_against_real_transformers_serve(chat_server, tmp_path):
     episodes = out / "episodes.jsonl"
     args = ["eval", "--data", data, "--out", str(out), "--base-url", chat_server.base_url,
             "--model", chat_server.model, "--max-tokens", "24", "--concurrency", "1", "--no-progress", "--oracle-bt"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    first = subprocess.Popen([sys.executable, "-m", "verl_selflock.cli", *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and first.poll() is None:
-        if episodes.exists() and episodes.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
-    done_before = _ids(episodes)
+    done_before = _kill_after_first_episode([sys.executable, "-m", "verl_selflock.cli", *args], episodes, timeout_s=120)
     assert 1 <= len(done_before) < 3, "the run was not interrupted mid-way"
     assert main(args) == 0
     ids = _ids(episodes)
