@@ -135,11 +135,12 @@ class EpisodeStats:
     last_psi: float | None = field(default=None, repr=False, compare=False)
     """Psi_hat after the latest update that reported one (bookkeeping of :meth:`count_step`, not exported)."""
 
-    def count_step(self, round_kind: str, step: Any, closing_tag: str | None = None) -> None:
+    def count_step(self, round_kind: str, step: Any, closing_tag: str | None = None) -> str:
         """Count one judged turn: ``round_kind`` is the round it was played in (``"action"``, ``"update"``
         or ``"answer"``), ``step`` a :class:`verl_selflock.envs.StepResult` and ``closing_tag`` the tag the
         turn was cut at (``"answer"`` makes it the answer turn, see :func:`judged_round`). Shared by the
-        training loop and ``verl-selflock eval`` so that both report the same numbers."""
+        training loop and ``verl-selflock eval`` so that both report the same numbers. Returns the kind
+        of turn it was counted as."""
         from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT
 
         kind = judged_round(round_kind, closing_tag)
@@ -162,6 +163,7 @@ class EpisodeStats:
             self.info_gain_count += 1
         if kind == ROUND_UPDATE:  # psi_delta is "change of Psi_hat per Update round": an answer's psi is no update
             self._count_psi(info)
+        return kind
 
     def _count_psi(self, info: Mapping[str, Any]) -> None:
         psi = _finite(info.get("psi"))

@@ -49,13 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_selflock.agent_loop.episode_fields import (
-    STOP_ANSWER,
-    STOP_DONE,
-    STOP_MAX_TURNS,
-    EpisodeStats,
-    judged_round,
-)
+from verl_selflock.agent_loop.episode_fields import STOP_ANSWER, STOP_DONE, STOP_MAX_TURNS, EpisodeStats
 from verl_selflock.diagnostics.metrics import counts_of, pearson, summarize, wilson_interval
 from verl_selflock.eval.oracle import ORACLE_BT
 from verl_selflock.eval.store import EpisodeStore, to_jsonable
@@ -199,10 +193,10 @@ async def run_episode(
         else:
             raise EndpointError(f"policy endpoint failed at turn {stats.turns + 1}: {reply.error}")
         cut, tag = cut_after_first_closing_tag(text, env.closing_tags)  # the task's turn format, as in training
-        round_kind = judged_round(env.next_round().value, tag)  # an early <answer> is the answer turn
+        planned_round = env.next_round().value
         step = await env.step(cut)
         stats.turns += 1
-        stats.count_step(round_kind, step, closing_tag=tag)
+        round_kind = stats.count_step(planned_round, step, closing_tag=tag)  # an early <answer> is the answer turn
         transcript.append(
             {
                 "turn": stats.turns,
