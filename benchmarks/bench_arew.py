@@ -20,7 +20,7 @@ import torch
 
 from verl_selflock.algorithms import ArewConfig, compute_arew_bonus
 from verl_selflock.algorithms.arew_config import MODES
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 
 
 def parse_args() -> argparse.Namespace:

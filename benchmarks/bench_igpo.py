@@ -6,7 +6,7 @@
    ``active_reasoning`` agent loop against our HF generation server (the CPU backend's rollout: batched
    decoding with a KV cache), SmolLM2-135M-Instruct sampling at temperature 1.
 2. IGPO scoring of those episodes: one teacher-forced sequence per (episode, turn prefix), scored in
-   batches by the same model (:func:`verl_selflock.trainer.igpo_scoring.score_with_hf_model`; in training
+   batches by the same model (:func:`verl_selflock.verl_adapter.igpo_scoring.score_with_hf_model`; in training
    the actor's ``compute_log_prob`` does this). Printed: its wall time / the rollout's wall time.
 3. T3: the same prompts rolled out again with T3 on (PE default: similarity gain, k = 2, or
    ``--t3-signal movement``): truncation rate, mean turn of the cut, generated tokens with and without T3
@@ -56,7 +56,7 @@ def compose_config(model_dir: str, response_length: int) -> Any:
 
 
 async def rollout(config, server, tokenizer, rows, knobs) -> tuple[list[Any], float]:
-    from verl_selflock.agent_loop.standalone import build_agent_loop
+    from verl_selflock.verl_adapter.standalone import build_agent_loop
 
     loop = build_agent_loop(config, server, tokenizer, knobs)
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
@@ -68,7 +68,7 @@ async def rollout(config, server, tokenizer, rows, knobs) -> tuple[list[Any], fl
 def load_rows(episodes: int, max_turns: int, seed: int) -> list[dict[str, Any]]:
     import pandas as pd
 
-    from verl_selflock.resolvers import pe_data_dir
+    from verl_selflock.verl_adapter.resolvers import pe_data_dir
 
     folder = pe_data_dir("gated", 3, max(episodes, 8), 8, seed, max_turns)
     frame = pd.read_parquet(os.path.join(folder, "train.parquet")).head(episodes)
@@ -97,11 +97,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from verl_selflock.backends.cpu.hf_rollout import HFGenerationServer
+    from verl_selflock.verl_adapter.cpu.hf_rollout import HFGenerationServer
     from verl_selflock.algorithms.igpo_config import IgpoConfig
-    from verl_selflock.agent_loop import episode_fields as ef
+    from verl_selflock.contracts import episode as ef
     from verl_selflock.models import smollm2_path
-    from verl_selflock.trainer.igpo_scoring import plan_scoring, score_with_hf_model
+    from verl_selflock.verl_adapter.igpo_scoring import plan_scoring, score_with_hf_model
 
     model_dir = smollm2_path()
     response_length = args.max_turns * (args.turn_tokens + 200)

@@ -35,7 +35,7 @@ rows(8, "val").to_parquet(out / "val.parquet")
 PY
 
 MODEL=$("$PYTHON" -c "from verl_selflock.models import smollm2_path; print(smollm2_path())")
-read -r -a CPU_OVERRIDES <<< "$("$PYTHON" -c "from verl_selflock.backends.cpu import cpu_overrides; print(' '.join(cpu_overrides()))")"
+read -r -a CPU_OVERRIDES <<< "$("$PYTHON" -c "from verl_selflock.verl_adapter.cpu import cpu_overrides; print(' '.join(cpu_overrides()))")"
 
 VERL_PLATFORM=cpu "$PYTHON" -m verl.trainer.main_ppo "${CPU_OVERRIDES[@]}" \
   data.train_files="$WORKDIR/train.parquet" data.val_files="$WORKDIR/val.parquet" \

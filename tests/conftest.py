@@ -48,3 +48,23 @@ def chat_server(smollm2_dir, tmp_path_factory):
     server = start_transformers_serve(smollm2_dir, tmp_path_factory.mktemp("serve") / "transformers_serve.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    from fixtures.harness import LLAMA3_SPECIAL, LLAMA3_TEMPLATE
+
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIAL})
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    tokenizer.eos_token = "<|eot_id|>"  # as in Llama-3-Instruct's tokenizer_config
+    return tokenizer

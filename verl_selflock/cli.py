@@ -40,9 +40,9 @@ def doctor(_: argparse.Namespace) -> int:
     import verl  # loads the plugins, as in every veRL process
 
     print(f"veRL {verl.__version__} ({os.path.dirname(verl.__file__)})")
-    loaded = "verl_selflock.plugin" in sys.modules
+    loaded = "verl_selflock.verl_adapter.plugin" in sys.modules
     line(loaded, f"plugin loaded by `import verl` (VERL_USE_EXTERNAL_PLUGINS={policy})")
-    from verl_selflock import plugin, verl_hooks
+    from verl_selflock.verl_adapter import plugin, private_names as verl_hooks
 
     print("components:")
     for component, status in plugin.STATUS.items():
@@ -62,7 +62,7 @@ def doctor(_: argparse.Namespace) -> int:
     line(verl_hooks.config_validation_installed(), "driver-side config validation installed")
 
     from verl_selflock.envs import registered_envs
-    from verl_selflock.envs.tau2_telecom import require_tau2
+    from verl_selflock.envs.tau2.env import require_tau2
 
     try:
         require_tau2()

@@ -6,7 +6,7 @@ arXiv 2603.12109) adds a zero-sum, per-trajectory bonus to the base advantage:
 negatively critiqued ones. Because each trajectory's bonus sums to 0, it only moves credit between the
 turns of a trajectory; the trajectory's direction still comes from the outcome advantage.
 
-Inputs are the per-token tensors of :class:`verl_selflock.protocol.CritiqueBatch`. The computation
+Inputs are the per-token tensors of :class:`verl_selflock.contracts.critique.CritiqueBatch`. The computation
 works on a small per-turn table: one ``scatter`` collects each turn's label and token count, the
 normalisation runs on (bs, num_turns) tensors, and one ``gather`` spreads the values back onto tokens.
 It relies on the protocol's layout: a turn's critique, channel and fallback role are the same on all its
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from verl_selflock.algorithms.arew_config import TURN_LEVEL_MODES, ArewConfig
-from verl_selflock.protocol import CHANNEL_AS, CHANNEL_BT, FallbackRole
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole
 
 __all__ = ["ArewConfig", "apply_critique_noise", "compute_arew_bonus", "make_noise_generator"]
 
@@ -105,7 +105,7 @@ def compute_arew_bonus(
         critique: (bs, L) int8 critique z in {-1, 0, +1} of the turn that generated each token.
         channel: (bs, L) int8 ``protocol.CHANNEL_*`` of each token's turn.
         turn_ids: (bs, L) int64 0-based turn index per token; -1 on observation and padding tokens.
-        fallback_role: (bs, L) int8 :class:`~verl_selflock.protocol.FallbackRole` of each token's turn (a bool
+        fallback_role: (bs, L) int8 :class:`~verl_selflock.contracts.critique.FallbackRole` of each token's turn (a bool
             tensor reads as ``ELIGIBLE``/``ORDINARY``): which zero turns the ``step_abs_sum`` fallbacks may
             promote; ``EXEMPT`` turns are promoted by neither.
         response_mask: (bs, L) int, bool or float; nonzero on tokens the policy generated, 0 on observation
@@ -338,7 +338,7 @@ def _step_abs_sum_fallbacks(
 
     Args:
         pos_turn, neg_turn, turn_exists: (bs, num_turns) bool.
-        turn_role: (bs, num_turns) integer :class:`~verl_selflock.protocol.FallbackRole` of each turn.
+        turn_role: (bs, num_turns) integer :class:`~verl_selflock.contracts.critique.FallbackRole` of each turn.
 
     Returns:
         The new (pos_turn, neg_turn), (bs, num_turns) bool, and the (bs,) bool rows that changed.

@@ -101,7 +101,7 @@ class ArewConfig:
     """``step_abs_sum`` only (ignored by the other modes). If a trajectory has negative turns but no
     positive one, its ``ELIGIBLE`` zero turns become positive; if it has positive turns but no negative
     one, its zero turns except its final turn and its ``EXEMPT`` turns become negative (turn roles:
-    :class:`verl_selflock.protocol.FallbackRole`; ``EXEMPT`` = 0 through no fault of the agent, e.g. a
+    :class:`verl_selflock.contracts.critique.FallbackRole`; ``EXEMPT`` = 0 through no fault of the agent, e.g. a
     failed simulated user)."""
 
     one_sided: str = "zero"

@@ -45,7 +45,7 @@ above come from the FloDial paper.
 
 Defaults: 1000 training and 300 test episodes (the paper's FloDial success rates are multiples of
 1/300), ``max_turns`` 10, BT critique ``v1``. Row layout as in :mod:`verl_selflock.data.pe`, with the
-environment spec of :class:`verl_selflock.envs.flodial.FloDialEnv` in ``extra_info["env"]``.
+environment spec of :class:`verl_selflock.envs.flodial.env.FloDialEnv` in ``extra_info["env"]``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.envs.flodial import (
+from verl_selflock.contracts.names import AGENT_NAME
+from verl_selflock.envs.flodial.env import (
     BT_VARIANTS,
     DEFAULT_MAX_TURNS,
     action_instruction,
@@ -88,7 +89,6 @@ __all__ = [
     "run",
 ]
 
-AGENT_NAME = "active_reasoning"
 ROOT = "1"
 DIFFICULTIES = ("easy", "hard")
 EASY_MAX_SEPARATING = 2  # Easy: k <= 2 separating questions; Hard: k >= 3

@@ -23,7 +23,7 @@ Split: cases are ordered by (file, id) and shuffled with the seed; the first ``n
 Row layout (as :mod:`verl_selflock.data.pe`): ``data_source`` ``mediq``, ``prompt`` (system + first
 user message; never the answer or the hidden facts), ``agent_name`` ``active_reasoning``,
 ``reward_model`` ``{"style": "rule", "ground_truth": <letter>}``, ``extra_info`` ``{index, split,
-env}`` with the :class:`verl_selflock.envs.mediq.MediQEnv` spec.
+env}`` with the :class:`verl_selflock.envs.mediq.env.MediQEnv` spec.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.envs.mediq import DEFAULT_MAX_TURNS
-from verl_selflock.envs.mediq_prompts import OPTION_LETTERS, mediq_messages
+from verl_selflock.envs.mediq.env import DEFAULT_MAX_TURNS
+from verl_selflock.envs.mediq.prompts import OPTION_LETTERS, mediq_messages
+from verl_selflock.contracts.names import AGENT_NAME
 
 __all__ = [
     "OFFICIAL_URLS",
@@ -60,7 +61,6 @@ __all__ = [
     "run",
 ]
 
-AGENT_NAME = "active_reasoning"
 DATA_SOURCE = "mediq"
 OFFICIAL_URLS = {
     "all_dev_good.jsonl": "https://raw.githubusercontent.com/stellalisy/mediQ/main/data/all_dev_good.jsonl",

@@ -27,7 +27,7 @@ Row layout (what veRL's ``RLHFDataset`` reads): ``prompt`` (system + first user 
 ``ability``, ``reward_model`` = ``{"style": "rule", "ground_truth": json.dumps(w_star)}`` (veRL
 never shows ``reward_model`` to the policy; our reward comes from the environment, which reads the
 spec) and ``extra_info`` = ``{"index", "split", "env": spec}`` with the environment spec of
-:class:`verl_selflock.envs.pe.PreferenceEstimationEnv`.
+:class:`verl_selflock.envs.pe.env.PreferenceEstimationEnv`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.data.parquet import write_splits
-from verl_selflock.data.prompts import pe_messages
-from verl_selflock.envs.pe import COS_THRESHOLD, DEFAULT_MAX_TURNS, DOMINANCE_TOL, PE_VARIANTS
+from verl_selflock.envs.pe.prompts import pe_messages
+from verl_selflock.envs.pe.env import COS_THRESHOLD, DEFAULT_MAX_TURNS, DOMINANCE_TOL, PE_VARIANTS
+from verl_selflock.contracts.names import AGENT_NAME
 
 __all__ = [
     "PEDataConfig",
@@ -57,7 +58,6 @@ __all__ = [
     "run",
 ]
 
-AGENT_NAME = "active_reasoning"
 GATED_DIM = 6
 N_MOVIES = 10
 VALUE_RANGE = 20  # attribute values are distinct draws from 0..VALUE_RANGE-1 per column

@@ -19,7 +19,7 @@ Validation is the same in both, so scores stay comparable. The full set is domin
 Each row's prompt is a system message (the agent's role and turn format, tau2's telecom policy and
 the agent tools' JSON schemas) and a short user message that opens the call; the task's scenario and
 its solution are never in the prompt: the environment spec carries only the task id, and the
-environment loads the task from tau2 (:mod:`verl_selflock.envs.tau2_telecom`). Row layout as in
+environment loads the task from tau2 (:mod:`verl_selflock.envs.tau2.env`). Row layout as in
 :mod:`verl_selflock.data.pe`: ``data_source`` ``tau2_telecom``, ``agent_name`` ``active_reasoning``,
 ``reward_model`` ``{"style": "rule", "ground_truth": task_id}``, ``extra_info`` ``{"index", "split",
 "env": {"task", "id", "task_id", "split", "max_turns", "min_turn"}}``. Training rows (``split: train``)
@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.data.parquet import write_splits
-from verl_selflock.envs.tau2_telecom import (
+from verl_selflock.contracts.names import AGENT_NAME
+from verl_selflock.envs.tau2.env import (
     DEFAULT_MAX_TURNS,
     DEFAULT_MIN_TURN,
     TASK_NAME,
@@ -61,7 +62,6 @@ __all__ = [
     "run",
 ]
 
-AGENT_NAME = "active_reasoning"
 DATA_SOURCE = "tau2_telecom"
 SPLIT_SCHEMES = ("official", "seeded")
 TASK_SETS = ("base", "full")

@@ -2,7 +2,7 @@
 
 The paper's point is that reward can rise while the agent stops asking informative questions and
 stops using the answers. These proxies make both visible, from the per-episode counts that the
-agent loop and ``verl-selflock eval`` record (:class:`verl_selflock.agent_loop.episode_fields.EpisodeStats`).
+agent loop and ``verl-selflock eval`` record (:class:`verl_selflock.contracts.episode.EpisodeStats`).
 
 Definitions (pooled over the episodes of a batch: a ratio is total numerator / total denominator,
 so long and short episodes weigh by their number of rounds; a key is left out when its denominator
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.agent_loop.episode_fields import EpisodeStats
+from verl_selflock.contracts.episode import EpisodeStats
 
 __all__ = [
     "METRIC_PREFIX",

@@ -48,7 +48,7 @@ class MonitorConfig:
     """While the condition holds, repeat the warning every this many steps."""
 
     def __post_init__(self) -> None:
-        # Checked on the driver (verl_selflock.config) so that a typo fails before Ray starts, not as a
+        # Checked on the driver (verl_selflock.verl_adapter.config_validation) so that a typo fails before Ray starts, not as a
         # TypeError in the trainer's first step or as a monitor that silently never fires (NaN, inf).
         _check_int(self, "window", minimum=3)
         _check_int(self, "warn_every", minimum=1)

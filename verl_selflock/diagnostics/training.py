@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from verl_selflock.agent_loop.episode_fields import EpisodeStats
+from verl_selflock.contracts.episode import EpisodeStats
 from verl_selflock.diagnostics.metrics import METRIC_PREFIX, batch_metrics, counts_of, stats_of_fields
 from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor
 

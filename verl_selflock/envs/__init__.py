@@ -18,7 +18,7 @@ from verl_selflock.envs.base import (
 from verl_selflock.envs import flodial as _flodial  # noqa: E402,F401  registers "flodial"
 from verl_selflock.envs import pe as _pe  # noqa: E402,F401  registers "pe"
 from verl_selflock.envs import mediq as _mediq  # noqa: E402,F401  registers "mediq"
-from verl_selflock.envs import tau2_telecom as _tau2_telecom  # noqa: E402,F401  registers "tau2_telecom" (tau2 imported lazily)
+from verl_selflock.envs import tau2 as _tau2  # noqa: E402,F401  registers "tau2_telecom" (tau2 imported lazily)
 
 __all__ = [
     "ActiveReasoningEnv",

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from verl_selflock.envs.parsing import cut_after_first_closing_tag, extract_block
-from verl_selflock.protocol import CHANNEL_AS, TurnLabel
+from verl_selflock.contracts.critique import CHANNEL_AS, TurnLabel
 from verl_selflock.simulators.client import ChatReply
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ __all__ = ["ORACLE_BT", "pe_oracle_bt"]
 
 
 def pe_oracle_bt(spec: Mapping[str, Any], transcript: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """PE: exact Bayesian updating over the Dirichlet(1) prior (:mod:`verl_selflock.envs.pe_oracle`);
+    """PE: exact Bayesian updating over the Dirichlet(1) prior (:mod:`verl_selflock.envs.pe.oracle`);
     the oracle's belief is the posterior mean after every answered query of the episode."""
-    from verl_selflock.envs.pe_oracle import oracle_belief  # the envs package imports torch: only when used
+    from verl_selflock.envs.pe.oracle import oracle_belief  # the envs package imports torch: only when used
 
     queries = []
     for turn in transcript:

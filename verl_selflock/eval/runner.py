@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_selflock.agent_loop.episode_fields import STOP_ANSWER, STOP_DONE, STOP_MAX_TURNS, EpisodeStats
+from verl_selflock.contracts.episode import STOP_ANSWER, STOP_DONE, STOP_MAX_TURNS, EpisodeStats
 from verl_selflock.diagnostics.metrics import counts_of, pearson, summarize, wilson_interval
 from verl_selflock.eval.oracle import ORACLE_BT
 from verl_selflock.eval.store import EpisodeStore, to_jsonable

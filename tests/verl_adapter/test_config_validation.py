@@ -1,0 +1,104 @@
+"""Bad AREW settings fail on the driver, before Ray starts, with a message that names the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from verl_selflock.verl_adapter.config_validation import SelflockConfigError, validate_selflock_config
+
+GOOD = [
+    "algorithm.adv_estimator=arew",
+    "trainer.v1.trainer_mode=selflock",
+    "critic.enable=True",
+    "+algorithm.arew.lam=0.2",
+]
+
+
+def test_good_config_passes(verl_config):
+    validate_selflock_config(verl_config(GOOD))
+
+
+def test_defaults_without_arew_node(verl_config):
+    validate_selflock_config(verl_config(GOOD[:3]))
+
+
+def test_other_estimators_untouched(verl_config):
+    validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo"]))
+
+
+def test_diagnostics_settings_are_checked_for_any_estimator(verl_config):
+    validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo", "+selflock_diagnostics.window=20"]))
+    with pytest.raises(SelflockConfigError, match=r"selflock_diagnostics\.min_reward_rise"):
+        validate_selflock_config(verl_config(["algorithm.adv_estimator=gae", "+selflock_diagnostics.min_reward_rise=0"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+algorithm.arew.lam=-1"], "algorithm.arew.lam"),
+        (["+algorithm.arew.mode=bogus"], "algorithm.arew.mode"),
+        (["+algorithm.arew.base=nonexistent_estimator"], "algorithm.arew.base"),
+        (["+algorithm.arew.base=arew"], "algorithm.arew.base"),
+        (["+algorithm.arew.channels=xx"], "algorithm.arew.channels"),
+        (["+algorithm.arew.noise_alpha=1.5"], "algorithm.arew.noise_alpha"),
+        (["+algorithm.arew.lamda=0.3"], "lamda"),
+        (["trainer.v1.trainer_mode=sync"], "trainer.v1.trainer_mode=selflock"),
+        (["trainer.use_v1=false"], "trainer.use_v1=true"),
+        (["critic.enable=False"], "critic.enable=True"),
+        (["+selflock_diagnostics.window=2"], "selflock_diagnostics.window"),
+        (["+selflock_diagnostics.windw=20"], "selflock_diagnostics: unknown key"),
+    ],
+)
+def test_bad_config_names_the_fix(verl_config, overrides, message):
+    config = verl_config(GOOD[:3] + overrides)
+    with pytest.raises(SelflockConfigError, match=message.replace(".", r"\.")):
+        validate_selflock_config(config)
+
+
+def test_grpo_base_needs_no_critic(verl_config):
+    config = verl_config(
+        ["algorithm.adv_estimator=arew", "trainer.v1.trainer_mode=selflock", "+algorithm.arew.base=grpo"]
+    )
+    validate_selflock_config(config)
+
+
+def test_main_ppo_sees_the_wrapped_validation():
+    import verl  # noqa: F401
+    import verl.trainer.main_ppo as main_ppo
+
+    from verl_selflock.verl_adapter.private_names import config_validation_installed
+
+    assert config_validation_installed()
+    assert getattr(main_ppo.validate_config, "__verl_selflock_wrapped__", False)
+
+
+def test_real_main_ppo_fails_before_ray_starts(tmp_path):
+    """The stock entry point with a missing trainer mode stops on the driver with our message."""
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "algorithm.adv_estimator=arew", "critic.enable=True"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "trainer.v1.trainer_mode=selflock" in out.stdout + out.stderr
+    assert "ray init kwargs" not in out.stdout  # main_ppo prints this right before ray.init
+
+
+IGPO = ["algorithm.adv_estimator=igpo", "trainer.v1.trainer_mode=selflock"]
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_igpo_with_a_group_of_rollouts_passes(verl_config, n):
+    validate_selflock_config(verl_config(IGPO + [f"actor_rollout_ref.rollout.n={n}"]))
+
+
+@pytest.mark.parametrize("overrides", [[], ["actor_rollout_ref.rollout.n=1"]])
+def test_igpo_with_one_rollout_per_prompt_names_the_key(verl_config, overrides):
+    # veRL's default n is 1: every prompt group would hold one trajectory and the outcome term would vanish.
+    message = r"actor_rollout_ref\.rollout\.n to 2 or more \(got actor_rollout_ref\.rollout\.n=1\)"
+    with pytest.raises(SelflockConfigError, match=message):
+        validate_selflock_config(verl_config(IGPO + overrides))
+
+
+def test_rollout_n_is_not_checked_for_arew(verl_config):
+    validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"]))

@@ -1,0 +1,497 @@
+"""FloDial: find which candidate fault of a troubleshooting flowchart a (simulated) user has.
+
+An episode (built by :mod:`verl_selflock.data.flodial` from the FloDial flowcharts) is a problem
+description, ``K`` candidate faults (terminal nodes of one flowchart, default 5, one of them true)
+and the true fault's *reference table*: the yes/no questions on the flowchart path from the root
+to that fault, each with the answer that leads toward it. In Action rounds the agent asks one
+question; an LLM user simulator (reached through :class:`verl_selflock.simulators.ChatClient`,
+``EnvContext.simulator``) matches it against the table and answers ``Yes, <ID>`` / ``No, <ID>`` or
+``Unknown``. In Update rounds the agent writes one weight per candidate (its belief); in the Answer
+round it commits to final weights, rewarded 1 iff the unique largest weight is on the true fault
+(method notes §2 and §3.3).
+
+Feedback rules:
+
+* a reply naming a row not answered before -> the row's answer from the table ("Yes." / "No."):
+  the table, not the simulator's yes/no word, is the ground truth (a simulator that names a row
+  but garbles its answer is counted in ``sim_answer_mismatch``);
+* a reply naming a row answered before -> "Unknown." plus a note that the question was asked
+  already (a paraphrased repeat); an exact (normalised) repeat of any earlier query the simulator
+  answered (yes, no or unknown) gets the same reply without a simulator call (as in MediQ; a query
+  whose simulator call failed may be asked again);
+* "Unknown", an unparsable reply (counted in ``sim_unparsable``: several IDs, an ID out of range,
+  no ID, free text) -> "Unknown.";
+* a failed simulator call (server down, timeouts, 5xx, garbage after the client's retries) ->
+  "Unknown." as well, counted in ``sim_failures``; the turn's AS critique is then 0 (not the
+  agent's fault) and the episode goes on.
+
+Directional critiques (AREW):
+
+* Action round (AS): +1 if the feedback is yes, 0 if no, -1 otherwise (unknown, repeat, invalid
+  action); 0 when the simulator failed (fallback role ``EXEMPT``: no ``step_abs_sum`` fallback promotes it).
+* Update round (BT, oracle): -1 if the guess is invalid. After a yes/no to a new row: +1 iff the
+  normalised weight on the true fault went up (``psi_t > psi_prev``, ``psi = v[gt] / sum(v)``),
+  else -1. After uninformative feedback: variant ``v1`` (default) +1 iff the belief is unchanged
+  (normalised vectors equal within 1e-6), else -1; variant ``v0``: 0.
+  ``v_prev`` is the previous valid guess or the prior (0.5 for every candidate).
+  Comparing *normalised* weights (the method notes write ``v_t[gt] > v_prev[gt]``) makes the rule
+  scale-free: "2,1,1,1,1" and "0.4,0.2,0.2,0.2,0.2" are the same belief, and inflating every weight
+  cannot earn a +1.
+* Answer turn (and an early ``<answer>`` in any round): 0.
+
+Parsing (see :mod:`verl_selflock.envs.parsing`): the turn is cut after its first ``</interact>`` or
+``</answer>``. An Action block must hold exactly one ``Query: ...`` line (at most
+``MAX_QUERY_CHARS`` characters) and nothing else. A guess/answer is exactly ``K`` finite
+non-negative numbers, not all zero.
+
+``StepResult.info`` keys: ``round``, ``turn``; action: ``query``, ``feedback`` ("yes" | "no" |
+"unknown"), ``row`` (the table row the simulator named, or None), ``new_information`` (a yes/no to a
+row not answered before: the T3 progress signal), ``info_gain`` (distractors newly ruled out by that
+answer), ``candidates_left``, ``simulator_failed``, ``simulator_reply`` or ``error``; update:
+``guess``, ``psi``, ``psi_prev``, ``evidence`` or ``error``; answer: ``early``, ``answer``,
+``answer_psi`` (the answer's normalised weight on the true fault) or ``error``.
+
+``EpisodeResult.metrics``: ``turns``, ``action_rounds``, ``update_rounds``, ``invalid_actions``,
+``invalid_guesses``, ``repeats``, ``answers_yes``/``_no``/``_unknown``, ``as_pos``/``as_neg``,
+``bt_pos``/``bt_neg``, ``sim_calls``/``sim_cache_hits``/``sim_failures`` (this episode's calls),
+``sim_unparsable``, ``sim_answer_mismatch``, ``candidates_left``, ``psi_final``, ``answered``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from verl_selflock.envs.base import (
+    NEW_INFORMATION_SIGNAL,
+    EnvContext,
+    EpisodeResult,
+    ProgressSignal,
+    RoundBasedEnv,
+    RoundKind,
+    StepResult,
+    ask_simulator,
+    register_env,
+    round_kind,
+)
+from verl_selflock.envs.parsing import (
+    Parsed,
+    extract_block,
+    find_keyed_lines,
+    parse_weights,
+)
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, FallbackRole, TurnLabel
+
+__all__ = [
+    "BT_VARIANTS",
+    "DEFAULT_MAX_TURNS",
+    "FEEDBACK_PREFIX",
+    "MAX_QUERY_CHARS",
+    "SimulatorVerdict",
+    "FloDialEnv",
+    "normalise_query",
+    "normalised",
+    "parse_simulator_reply",
+    "simulator_messages",
+    "action_instruction",
+    "update_instruction",
+    "answer_instruction",
+]
+
+DEFAULT_MAX_TURNS = 10
+BT_VARIANTS = ("v1", "v0")
+PRIOR_VALUE = 0.5  # prior belief in every component
+UNCHANGED_TOL = 1e-6  # normalised beliefs closer than this (max abs difference) count as unchanged
+INCREASE_TOL = 1e-9  # psi must rise by more than float noise to count as moving toward the truth
+MAX_QUERY_CHARS = 300  # one atomic question; longer blocks are invalid (and would bloat the simulator prompt)
+FEEDBACK_PREFIX = "The feedback of your latest query: "
+ANSWERS = ("yes", "no")
+
+
+def normalised(weights: np.ndarray) -> np.ndarray:
+    """Weights scaled to sum to 1 (non-negative, not all zero), safe for huge values such as 1e308."""
+    scaled = weights / weights.max()  # first scale by the maximum so that the sum cannot overflow
+    return scaled / scaled.sum()
+
+
+# --- the simulated user -----------------------------------------------------------------------
+
+
+def simulator_messages(problem: str, table: Sequence[Mapping[str, Any]], query: str) -> list[dict[str, str]]:
+    """Chat messages asking the user simulator to match ``query`` against the reference table.
+
+    The table is numbered from 0, one row per line: ``{idx}. {question} -> {Yes|No}``.
+    """
+    rows = "\n".join(f"{idx}. {row['question']} -> {str(row['answer']).capitalize()}" for idx, row in enumerate(table))
+    system = (
+        "You role-play a person who has this problem and is being helped by a troubleshooting agent: "
+        f"{problem}\n"
+        "You know the answers to these yes/no diagnostic questions and nothing else (row number. question -> "
+        f"your answer):\n{rows}\n"
+        "The agent asks one question. If it asks the same thing as one row, or clearly paraphrases it, reply "
+        "with that row's answer and number, exactly 'Yes, <number>' or 'No, <number>'. If no row matches, or "
+        "the question is vague, ambiguous or asks several things at once, reply exactly 'Unknown'. "
+        "Reply with nothing else."
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": query}]
+
+
+def normalise_query(query: str) -> str:
+    """Case-, space- and end-punctuation-insensitive form of a question (repeat detection, cache key)."""
+    return re.sub(r"\s+", " ", query).strip().strip("?.!").strip().lower()
+
+
+@dataclass(frozen=True)
+class SimulatorVerdict:
+    """What a simulator reply says: a row and its yes/no word, or unknown (with ``parsed`` False if
+    the reply was not even a well-formed "Unknown")."""
+
+    row: int | None
+    word: str | None
+    parsed: bool
+
+
+_MARKUP = str.maketrans("", "", "*`\"'_")
+_VERDICT_RE = re.compile(
+    r"^(yes|no)\b[\s,.:;\-]*(?:\(\s*)?(?:(?:row|id|question|number|no\.)\s*)?[#:]?\s*(\d{1,4})\s*\)?[\s.!]*$"
+)
+_UNKNOWN_RE = re.compile(r"^unknown\b[\s.!]*$")
+
+
+def parse_simulator_reply(text: str) -> SimulatorVerdict:
+    """Read ``Yes, <ID>`` / ``No, <ID>`` / ``Unknown`` robustly.
+
+    Accepted: any case, markdown emphasis or quotes, ``Yes, 3``, ``yes 3``, ``No - row 3.``,
+    ``Yes (3)``, ``Yes, ID: 3``. Only the first non-blank line counts. Anything with a second number,
+    or any other text, is not a verdict (``parsed`` False) and counts as unknown.
+    """
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return SimulatorVerdict(None, None, False)
+    first = lines[0].translate(_MARKUP).strip().lower()
+    match = _VERDICT_RE.match(first)
+    if match is not None:
+        return SimulatorVerdict(int(match.group(2)), match.group(1), True)
+    return SimulatorVerdict(None, None, bool(_UNKNOWN_RE.match(first)))
+
+
+# --- instruction texts (shared with the prompt builder) --------------------------------------
+
+
+def _vector_format(K: int) -> str:
+    return f"{K} non-negative numbers separated by commas, one weight per candidate fault in order"
+
+
+def action_instruction() -> str:
+    """What to write in an Action round."""
+    return (
+        "<scratch>...</scratch> then one new yes/no question\n<interact>\nQuery: your question\n</interact>\n"
+        "(one atomic question on the Query line, nothing else in the block; do not repeat an earlier question)."
+    )
+
+
+def update_instruction(K: int) -> str:
+    """What to write in an Update round."""
+    return f"<scratch>...</scratch> then <interact>Guess: ...</interact> with {_vector_format(K)}."
+
+
+def answer_instruction(K: int) -> str:
+    """What to write in the Answer round (the tag pair encloses no number)."""
+    return (
+        "<scratch>...</scratch> then your final weights between the tags <answer> and </answer>: "
+        f"{_vector_format(K)}. Put the single largest weight on the fault you believe is the cause."
+    )
+
+
+@register_env("flodial")
+class FloDialEnv(RoundBasedEnv):
+    """One FloDial episode, built from a dataset row's ``extra_info["env"]``.
+
+    Spec keys: ``task`` ("flodial"), ``problem_description``, ``candidates`` (K >= 2 fault texts, in
+    the order shown to the agent), ``answer_index`` (0-based index of the true fault in
+    ``candidates``), ``table`` (rows ``{"node", "question", "answer": "yes"|"no"}``, root first),
+    ``candidate_paths`` (per candidate, its root path as ``"node:branch"`` strings: used to count the
+    distractors an answer rules out), ``max_turns`` (even, default 10), optional ``bt_variant``
+    ("v1" default | "v0"), and bookkeeping keys (``id``, ``chart``, ``difficulty`` ...).
+    """
+
+    uninformative_feedback = "Unknown."
+    progress_signals = {
+        # T3 for FloDial: the belief is trapped once k Action rounds in a row got no yes/no answer to a new row.
+        NEW_INFORMATION_SIGNAL: ProgressSignal(
+            k=2, delta_min=0.0, description="1 if the Action round got yes/no on a new row, else 0 (Update rounds: not measured)"
+        ),
+    }
+
+    def __init__(
+        self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
+    ) -> None:
+        super().__init__({**spec, "max_turns": spec.get("max_turns", DEFAULT_MAX_TURNS)}, max_turns, context)
+        missing = [k for k in ("problem_description", "candidates", "answer_index", "table") if k not in spec]
+        if missing:
+            raise ValueError(f"FloDial spec lacks {missing}")
+        if self.context.simulator is None:
+            raise ValueError(
+                "FloDial needs a simulated user: set the active_reasoning agent loop's `simulator:` knob "
+                "(an OpenAI-compatible endpoint: base_url, model; see recipes/flodial/README.md)"
+            )
+        self.problem = str(spec["problem_description"])
+        self.candidates = [str(c) for c in spec["candidates"]]
+        self.K = len(self.candidates)
+        self.gt = int(spec["answer_index"])
+        if self.K < 2 or not 0 <= self.gt < self.K:
+            raise ValueError(f"FloDial needs >= 2 candidates and answer_index in range, got {self.K}, {self.gt}")
+        self.table = [
+            {"node": str(row.get("node", "")), "question": str(row["question"]), "answer": str(row["answer"]).lower()}
+            for row in spec["table"]
+        ]
+        if not self.table or any(row["answer"] not in ANSWERS for row in self.table):
+            raise ValueError("FloDial table must be a non-empty list of rows with answer 'yes' or 'no'")
+        self.bt_variant = str(spec.get("bt_variant", "v1"))
+        if self.bt_variant not in BT_VARIANTS:
+            raise ValueError(f"bt_variant must be one of {BT_VARIANTS}, got {self.bt_variant!r}")
+        # Per candidate: node -> branch on its root path (empty when the spec has no paths).
+        paths = spec.get("candidate_paths")
+        self.candidate_paths: list[dict[str, str]] = [
+            dict(str(step).split(":", 1) for step in path) for path in (paths if paths is not None else [])
+        ]
+        if self.candidate_paths and len(self.candidate_paths) != self.K:
+            raise ValueError("candidate_paths must have one path per candidate")
+        self.prior = np.full(self.K, PRIOR_VALUE)
+        # The simulator prompt depends only on (problem, table): episodes sharing them share cache entries.
+        self.messages_head = simulator_messages(self.problem, self.table, "")[:1]
+        self.cache_scope = hashlib.sha1(self.messages_head[0]["content"].encode()).hexdigest()
+
+        # Episode state.
+        self.revealed: set[int] = set()  # table rows answered so far
+        self.asked_queries: set[str] = set()  # normalised query texts the simulator answered (any answer)
+        self.ruled_out: set[int] = set()  # candidate indices contradicted by a revealed answer
+        self.last_action_informative = False
+        self.prev_valid_guess = self.prior
+        self.answer: tuple[float, ...] | None = None
+        self.success = False
+        self.counts = dict.fromkeys(
+            (
+                "action_rounds",
+                "update_rounds",
+                "invalid_actions",
+                "invalid_guesses",
+                "repeats",
+                "answers_yes",
+                "answers_no",
+                "answers_unknown",
+                "as_pos",
+                "as_neg",
+                "bt_pos",
+                "bt_neg",
+                "sim_calls",
+                "sim_cache_hits",
+                "sim_failures",
+                "sim_unparsable",
+                "sim_answer_mismatch",
+            ),
+            0,
+        )
+
+    # --- public API ----------------------------------------------------------------------------
+
+    def result(self) -> EpisodeResult:
+        metrics = {key: float(value) for key, value in self.counts.items()}
+        metrics.update(
+            turns=float(self.turn),
+            candidates_left=float(self.K - len(self.ruled_out)),
+            psi_final=self.psi(self.prev_valid_guess),
+            answered=float(self.answer is not None),
+        )
+        return EpisodeResult(
+            reward=1.0 if self.success else 0.0, success=self.success, answered=self.answer is not None, metrics=metrics
+        )
+
+    def psi(self, weights: np.ndarray) -> float:
+        """Confidence readout Psi_hat: the normalised weight on the true fault."""
+        return float(normalised(weights)[self.gt])
+
+    # --- parsing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def parse_action(block: str | None) -> Parsed[str]:
+        """An Action block: exactly one non-empty ``Query:`` line and nothing else."""
+        if block is None:
+            return Parsed.fail("no <interact>...</interact> block")
+        keyed, others = find_keyed_lines(block)
+        if others or set(keyed) != {"query"} or len(keyed["query"]) != 1:
+            return Parsed.fail("the block must contain exactly one 'Query:' line and nothing else")
+        query = keyed["query"][0].strip()
+        if not query:
+            return Parsed.fail("empty 'Query:' line")
+        if len(query) > MAX_QUERY_CHARS:
+            return Parsed.fail(f"the question is longer than {MAX_QUERY_CHARS} characters; ask one short question")
+        return Parsed(query)
+
+    # --- rounds --------------------------------------------------------------------------------
+
+    async def _ask(self, query: str) -> tuple[SimulatorVerdict | None, dict[str, Any]]:
+        """One simulator call; (None, info) when it failed after the client's retries."""
+        messages = [*self.messages_head, {"role": "user", "content": query}]
+        # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
+        reply = await ask_simulator(
+            self.context.simulator, messages, cache_key=("flodial", self.cache_scope, normalise_query(query)), task=self.task
+        )
+        self.counts["sim_calls"] += 1
+        self.counts["sim_cache_hits"] += int(bool(reply.cached))
+        if not reply.ok:
+            self.counts["sim_failures"] += 1
+            return None, {"simulator_failed": True, "error": f"simulator failed: {reply.error}"}
+        return parse_simulator_reply(reply.text or ""), {"simulator_failed": False, "simulator_reply": reply.text}
+
+    def _rule_out(self, row: int) -> int:
+        """Mark candidates contradicted by the answer of table row ``row``; return how many are new."""
+        node, answer = self.table[row]["node"], self.table[row]["answer"]
+        newly = {
+            index
+            for index, path in enumerate(self.candidate_paths)
+            if index != self.gt and index not in self.ruled_out and path.get(node, answer) != answer
+        }
+        self.ruled_out |= newly
+        return len(newly)
+
+    def ground_truth_answer(self) -> str:
+        """All weight on the true fault, as the answer block's content (IGPO scores this text)."""
+        return ",".join("1" if index == self.gt else "0" for index in range(self.K))
+
+    async def _action_turn(self, block: str | None) -> StepResult:
+        self.counts["action_rounds"] += 1
+        parsed = self.parse_action(block)
+        info: dict[str, Any] = {
+            "round": RoundKind.ACTION.value,
+            "turn": self.turn,
+            "feedback": "unknown",
+            "row": None,
+            "new_information": False,
+            "info_gain": 0.0,
+            "simulator_failed": False,
+        }
+        repeated = False
+        note = ""
+        if not parsed.ok:
+            self.counts["invalid_actions"] += 1
+            critique = -1
+            info["error"] = parsed.error
+            feedback_line = f"Invalid query: {parsed.error}. No feedback this round."
+        else:
+            query = parsed.value
+            assert query is not None
+            info["query"] = query
+            if normalise_query(query) in self.asked_queries:
+                verdict, extra = SimulatorVerdict(None, None, True), {"error": "repeated query"}
+                repeated = True
+            else:
+                verdict, extra = await self._ask(query)
+                if verdict is not None:  # answered (even "Unknown"): asking it again is a repeat
+                    self.asked_queries.add(normalise_query(query))
+            info.update(extra)
+            if verdict is None:  # the simulator failed: "Unknown", not the agent's fault
+                critique = 0
+            else:
+                critique, note, repeated = self._judge(query, verdict, info, repeated)
+            if info["feedback"] == "unknown":
+                self.counts["answers_unknown"] += 1
+            feedback_line = FEEDBACK_PREFIX + info["feedback"].capitalize() + "." + note
+            if self.context.withhold_feedback:  # feedback ablation: judged as usual, shown as unknown
+                feedback_line = FEEDBACK_PREFIX + self.uninformative_feedback
+        self.counts["repeats"] += int(repeated)
+        self.last_action_informative = bool(info["new_information"])
+        info["candidates_left"] = self.K - len(self.ruled_out)
+        label = self._label(critique, CHANNEL_AS)
+        if info["simulator_failed"]:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
+            label.fallback = FallbackRole.EXEMPT
+        if round_kind(self.turn + 1, self.max_turns) is RoundKind.ANSWER:
+            follow = f"That was your last question. Round {self.turn + 1} of {self.max_turns} is the Answer round: "
+            follow += answer_instruction(self.K)
+        else:
+            follow = f"Round {self.turn + 1} of {self.max_turns} is an Update round: " + update_instruction(self.K)
+        valid = parsed.ok and not repeated
+        return StepResult(
+            f"{feedback_line}\n{follow}", label, done=False, valid=valid, repeated=repeated, info=info,
+            progress={NEW_INFORMATION_SIGNAL: float(bool(info["new_information"]))},
+        )
+
+    def _judge(
+        self, query: str, verdict: SimulatorVerdict, info: dict[str, Any], repeated: bool
+    ) -> tuple[int, str, bool]:
+        """(AS critique, note for the agent, repeated) for a simulator verdict; fills ``info``."""
+        if repeated:
+            return -1, " (You asked this question already.)", True
+        if verdict.row is None or not 0 <= verdict.row < len(self.table):
+            # "Unknown", or a reply that names no usable row (out of range, free text, several IDs).
+            if verdict.row is not None or not verdict.parsed:
+                self.counts["sim_unparsable"] += 1
+            return -1, "", False
+        info["row"] = verdict.row
+        if verdict.row in self.revealed:
+            info["error"] = "repeated question (same table row)"
+            return -1, " (You asked this question already.)", True
+        answer = self.table[verdict.row]["answer"]
+        if verdict.word != answer:
+            self.counts["sim_answer_mismatch"] += 1
+        self.revealed.add(verdict.row)
+        self.counts[f"answers_{answer}"] += 1
+        info.update(feedback=answer, new_information=True, info_gain=float(self._rule_out(verdict.row)))
+        return (1 if answer == "yes" else 0), "", False
+
+    def _update_turn(self, block: str | None) -> StepResult:
+        self.counts["update_rounds"] += 1
+        parsed = parse_weights(block, self.K)
+        info: dict[str, Any] = {
+            "round": RoundKind.UPDATE.value,
+            "turn": self.turn,
+            "evidence": self.last_action_informative,
+        }
+        if not parsed.ok:
+            self.counts["invalid_guesses"] += 1
+            info["error"] = parsed.error
+            critique = -1
+            head = f"Invalid guess: {parsed.error}. It was not recorded."
+        else:
+            guess = parsed.value
+            assert guess is not None
+            psi, psi_prev = self.psi(guess), self.psi(self.prev_valid_guess)
+            info.update(guess=guess.tolist(), psi=psi, psi_prev=psi_prev)
+            if self.last_action_informative:
+                critique = 1 if psi > psi_prev + INCREASE_TOL else -1
+            elif self.bt_variant == "v1":
+                change = np.abs(normalised(guess) - normalised(self.prev_valid_guess)).max()
+                critique = 1 if change <= UNCHANGED_TOL else -1
+            else:
+                critique = 0
+            self.prev_valid_guess = guess
+            head = "Guess recorded."
+        label = self._label(critique, CHANNEL_BT)
+        questions_left = (self.max_turns - self.turn) // 2
+        follow = (
+            f"Round {self.turn + 1} of {self.max_turns} is an Action round ({questions_left} "
+            f"{'question' if questions_left == 1 else 'questions'} left including this one): " + action_instruction()
+        )
+        return StepResult(f"{head}\n{follow}", label, done=False, valid=parsed.ok, info=info)
+
+    def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
+        self.done = True
+        block = extract_block(cut, "answer") if tag == "answer" else None
+        parsed = parse_weights(block, self.K)
+        info: dict[str, Any] = {"round": kind.value, "turn": self.turn, "early": kind is not RoundKind.ANSWER}
+        if parsed.ok:
+            weights = parsed.value
+            assert weights is not None
+            self.answer = tuple(float(v) for v in weights)
+            top = np.flatnonzero(weights == weights.max())
+            self.success = len(top) == 1 and int(top[0]) == self.gt
+            # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
+            info.update(answer=list(self.answer), answer_psi=self.psi(weights))
+        else:
+            info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
+        return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)

@@ -1,0 +1,101 @@
+"""Prompt text of the Preference Estimation tasks (our own wording of the PE protocol).
+
+The instructions never show a literal ``<answer>`` block that encloses numbers: a naive reward
+that searched the transcript for the last ``<answer>...</answer>`` would otherwise score the
+prompt's own example (a defect of the original fork). Formats are described with letter
+placeholders instead. The prompt holds no decimal numbers at all, so no hidden weight can leak
+through it (the tests check that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from verl_selflock.envs.pe.env import action_block, action_instruction
+
+__all__ = ["pe_system_prompt", "pe_user_prompt", "pe_messages", "format_value"]
+
+
+def format_value(value: float) -> str:
+    """Attribute values are whole numbers in our data; print them without a decimal point."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _movie_table(movies: list[list[float]]) -> str:
+    return "\n".join(
+        f"Movie {index}: " + ", ".join(format_value(v) for v in row) for index, row in enumerate(movies, start=1)
+    )
+
+
+def pe_system_prompt(spec: Mapping[str, Any]) -> str:
+    """System message: the game, the movie table, the rounds and every format."""
+    variant, D, max_turns = spec["variant"], int(spec["D"]), int(spec["max_turns"])
+    S = spec.get("S")
+    movies = spec["movies"]
+    n_movies = len(movies)
+    actions = ", ".join(map(str, range(1, max_turns, 2)))
+    updates = ", ".join(map(str, range(2, max_turns, 2)))
+    if variant == "gated":
+        query = (
+            f"Each query names a focus of {S} different attributes and a pair of two different movies. The user "
+            "compares the two movies on the focus attributes only: a movie's score is the sum over the focus "
+            "attributes of weight times value."
+        )
+        repeat = "the same pair with the same focus"
+        fields = (
+            f"with {S} different attribute numbers (1 to {D}) after Focus and two different movie numbers "
+            f"(1 to {n_movies}) after Pair"
+        )
+    else:
+        query = (
+            "Each query names a pair of two different movies. The user compares their scores: a movie's score "
+            "is the sum over all attributes of weight times value."
+        )
+        repeat = "the same pair"
+        fields = f"with two different movie numbers (1 to {n_movies}) after Pair"
+    return "\n".join(
+        [
+            f"You are playing a preference-discovery game. A user has a hidden weight for each of {D} movie "
+            f"attributes (numbered 1 to {D}); every weight is zero or positive. Find out how the weights compare "
+            "by asking the user about pairs of movies, then report your estimate of the weights.",
+            "",
+            f"Reference movies (movie number: attribute 1 to {D}):",
+            _movie_table(movies),
+            "",
+            f"Queries: {query} A pair is read with the smaller movie number first: the user replies Yes if that "
+            "movie has the higher score, No if the lower, Equal if the scores are the same. A query whose reply "
+            "is the same for all possible weights (one movie is higher on every compared attribute) teaches you "
+            f"nothing. Do not repeat a question ({repeat}): repeated or invalid queries get no feedback.",
+            "",
+            f"Rounds: {max_turns} in total. Rounds {actions} are Action rounds (ask one query). Rounds {updates} "
+            f"are Update rounds (state your current estimate). Round {max_turns} is the Answer round (your final "
+            "estimate). Before any query, your estimate weighs every attribute equally.",
+            "",
+            "Formats (always think briefly inside <scratch> and </scratch> first):",
+            f"- Action round: one block\n{action_block(variant, S)}\n{fields}, and nothing else in the block.",
+            "- Update round: <interact>Guess: ...</interact> where ... is "
+            f"{D} non-negative numbers separated by commas, one per attribute in order.",
+            "- Answer round: your final estimate in the same form, but between the tags <answer> and </answer>.",
+            "Only the proportions between the weights matter, so make clear distinctions. A turn ends at the first "
+            "</interact> or </answer> you write; anything after it is ignored. The answer tags end the game in any "
+            "round. Your answer is correct if it points in nearly the same direction as the user's weights.",
+        ]
+    )
+
+
+def pe_user_prompt(spec: Mapping[str, Any]) -> str:
+    """First user message: start the episode with round 1 (an Action round)."""
+    max_turns = int(spec["max_turns"])
+    return (
+        f"Let's start: you have {max_turns // 2} queries. Round 1 of {max_turns} is an Action round: "
+        + action_instruction(spec["variant"], spec.get("S"), int(spec["D"]), len(spec["movies"]))
+    )
+
+
+def pe_messages(spec: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The chat ``prompt`` column of one PE row."""
+    return [
+        {"role": "system", "content": pe_system_prompt(spec)},
+        {"role": "user", "content": pe_user_prompt(spec)},
+    ]

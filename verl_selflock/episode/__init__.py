@@ -1,0 +1,1 @@
+"""Episode rules shared by training and evaluation, independent of veRL."""

@@ -1,0 +1,108 @@
+"""Start-up validation of a veRL config that uses our estimators (runs on the driver, before Ray).
+
+veRL does not validate ``algorithm.adv_estimator`` until the first advantage step inside the
+TaskRunner, and it silently drops the critic unless the estimator is literally ``gae``. A run that
+asks for ``arew`` without the data AREW needs must not train silently without critiques: every such
+misconfiguration fails here with a message that says exactly what to set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from verl_selflock.algorithms.arew import ArewConfig
+from verl_selflock.algorithms.igpo_config import IgpoConfig
+from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
+
+
+
+class SelflockConfigError(ValueError):
+    """A veRL config asks for one of our features with settings that cannot work."""
+
+
+def _get(node: Any, dotted: str, default: Any = None) -> Any:
+    for key in dotted.split("."):
+        if node is None:
+            return default
+        node = node.get(key) if hasattr(node, "get") else None  # dict or OmegaConf DictConfig
+    return default if node is None else node
+
+
+def uses_selflock_estimator(config: Any) -> bool:
+    return str(_get(config, "algorithm.adv_estimator", "")) in SELFLOCK_ESTIMATORS
+
+
+def arew_config_of(config: Any) -> ArewConfig:
+    """The validated ``algorithm.arew`` node of a full veRL config (defaults if absent)."""
+    return ArewConfig.from_mapping(_get(config, "algorithm.arew"))
+
+
+def igpo_config_of(config: Any) -> IgpoConfig:
+    """The validated ``algorithm.igpo`` node of a full veRL config (defaults if absent)."""
+    return IgpoConfig.from_mapping(_get(config, "algorithm.igpo"))
+
+
+def validate_selflock_config(config: Any) -> None:
+    """Raise :class:`SelflockConfigError` if ``config`` asks for ``arew``/``igpo`` with settings that cannot work.
+
+    Args:
+        config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides).
+    """
+    diagnostics = _get(config, "selflock_diagnostics")
+    if diagnostics is not None:
+        from verl_selflock.diagnostics.monitor import MonitorConfig
+
+        try:
+            MonitorConfig.from_mapping(diagnostics)
+        except (TypeError, ValueError) as err:
+            raise SelflockConfigError(str(err)) from None
+
+    estimator = str(_get(config, "algorithm.adv_estimator", ""))
+    has_arew_node = _get(config, "algorithm.arew") is not None
+    if estimator not in SELFLOCK_ESTIMATORS:
+        # Not an error (a recipe may keep a node for an A/B run), but worth validating.
+        if has_arew_node:
+            arew_config_of(config)
+        if _get(config, "algorithm.igpo") is not None:
+            igpo_config_of(config)
+        return
+
+    try:
+        arew = arew_config_of(config)
+        igpo_config_of(config)
+        if estimator == "arew":
+            arew.validate_base()
+    except ValueError as err:
+        raise SelflockConfigError(str(err)) from None
+
+    if not bool(_get(config, "trainer.use_v1", True)):
+        raise SelflockConfigError(
+            f"algorithm.adv_estimator={estimator} runs on veRL's v1 trainer only: set trainer.use_v1=true "
+            f"trainer.v1.trainer_mode={TRAINER_MODE}"
+        )
+    mode = _get(config, "trainer.v1.trainer_mode", "sync")
+    if mode != TRAINER_MODE:
+        raise SelflockConfigError(
+            f"algorithm.adv_estimator={estimator} needs the per-turn critiques that only our trainer mode "
+            f"passes to the advantage step: set trainer.v1.trainer_mode={TRAINER_MODE} (got {mode!r})"
+        )
+    if estimator == "igpo" and bool(_get(config, "algorithm.use_kl_in_reward", False)):
+        raise SelflockConfigError(
+            "algorithm.adv_estimator=igpo builds its turn rewards from the outcome score and the information "
+            "gain only: set algorithm.use_kl_in_reward=false (use actor_rollout_ref.actor.use_kl_loss for a KL term)"
+        )
+    rollout_n = _get(config, "actor_rollout_ref.rollout.n", 1)
+    if estimator == "igpo" and int(rollout_n) < 2:
+        # A prompt group of one trajectory z-scores the outcome against itself: exactly 0 under
+        # norm_mode=separate, and under joint the first turn's return (the sum of the row's centred
+        # rewards) is 0, so the outcome would silently drop out of training.
+        raise SelflockConfigError(
+            "algorithm.adv_estimator=igpo normalises rewards within each prompt's group of rollouts: set "
+            f"actor_rollout_ref.rollout.n to 2 or more (got actor_rollout_ref.rollout.n={rollout_n})"
+        )
+    critic_enable = _get(config, "critic.enable")
+    if estimator == "arew" and arew.base == "gae" and not critic_enable:
+        raise SelflockConfigError(
+            "algorithm.arew.base=gae needs critic values, and veRL only builds a critic for "
+            f"adv_estimator=gae unless told otherwise: set critic.enable=True (got critic.enable={critic_enable})"
+        )

@@ -1,0 +1,205 @@
+"""The IGPO advantage step and the T3 training metrics of our v1 trainer mode (veRL wiring only).
+
+The maths lives in :mod:`verl_selflock.algorithms.igpo` (turn rewards, normalisation, discounting) and
+:mod:`verl_selflock.verl_adapter.igpo_scoring` (the teacher-forced scores); this module fetches the batch from
+TransferQueue, calls them, writes ``advantages`` and ``returns`` back and reports metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from verl_selflock.contracts.episode import T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
+from verl_selflock.algorithms.igpo import (
+    IgpoTurnTable,
+    broadcast_turn_values,
+    compute_igpo_turn_advantages,
+    dense_turn_index,
+    group_ids,
+)
+from verl_selflock.algorithms.igpo_config import IgpoConfig
+from verl_selflock.contracts.critique import collate_critiques
+from verl_selflock.verl_adapter.igpo_scoring import ScoringPlan, plan_scoring, score_with_actor, scoring_answers, timed
+
+
+def _padded(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.nested.to_padded_tensor(tensor, value) if tensor.is_nested else tensor
+
+
+def _rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample 1-D tensors of a jagged (nested) or dense batch field."""
+    return list(tensor.unbind(0))
+
+
+def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Sequence[bool]) -> dict[str, float]:
+    """``t3/*`` metrics of a training batch, over the episodes T3 watched (``selflock_t3_enabled``); empty
+    when T3 is off in the run, so a run without T3 logs no ``t3/*`` at all.
+
+    ``t3/turn_mean`` (turns kept by a cut) is left out when nothing was cut: no cut has no mean, and a 0
+    would read as "cut at turn 0". ``t3/tokens_budget_saved_*`` is an upper bound on the tokens T3 saved
+    (the budget the cut left unused, see ``selflock_t3_budget_saved``), not a count of tokens saved.
+    """
+    episodes = [
+        f for f, pad in zip(extra_fields, is_padding, strict=True) if not pad and f and bool(f.get(T3_ENABLED))
+    ]
+    if not episodes:
+        return {}
+    cut = np.array([bool(f.get(T3_TRUNCATED, False)) for f in episodes])
+    turns = np.array([int(f.get(T3_TURN, 0)) for f in episodes], dtype=np.float64)
+    budget = np.array([int(f.get(T3_BUDGET_SAVED, 0)) for f in episodes], dtype=np.float64)
+    metrics = {
+        "t3/frac_truncated": float(cut.mean()),
+        "t3/tokens_budget_saved_mean": float(budget.mean()),
+        "t3/tokens_budget_saved_total": float(budget.sum()),
+    }
+    if cut.any():
+        metrics["t3/turn_mean"] = float(turns[cut].mean())
+    return metrics
+
+
+def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) -> Any:
+    """Compute IGPO advantages (= returns) for a v1 batch and write them to TransferQueue.
+
+    Args:
+        trainer: the running :class:`~verl_selflock.verl_adapter.trainer_mode.SelflockTrainer`.
+        batch: the step's ``KVBatchMeta`` (rows may include veRL's synthetic padding rows).
+        metrics: the step's metrics dict (``igpo/*`` added).
+        config: validated ``algorithm.igpo``.
+
+    Returns:
+        The ``KVBatchMeta`` returned by ``kv_batch_put``.
+    """
+    import transfer_queue as tq
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import response_to_nested
+
+    data = tq.kv_batch_get(
+        keys=batch.keys,
+        partition_id=batch.partition_id,
+        select_fields=["uid", "prompts", "responses", "response_mask", "rm_scores", "extra_fields"],
+    )
+    uids = list(data["uid"])
+    response_mask_nested = data["response_mask"]
+    temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
+    advantages, step_metrics = compute_igpo_step(
+        prompts=[row.tolist() for row in _rows(data["prompts"])],
+        responses=[row.tolist() for row in _rows(data["responses"])],
+        extra_fields=list(data["extra_fields"]),
+        uids=uids,
+        is_padding=[bool(tag.get("is_padding", False)) for tag in batch.tags],
+        response_mask=_padded(response_mask_nested, 0),
+        outcome=_padded(data["rm_scores"], 0.0).float().sum(dim=1),
+        tokenizer=trainer.tokenizer,
+        config=config,
+        score=lambda plan: score_with_actor(trainer, plan, temperature, uids),
+        gen_time=float((getattr(trainer, "timing_raw", None) or {}).get("gen", 0.0)),
+    )
+    # Write back: advantages = returns (no critic).
+    nested = response_to_nested(advantages, response_mask_nested)
+    output = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
+    metrics.update(step_metrics)
+    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+
+def compute_igpo_step(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    extra_fields: Sequence[Mapping[str, Any] | None],
+    uids: Sequence[object],
+    is_padding: Sequence[bool],
+    response_mask: torch.Tensor,
+    outcome: torch.Tensor,
+    tokenizer: Any,
+    config: IgpoConfig,
+    score: Callable[[ScoringPlan], torch.Tensor],
+    gen_time: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """IGPO's token advantages of one batch, given a scorer for the teacher-forced sequences (no veRL, no I/O).
+
+    Args:
+        prompts, responses: per row, the prompt and response token ids.
+        extra_fields: per row, the agent loop's ``extra_fields`` (turn ids, ground-truth answer, stop reason).
+        uids: per row, veRL's prompt-group id.
+        is_padding: per row, True for veRL's synthetic padding rows (left out entirely).
+        response_mask: (bs, L) 1 on tokens the policy generated.
+        outcome: (bs,) outcome reward of each row.
+        tokenizer: the policy's tokenizer.
+        config: validated ``algorithm.igpo``.
+        score: plan -> (len(plan),) mean answer log-probs (the actor in training); called once, only for a
+            non-empty plan.
+        gen_time: the step's generation time in seconds, for ``igpo/scoring_time_ratio_to_gen``.
+
+    Returns:
+        ``(advantages, metrics)``: (bs, L) float32 advantages, 0 off generated tokens and on padding rows,
+        and the ``igpo/*`` metrics.
+    """
+    # 0. The rows' turns: distinct turn ids, a row without any being one outcome-only turn. The plan reads
+    # the same collated ids, so its prefix k is the table's turn k.
+    turn_ids = collate_critiques(extra_fields, response_mask.shape[1]).turn_ids
+    take_part = torch.tensor([not pad for pad in is_padding], dtype=torch.bool)
+    turn_index, num_turns = dense_turn_index(turn_ids, take_part)
+
+    # 1. Teacher-forced scores of the ground-truth answer after every turn prefix, one batched call.
+    plan = plan_scoring(
+        prompts=prompts,
+        responses=responses,
+        turn_ids=[row.tolist() for row in turn_ids],
+        answers=scoring_answers(extra_fields, config.unfinished),  # None (outcome only): cut short, or no known answer
+        tokenizer=tokenizer,
+        config=config,
+        skip=is_padding,
+    )
+    scoring_time = 0.0
+    mean_logprob = torch.empty(0)
+    if len(plan):
+        mean_logprob, scoring_time = timed(score, plan)
+
+    # 2. Turn rewards, group normalisation, discounted turn advantages, spread over each turn's tokens.
+    width = int(num_turns.max()) if num_turns.numel() else 0
+    table = compute_igpo_turn_advantages(
+        plan.to_table(mean_logprob, width), plan.scored, num_turns, outcome, group_ids(list(uids)), config
+    )
+    advantages = broadcast_turn_values(table.advantages, turn_index, response_mask)
+    metrics = _igpo_metrics(table, plan, num_turns, mean_logprob, scoring_time, advantages, response_mask, gen_time)
+    return advantages, metrics
+
+
+def _igpo_metrics(
+    table: IgpoTurnTable,
+    plan: ScoringPlan,
+    num_turns: torch.Tensor,
+    mean_logprob: torch.Tensor,
+    scoring_time: float,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    gen_time: float,
+) -> dict[str, float]:
+    active = num_turns > 0  # every row but veRL's padding: rows without turns or cut short count as outcome-only
+    ig_mask = table.reward_mask & ~table.outcome_mask
+    ig = table.rewards[ig_mask]
+    scored_prob = mean_logprob.exp() if mean_logprob.numel() else torch.zeros(0)
+    first = plan.prefixes == 0 if len(plan) else torch.zeros(0, dtype=torch.bool)
+    tokens = response_mask.bool()
+
+    def mean(t: torch.Tensor) -> float:
+        return float(t.float().mean()) if t.numel() else 0.0
+
+    return {
+        "igpo/scoring_time_s": scoring_time,
+        "igpo/scoring_time_ratio_to_gen": scoring_time / gen_time if gen_time > 0 else math.nan,
+        "igpo/scored_sequences": float(len(plan)),
+        "igpo/scored_tokens": float(plan.num_tokens),
+        "igpo/frac_rows_outcome_only": mean((~table.scored)[active]),
+        "igpo/p_mean": mean(scored_prob),
+        "igpo/p_first_mean": mean(scored_prob[first]) if len(plan) else 0.0,
+        "igpo/ig_mean": mean(ig),
+        "igpo/ig_abs_mean": mean(ig.abs()),
+        "igpo/ig_pos_frac": mean(ig > 0),
+        "igpo/outcome_mean": mean(table.rewards[table.outcome_mask]),
+        "igpo/adv_abs_mean": mean(advantages[tokens].abs()),
+    }
