@@ -97,7 +97,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from verl_selflock.verl_adapter.cpu.hf_rollout import HFGenerationServer
+    from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
     from verl_selflock.algorithms.igpo_config import IgpoConfig
     from verl_selflock.contracts import episode as ef
     from verl_selflock.models import smollm2_path

@@ -22,14 +22,14 @@ PROBE = """
 import json, sys
 import verl
 loaded = "verl_selflock.verl_adapter.plugin" in sys.modules
-from verl_selflock.verl_adapter import private_names as verl_hooks
+from verl_selflock.verl_adapter import private_names
 print(json.dumps({
     "loaded": loaded,
-    "estimators": verl_hooks.registered_estimators(),
-    "trainer_modes": verl_hooks.registered_trainer_modes(),
-    "agent_loops": verl_hooks.registered_agent_loops(),
-    "reward_managers": verl_hooks.registered_reward_managers(),
-    "validation": verl_hooks.config_validation_installed(),
+    "estimators": private_names.registered_estimators(),
+    "trainer_modes": private_names.registered_trainer_modes(),
+    "agent_loops": private_names.registered_agent_loops(),
+    "reward_managers": private_names.registered_reward_managers(),
+    "validation": private_names.config_validation_installed(),
 }))
 """
 
@@ -59,14 +59,14 @@ def test_plugins_disabled_by_veRL_policy_means_nothing_registered():
 def test_register_is_idempotent():
     import verl  # noqa: F401  (the entry point has registered once already)
 
-    from verl_selflock.verl_adapter import plugin, private_names as verl_hooks
+    from verl_selflock.verl_adapter import plugin, private_names
 
-    estimators, modes = verl_hooks.registered_estimators(), verl_hooks.registered_trainer_modes()
+    estimators, modes = private_names.registered_estimators(), private_names.registered_trainer_modes()
     for _ in range(2):
         status = plugin.register()
         assert all(component.ok for component in status.values()), plugin.STATUS
-    assert verl_hooks.registered_estimators() == estimators
-    assert verl_hooks.registered_trainer_modes() == modes
+    assert private_names.registered_estimators() == estimators
+    assert private_names.registered_trainer_modes() == modes
 
 
 def _console_script() -> str:
@@ -100,13 +100,13 @@ def test_ray_worker_process_sees_registrations():
 
             import verl  # noqa: F401
 
-            from verl_selflock.verl_adapter import private_names as verl_hooks
+            from verl_selflock.verl_adapter import private_names
 
             return {
                 "pid": os.getpid(),
                 "loaded": "verl_selflock.verl_adapter.plugin" in sys.modules,
-                "estimators": verl_hooks.registered_estimators(),
-                "trainer_modes": verl_hooks.registered_trainer_modes(),
+                "estimators": private_names.registered_estimators(),
+                "trainer_modes": private_names.registered_trainer_modes(),
             }
 
         seen = ray.get(worker_registries.remote(), timeout=240)

@@ -1,7 +1,8 @@
 """Settings of the AREW critique bonus: the ``algorithm.arew`` node of a veRL config.
 
-Building an :class:`ArewConfig` validates every field and imports nothing from veRL; only
-:meth:`ArewConfig.validate_base` looks at veRL's estimator registry.
+Building an :class:`ArewConfig` validates every field and imports nothing from veRL;
+:meth:`ArewConfig.validate_base` checks ``base`` against an estimator registry that the caller passes
+(veRL's, from :func:`verl_selflock.verl_adapter.config_validation.validate_selflock_config`).
 """
 
 from __future__ import annotations
@@ -172,20 +173,16 @@ class ArewConfig:
             return cls()
         return cls(**checked_kwargs(cls, mapping, CONFIG_PATH))
 
-    def validate_base(self, registry: Mapping[str, Any] | None = None) -> None:
-        """Check that ``base`` names an advantage estimator veRL knows.
+    def validate_base(self, registry: Mapping[str, Any]) -> None:
+        """Check that ``base`` names an advantage estimator of ``registry``.
 
         Args:
-            registry: estimator name -> function; ``None`` (the normal case) imports veRL's
-                ``verl.trainer.ppo.core_algos.ADV_ESTIMATOR_REGISTRY`` unless ``base`` is a built-in name.
+            registry: estimator name -> function, e.g. veRL's ``ADV_ESTIMATOR_REGISTRY``
+                (:func:`verl_selflock.verl_adapter.private_names.adv_estimator_registry`).
 
         Raises:
             ValueError: naming the known estimators.
         """
-        if registry is None:
-            if self.base in BUILTIN_BASES:
-                return
-            from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY as registry
         if self.base not in registry:
             known = sorted(name for name in registry if name != "arew")
             raise ValueError(

@@ -1,4 +1,5 @@
-"""T3: truncate belief-trapped episodes (arXiv 2510.12264; method notes section 5).
+"""T3: truncate belief-trapped episodes (arXiv 2510.12264, "Reducing Belief Deviation in RL for
+Active Reasoning of LLM Agents": its truncation rule over a window of k turns).
 
 Once an agent's belief stops making progress, later turns are an uninformative tail that biases the
 credit of the earlier, useful turns. T3 ends the rollout there. Rule: after turn ``t`` (1-based),

@@ -2,7 +2,6 @@
 self-locking monitor, and plots. Pure Python + numpy (matplotlib only for :mod:`.plots`)."""
 
 from verl_selflock.diagnostics.metrics import (
-    EpisodeCounts,
     Estimate,
     batch_metrics,
     bootstrap_ratio_interval,
@@ -13,7 +12,6 @@ from verl_selflock.diagnostics.metrics import (
 from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor, Verdict
 
 __all__ = [
-    "EpisodeCounts",
     "Estimate",
     "MonitorConfig",
     "SelfLockingMonitor",

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ __all__ = [
     "RATIO_METRICS",
     "MEAN_METRICS",
     "RATE_METRICS",
-    "EpisodeCounts",
+    "SIMULATOR_METRICS",
     "counts_of",
     "batch_metrics",
     "wilson_interval",
@@ -59,7 +59,7 @@ __all__ = [
 
 METRIC_PREFIX = "selflock/"
 
-# name -> (numerator column, denominator column) of EpisodeCounts.as_array()
+# name -> (numerator field, denominator field) of EpisodeStats (counted by :func:`counts_of`)
 RATIO_METRICS: dict[str, tuple[str, str]] = {
     "as_proxy": ("as_pos", "action_rounds"),
     "bt_proxy": ("bt_pos", "update_rounds"),
@@ -71,6 +71,10 @@ RATIO_METRICS: dict[str, tuple[str, str]] = {
 MEAN_METRICS: dict[str, str] = {"turns": "turns", "reward": "reward"}
 RATE_METRICS: dict[str, str] = {"success_rate": "success", "finish_ratio": "answered"}
 """Proportions of episodes (Wilson intervals)."""
+SIMULATOR_METRICS = ("sim_calls", "sim_cache_hits", "sim_failures")
+"""Per-episode ``EpisodeResult.metrics`` keys of tasks with a simulated user: questions put to the
+simulator, answers served from the client's cache, and calls that failed after all retries (the turn
+was degraded to the task's "cannot answer" reply with critique 0)."""
 
 SUMMARY_ORDER = (
     "success_rate",
@@ -104,63 +108,23 @@ _COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class EpisodeCounts:
-    """The counts of one episode that the proxies need (a view of :class:`EpisodeStats`)."""
-
-    as_pos: int
-    action_rounds: int
-    bt_pos: int
-    update_rounds: int
-    info_gain_sum: float
-    info_gain_count: int
-    psi_delta_sum: float
-    psi_delta_count: int
-    invalid_actions: int
-    judged_turns: int
-    """Turns the environment judged (every Action, Update and answer turn it stepped, each once)."""
-    repeated_actions: int
-    turns: int
-    reward: float
-    success: bool
-    answered: bool
-
-    def as_row(self) -> list[float]:
-        return [float(getattr(self, name)) for name in _COLUMNS]
-
-
-def counts_of(stats: EpisodeStats) -> EpisodeCounts:
-    """The counts of one episode. Judged turns are the turns the environment stepped
+def counts_of(stats: EpisodeStats) -> EpisodeStats:
+    """The episode's record as the proxies count it. Judged turns are the turns the environment stepped
     (:attr:`EpisodeStats.judged_turns`: each Action, Update and answer turn once; a turn cut by the
     response budget was never judged); never fewer than the rounds or invalid turns counted, for
     stats built by hand."""
     judged = max(stats.judged_turns, stats.action_rounds + stats.update_rounds, stats.invalid_actions)
-    return EpisodeCounts(
-        as_pos=stats.as_pos,
-        action_rounds=stats.action_rounds,
-        bt_pos=stats.bt_pos,
-        update_rounds=stats.update_rounds,
-        info_gain_sum=stats.info_gain_sum,
-        info_gain_count=stats.info_gain_count,
-        psi_delta_sum=stats.psi_delta_sum,
-        psi_delta_count=stats.psi_delta_count,
-        invalid_actions=stats.invalid_actions,
-        judged_turns=judged,
-        repeated_actions=stats.repeated_actions,
-        turns=stats.turns,
-        reward=stats.reward,
-        success=stats.success,
-        answered=stats.answered,
-    )
+    return stats if judged == stats.judged_turns else replace(stats, judged_turns=judged)
 
 
-def _table(episodes: Sequence[EpisodeCounts]) -> dict[str, np.ndarray]:
+def _table(episodes: Sequence[EpisodeStats]) -> dict[str, np.ndarray]:
     """Column name -> (n_episodes,) array."""
-    matrix = np.asarray([e.as_row() for e in episodes], dtype=np.float64).reshape(len(episodes), len(_COLUMNS))
+    rows = [[float(getattr(episode, name)) for name in _COLUMNS] for episode in episodes]
+    matrix = np.asarray(rows, dtype=np.float64).reshape(len(episodes), len(_COLUMNS))
     return {name: matrix[:, i] for i, name in enumerate(_COLUMNS)}
 
 
-def batch_metrics(episodes: Sequence[EpisodeCounts], prefix: str = METRIC_PREFIX) -> dict[str, float]:
+def batch_metrics(episodes: Sequence[EpisodeStats], prefix: str = METRIC_PREFIX) -> dict[str, float]:
     """Point estimates of every proxy over a batch (see the module docstring); {} for no episodes."""
     if not episodes:
         return {}
@@ -235,7 +199,7 @@ class Estimate:
         return {"value": self.value, "ci_low": self.low, "ci_high": self.high, "n": self.n, "ci": self.method}
 
 
-def summarize(episodes: Sequence[EpisodeCounts], n_boot: int = 2000, seed: int = 0) -> dict[str, Estimate]:
+def summarize(episodes: Sequence[EpisodeStats], n_boot: int = 2000, seed: int = 0) -> dict[str, Estimate]:
     """Every proxy of :func:`batch_metrics` (without prefix) with a 95% confidence interval."""
     out: dict[str, Estimate] = {}
     n = len(episodes)

@@ -15,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from verl_selflock.contracts.episode import EpisodeStats
-from verl_selflock.diagnostics.metrics import METRIC_PREFIX, batch_metrics, counts_of, stats_of_fields
+from verl_selflock.diagnostics.metrics import (
+    METRIC_PREFIX,
+    SIMULATOR_METRICS,
+    batch_metrics,
+    counts_of,
+    stats_of_fields,
+)
 from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor
 
 __all__ = ["SELF_LOCKING_KEY", "TrainingDiagnostics", "simulator_metrics"]
@@ -27,11 +33,9 @@ CONFIG_NODE = "selflock_diagnostics"
 def simulator_metrics(stats: Sequence[EpisodeStats]) -> dict[str, float]:
     """The step's simulated-user traffic (tasks with a simulator only; empty otherwise): questions put to
     it, the share answered from the client's cache, and calls degraded after all retries."""
-    calls = sum(float(item.env_metrics.get("sim_calls", 0.0)) for item in stats)
+    calls, hits, failures = (sum(float(item.env_metrics.get(key, 0.0)) for item in stats) for key in SIMULATOR_METRICS)
     if calls <= 0:
         return {}
-    hits = sum(float(item.env_metrics.get("sim_cache_hits", 0.0)) for item in stats)
-    failures = sum(float(item.env_metrics.get("sim_failures", 0.0)) for item in stats)
     return {
         METRIC_PREFIX + "sim_calls": calls,
         METRIC_PREFIX + "sim_cache_hit_rate": hits / calls,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from verl_selflock.algorithms.arew import ArewConfig
+from verl_selflock.algorithms.arew_config import BUILTIN_BASES
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 
@@ -70,8 +71,10 @@ def validate_selflock_config(config: Any) -> None:
     try:
         arew = arew_config_of(config)
         igpo_config_of(config)
-        if estimator == "arew":
-            arew.validate_base()
+        if estimator == "arew" and arew.base not in BUILTIN_BASES:  # built-in names need no veRL import
+            from verl_selflock.verl_adapter.private_names import adv_estimator_registry
+
+            arew.validate_base(adv_estimator_registry())
     except ValueError as err:
         raise SelflockConfigError(str(err)) from None
 

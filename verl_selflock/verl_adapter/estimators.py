@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from verl_selflock.verl_adapter.config_validation import TRAINER_MODE
+from verl_selflock.contracts.names import TRAINER_MODE
 
 
 def _guard(name: str, lacks: str):

@@ -39,6 +39,15 @@ import torch
 
 from verl_selflock.contracts.episode import GT_ANSWER, STOP_ANSWER, STOP_DONE, STOP_REASON
 from verl_selflock.algorithms.igpo_config import IgpoConfig
+from verl_selflock.verl_adapter.jagged import as_jagged
+from verl_selflock.verl_adapter.private_names import (
+    actor_dp_size,
+    balanced_partitions,
+    forward_only_options,
+    list_of_dict_to_tensordict,
+    response_from_nested,
+    upsample_to_multiple,
+)
 
 FINAL_STOP_REASONS = (STOP_ANSWER, STOP_DONE)
 """Stop reasons of an episode whose last turn is a final one (an answer, or the environment ended it)."""
@@ -112,8 +121,9 @@ def scoring_answers(
     A row is scored when its task knows the answer (``selflock_gt_answer``) and its episode ended at a
     final turn (``selflock_stop_reason`` ``answer`` or ``done``), so its last turn is the one that takes
     the outcome. A row cut short (``t3``, ``max_turns``, ``response_length``, or no stop reason) stopped
-    in the middle of the dialogue: the reference (igpo_method.md section 3) falls back to the outcome
-    alone when the gains do not line up with the turns, and so do we unless ``unfinished`` is ``score``
+    in the middle of the dialogue: the IGPO authors' code (``verl/utils/reward_score/info_gain.py``
+    ``compute_score`` in their veRL fork, arXiv 2510.14967) falls back to the outcome alone when the
+    gains do not line up with the turns, and so do we unless ``unfinished`` is ``score``
     (``algorithm.igpo.unfinished``), which scores such rows like finished ones.
     """
     answers: list[str | None] = []
@@ -196,11 +206,6 @@ def segment_means(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return sums / lengths.clamp(min=1).to(values.dtype)
 
 
-def as_jagged(tensor: torch.Tensor) -> torch.Tensor:
-    """A per-sample batch field as a jagged nested tensor (veRL stacks equal-length rows densely)."""
-    return tensor if tensor.is_nested else torch.nested.as_nested_tensor(list(tensor.unbind(0)), layout=torch.jagged)
-
-
 def answer_mean_logprobs(log_probs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(n,) mean answer log-prob from the actor's output fields.
 
@@ -209,8 +214,6 @@ def answer_mean_logprobs(log_probs: torch.Tensor, response_mask: torch.Tensor) -
             p holds log pi(token p+1)), jagged or dense.
         response_mask: (n, answer_len) the scoring sequences' response masks, jagged or dense.
     """
-    from verl.workers.utils.padding import response_from_nested
-
     answer = response_from_nested(as_jagged(log_probs), as_jagged(response_mask))
     return segment_means(answer.values().float(), answer.offsets().diff())
 
@@ -222,8 +225,6 @@ def plan_to_tensordict(plan: ScoringPlan, uids: Sequence[object] | None = None):
     ``responses`` = the answer (all of it scored: ``response_mask`` 1), ``input_ids`` = both, text-only
     ``position_ids`` (multimodal rope positions are not supported here).
     """
-    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
-
     samples = []
     for i, (ids, n) in enumerate(zip(plan.input_ids, plan.answer_lens, strict=True)):
         mask = torch.ones(n, dtype=torch.int64)
@@ -255,14 +256,6 @@ def forward_batch_multiple(dp_size: int, use_dynamic_bsz: bool, micro_batch_size
     return dp_size * int(micro_batch_size_per_gpu)
 
 
-def actor_dp_size(worker_group: Any) -> int:
-    """Data-parallel size of the actor mesh: the lookup veRL's own dispatch and ``_balance_batch`` make."""
-    info = worker_group._dispatch_info.get("actor")
-    if info is None:
-        info = worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
-    return max(info) + 1
-
-
 def balance_for_forward(trainer: Any, meta: Any) -> Any:
     """Pad a scoring batch to :func:`forward_batch_multiple` and spread its tokens evenly over the DP ranks.
 
@@ -277,17 +270,14 @@ def balance_for_forward(trainer: Any, meta: Any) -> Any:
     Returns:
         The padded, reordered ``KVBatchMeta``.
     """
-    from verl.trainer.ppo import padding_utils
-    from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
-
     dp_size = actor_dp_size(trainer.actor_rollout_wg)
     roles = trainer.config.actor_rollout_ref
     multiple = forward_batch_multiple(
         dp_size, bool(roles.actor.use_dynamic_bsz), roles.rollout.get("log_prob_micro_batch_size_per_gpu")
     )
-    meta = padding_utils.upsample_batch_to_divisible_size(meta, multiple, trainer.tokenizer.eos_token_id)
+    meta = upsample_to_multiple(meta, multiple, trainer.tokenizer.eos_token_id)
     seqlens = torch.tensor([tag["seq_len"] for tag in meta.tags], dtype=torch.int64)
-    partitions = get_seqlen_balanced_partitions(calculate_workload(seqlens), k_partitions=dp_size, equal_size=True)
+    partitions = balanced_partitions(seqlens, dp_size)
     meta.reorder([index for partition in partitions for index in partition])
     return meta
 
@@ -316,7 +306,7 @@ def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: 
         meta = balance_for_forward(trainer, meta)
         # Read only the fields we wrote: veRL's padding rows carry a few more (rm_scores, num_turns ...).
         meta.fields = list(SCORING_FIELDS)
-        meta.extra_info.update({"calculate_entropy": False, "compute_loss": False, "temperature": temperature})
+        meta.extra_info.update(forward_only_options(temperature))
         output = trainer.actor_rollout_wg.compute_log_prob(meta)
         assert len(output) == len(meta)
         data = tq.kv_batch_get(keys=keys, partition_id=SCORING_PARTITION, select_fields=["log_probs", "response_mask"])

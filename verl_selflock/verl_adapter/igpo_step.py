@@ -25,15 +25,8 @@ from verl_selflock.algorithms.igpo import (
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.contracts.critique import collate_critiques
 from verl_selflock.verl_adapter.igpo_scoring import ScoringPlan, plan_scoring, score_with_actor, scoring_answers, timed
-
-
-def _padded(tensor: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.nested.to_padded_tensor(tensor, value) if tensor.is_nested else tensor
-
-
-def _rows(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample 1-D tensors of a jagged (nested) or dense batch field."""
-    return list(tensor.unbind(0))
+from verl_selflock.verl_adapter.jagged import padded, rows
+from verl_selflock.verl_adapter.private_names import generation_seconds, padding_flags, response_to_nested
 
 
 def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Sequence[bool]) -> dict[str, float]:
@@ -76,7 +69,6 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
     """
     import transfer_queue as tq
     from tensordict import TensorDict
-    from verl.workers.utils.padding import response_to_nested
 
     data = tq.kv_batch_get(
         keys=batch.keys,
@@ -87,17 +79,17 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
     response_mask_nested = data["response_mask"]
     temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
     advantages, step_metrics = compute_igpo_step(
-        prompts=[row.tolist() for row in _rows(data["prompts"])],
-        responses=[row.tolist() for row in _rows(data["responses"])],
+        prompts=[row.tolist() for row in rows(data["prompts"])],
+        responses=[row.tolist() for row in rows(data["responses"])],
         extra_fields=list(data["extra_fields"]),
         uids=uids,
-        is_padding=[bool(tag.get("is_padding", False)) for tag in batch.tags],
-        response_mask=_padded(response_mask_nested, 0),
-        outcome=_padded(data["rm_scores"], 0.0).float().sum(dim=1),
+        is_padding=padding_flags(batch),
+        response_mask=padded(response_mask_nested, 0),
+        outcome=padded(data["rm_scores"], 0.0).float().sum(dim=1),
         tokenizer=trainer.tokenizer,
         config=config,
         score=lambda plan: score_with_actor(trainer, plan, temperature, uids),
-        gen_time=float((getattr(trainer, "timing_raw", None) or {}).get("gen", 0.0)),
+        gen_time=generation_seconds(trainer),
     )
     # Write back: advantages = returns (no critic).
     nested = response_to_nested(advantages, response_mask_nested)

@@ -49,9 +49,10 @@ def _config_resolvers() -> list[str]:
 
 
 def _config_validation() -> list[str]:
+    from verl_selflock.verl_adapter.config_validation import validate_selflock_config
     from verl_selflock.verl_adapter.private_names import install_config_validation
 
-    install_config_validation()
+    install_config_validation(validate_selflock_config)
     return ["validate_config"]
 
 

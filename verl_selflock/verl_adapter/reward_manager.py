@@ -31,6 +31,7 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 from verl_selflock.contracts.episode import PREFIX, REWARD, EpisodeStats
 from verl_selflock.contracts.names import REWARD_MANAGER_NAME
+from verl_selflock.diagnostics.metrics import METRIC_PREFIX, RATIO_METRICS, SIMULATOR_METRICS
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -38,23 +39,15 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 _WARN_FIRST, _WARN_EVERY = 10, 100
 
 MISSING_OUTCOME = "selflock/missing_outcome"
+_REPORTED_FIELDS = (
+    "success", "answered", "turns", "invalid_actions", "repeated_actions", "as_pos", "as_neg", "bt_pos", "bt_neg", "truncated"
+)
+""":class:`EpisodeStats` fields reported per sample as ``selflock/<field>``."""
+_EPISODE_PROXIES = ("as_proxy", "bt_proxy")
+"""Proxies of :data:`verl_selflock.diagnostics.metrics.RATIO_METRICS` reported per episode."""
 EXTRA_INFO_KEYS = (
     "acc",
-    "selflock/success",
-    "selflock/answered",
-    "selflock/turns",
-    "selflock/invalid_actions",
-    "selflock/repeated_actions",
-    "selflock/as_pos",
-    "selflock/as_neg",
-    "selflock/bt_pos",
-    "selflock/bt_neg",
-    "selflock/truncated",
-    "selflock/sim_calls",
-    "selflock/sim_cache_hits",
-    "selflock/sim_failures",
-    "selflock/as_proxy",
-    "selflock/bt_proxy",
+    *(METRIC_PREFIX + name for name in _REPORTED_FIELDS + SIMULATOR_METRICS + _EPISODE_PROXIES),
     MISSING_OUTCOME,
 )
 """``reward_extra_info`` keys, identical for every sample (veRL stacks them by the first sample's
@@ -67,14 +60,10 @@ None where the episode has no such round: veRL's validation metrics drop None va
 the mean of the per-episode proxies (veRL averages per prompt, then over prompts), where training's
 ``selflock/*`` pools rounds over the batch. No T3 keys: T3 never acts on evaluation rows (``split: test``), so they would always be 0."""
 
-SIMULATOR_METRICS = ("sim_calls", "sim_cache_hits", "sim_failures")
-"""Per-episode ``EpisodeResult.metrics`` keys of tasks with a simulated user: questions put to the
-simulator, answers served from the client's cache, and calls that failed after all retries (the turn
-was degraded to the task's "cannot answer" reply with critique 0)."""
 
-
-def _proxy(positive: int, rounds: int) -> float | None:
+def _proxy(stats: EpisodeStats, name: str) -> float | None:
     """One episode's proxy; None (skipped by veRL's validation means) when it had no such round."""
+    positive, rounds = (getattr(stats, column) for column in RATIO_METRICS[name])
     return positive / rounds if rounds > 0 else None
 
 
@@ -82,23 +71,14 @@ def reward_extra_info(stats: EpisodeStats | None) -> dict[str, float | None]:
     """Scalars for validation metrics; zero (proxies None, ``missing_outcome`` 1) when ``stats`` is None."""
     if stats is None:
         info: dict[str, float | None] = dict.fromkeys(EXTRA_INFO_KEYS, 0.0)
-        info.update({"selflock/as_proxy": None, "selflock/bt_proxy": None, MISSING_OUTCOME: 1.0})
+        info.update({METRIC_PREFIX + name: None for name in _EPISODE_PROXIES})
+        info[MISSING_OUTCOME] = 1.0
         return info
     return {
         "acc": float(stats.success),
-        "selflock/success": float(stats.success),
-        "selflock/answered": float(stats.answered),
-        "selflock/turns": float(stats.turns),
-        "selflock/invalid_actions": float(stats.invalid_actions),
-        "selflock/repeated_actions": float(stats.repeated_actions),
-        "selflock/as_pos": float(stats.as_pos),
-        "selflock/as_neg": float(stats.as_neg),
-        "selflock/bt_pos": float(stats.bt_pos),
-        "selflock/bt_neg": float(stats.bt_neg),
-        "selflock/truncated": float(stats.truncated),
-        **{f"selflock/{key}": float(stats.env_metrics.get(key, 0.0)) for key in SIMULATOR_METRICS},
-        "selflock/as_proxy": _proxy(stats.as_pos, stats.action_rounds),
-        "selflock/bt_proxy": _proxy(stats.bt_pos, stats.update_rounds),
+        **{METRIC_PREFIX + name: float(getattr(stats, name)) for name in _REPORTED_FIELDS},
+        **{METRIC_PREFIX + key: float(stats.env_metrics.get(key, 0.0)) for key in SIMULATOR_METRICS},
+        **{METRIC_PREFIX + name: _proxy(stats, name) for name in _EPISODE_PROXIES},
         MISSING_OUTCOME: 0.0,
     }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from verl_selflock.contracts.names import AGENT_NAME
-
+from verl_selflock.verl_adapter.private_names import agent_loop_init_kwargs, agent_loop_registry
 
 
 def build_agent_loop(
@@ -32,22 +32,16 @@ def build_agent_loop(
     """
     import hydra
     from omegaconf import OmegaConf
-    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap, _agent_loop_registry
-    from verl.utils.dataset.rl_dataset import RLHFDataset
 
     import verl_selflock.verl_adapter.agent_loop  # noqa: F401  (registers the loop)
 
-    entry = _agent_loop_registry[AGENT_NAME]
+    entry = agent_loop_registry()[AGENT_NAME]
     if knobs:
         entry = OmegaConf.create({"name": AGENT_NAME, **dict(entry), **knobs})
     return hydra.utils.instantiate(
         config=entry,
-        trainer_config=DictConfigWrap(config=config),
         server_manager=server_manager,
         tokenizer=tokenizer,
-        processor=None,
         hf_model_type=hf_model_type,
-        dataset_cls=RLHFDataset,
-        data_config=DictConfigWrap(config.data),
-        tools=ToolListWrap([]),
+        **agent_loop_init_kwargs(config),
     )

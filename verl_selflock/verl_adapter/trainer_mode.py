@@ -1,5 +1,8 @@
 """Our v1 trainer mode: veRL's sync trainer whose advantage step adds the AREW bonus.
 
+The bonus is the paper's reweighting ``A_hat_t = A_t + lambda * u_t`` (AREW, arXiv 2603.12109; computed by
+:func:`verl_selflock.algorithms.advantage.apply_arew_bonus`); this module is only its veRL wiring.
+
 veRL's ``compute_advantage`` hands registered estimators neither critic values nor per-sample
 fields, and the v1 trainer fetches a fixed list of fields from TransferQueue. veRL 0.9.1 lets a
 plugin register a trainer mode (``trainer.v1.trainer_mode``); ours runs veRL's own advantage step
@@ -16,32 +19,23 @@ import logging
 import os
 from collections.abc import Iterator
 
-import torch
 import transfer_queue as tq
 from omegaconf import open_dict
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-from verl.workers.utils.padding import response_to_nested
 
-from verl_selflock.verl_adapter.config_validation import (
-    SELFLOCK_ESTIMATORS,
-    TRAINER_MODE,
-    arew_config_of,
-    igpo_config_of,
-    validate_selflock_config,
-)
-from verl_selflock.diagnostics.training import TrainingDiagnostics
 from verl_selflock.algorithms.advantage import apply_arew_bonus
+from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
+from verl_selflock.diagnostics.training import TrainingDiagnostics
+from verl_selflock.verl_adapter.config_validation import arew_config_of, igpo_config_of, validate_selflock_config
 from verl_selflock.verl_adapter.igpo_step import igpo_advantage, t3_metrics
+from verl_selflock.verl_adapter.jagged import padded
+from verl_selflock.verl_adapter.private_names import metrics_file_path, padding_flags, response_to_nested
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
-
-
-def _padded(tensor: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.nested.to_padded_tensor(tensor, value) if tensor.is_nested else tensor
 
 
 @register_trainer(TRAINER_MODE)
@@ -61,11 +55,10 @@ class SelflockTrainer(PPOTrainerSync):
 
     def _print_outputs(self) -> None:
         """Say where this run's metrics and checkpoints went (veRL prints them scattered in its log)."""
-        backends = getattr(getattr(self, "logger", None), "logger", {}) or {}
-        file_logger = backends.get("file")
+        metrics_path = metrics_file_path(self)
         lines = [f"[verl-selflock] finished {self.global_steps - 1} training steps"]
-        if file_logger is not None and getattr(file_logger, "filepath", None):
-            lines.append(f"[verl-selflock] metrics (JSONL, one line per step): {os.path.abspath(file_logger.filepath)}")
+        if metrics_path:
+            lines.append(f"[verl-selflock] metrics (JSONL, one line per step): {os.path.abspath(metrics_path)}")
         if self.config.trainer.get("save_freq", -1) and self.config.trainer.save_freq > 0:
             lines.append(f"[verl-selflock] checkpoints: {os.path.abspath(self.config.trainer.default_local_dir)}")
         print("\n".join(lines), flush=True)
@@ -76,7 +69,7 @@ class SelflockTrainer(PPOTrainerSync):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
         extra_fields = list(data["extra_fields"])
-        padding = [tag.get("is_padding", False) for tag in batch.tags]
+        padding = padding_flags(batch)
         metrics.update(t3_metrics(extra_fields, padding))
         episodes = [item for item, pad in zip(extra_fields, padding, strict=True) if not pad]
         self.selflock_diagnostics.record(episodes, metrics, step=int(global_steps))
@@ -112,8 +105,8 @@ class SelflockTrainer(PPOTrainerSync):
         )
         # Both are jagged (one row per sample, its own response length): pad for the tensor maths.
         response_mask = data["response_mask"]
-        advantages = _padded(data["advantages"], 0.0)
-        padded_mask = _padded(response_mask, 0)
+        advantages = padded(data["advantages"], 0.0)
+        padded_mask = padded(response_mask, 0)
         extra_fields = list(data["extra_fields"])
         advantages, arew_metrics = apply_arew_bonus(
             advantages, padded_mask, extra_fields, arew, global_step=int(self.global_steps)

@@ -29,7 +29,7 @@ SCRIPT = [
 
 @pytest.fixture(scope="module")
 def smollm2_model(smollm2_dir):
-    from verl_selflock.verl_adapter.cpu.hf_rollout import load_causal_lm
+    from verl_selflock.verl_adapter.cpu.sampling import load_causal_lm
 
     torch.manual_seed(0)
     return load_causal_lm(smollm2_dir).float().eval()

@@ -18,12 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from verl_selflock.verl_adapter.cpu.hf_rollout import (
-    GenerationRequest,
-    HFGenerationServer,
-    _filter_top_k_top_p,
-    generate_batch,
-)
+from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
+from verl_selflock.verl_adapter.cpu.sampling import GenerationRequest, filter_top_k_top_p, generate_batch
 
 # One intra-op thread: on a shared 2-core machine OpenMP spin contention makes small matmuls ~30x
 # slower with 2 threads (see verl_selflock.verl_adapter.cpu.THREADS_ENV).
@@ -205,11 +201,11 @@ def test_stops_at_eos_and_keeps_it(tiny_lm):
 
 def test_top_k_one_is_greedy_and_top_p_keeps_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0]])
-    kept = _filter_top_k_top_p(logits, torch.tensor([1, -1]), torch.tensor([1.0, 1.0]))
+    kept = filter_top_k_top_p(logits, torch.tensor([1, -1]), torch.tensor([1.0, 1.0]))
     assert torch.isfinite(kept[0]).tolist() == [True, False, False, False]
     assert torch.isfinite(kept[1]).all()
     probs = torch.softmax(logits[:1], -1)  # ~[0.61, 0.22, 0.14, 0.03]
-    kept = _filter_top_k_top_p(logits[:1], torch.tensor([-1]), torch.tensor([0.7]))
+    kept = filter_top_k_top_p(logits[:1], torch.tensor([-1]), torch.tensor([0.7]))
     assert torch.isfinite(kept[0]).tolist() == [True, True, False, False]
     assert probs[0, 0] < 0.7 < probs[0, :2].sum()
 
@@ -308,7 +304,7 @@ def test_adapter_streams_trainer_weights_in_buckets(tiny_lm):
 def smollm2(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from verl_selflock.verl_adapter.cpu.hf_rollout import eos_token_ids_of, load_causal_lm
+    from verl_selflock.verl_adapter.cpu.sampling import eos_token_ids_of, load_causal_lm
 
     model = load_causal_lm(smollm2_dir)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)

@@ -4,8 +4,9 @@ What it adds to veRL, all through :func:`register` (called by our ``verl.plugins
 every process that imports veRL: driver, TaskRunner, FSDP workers, agent-loop and reward workers):
 
 * a platform ``cpu`` (:mod:`.platform`): device ``cpu``, gloo collectives, Ray resource ``GPU``;
-* a rollout ``hf`` (:mod:`.hf_rollout`): batched transformers generation with token log-probs,
-  fed with the trainer's weights after every update;
+* a rollout ``hf`` (:mod:`.hf_rollout`: replica and weight adapter; :mod:`.generation_server`: the
+  batching server actor; :mod:`.sampling`: transformers decoding with token log-probs), fed with the
+  trainer's weights after every update;
 * the few fixes veRL's FSDP path needs on CPU (:mod:`.patches`), applied only on the CPU platform.
 
 How to switch it on: set the environment variable ``VERL_PLATFORM=cpu`` (veRL's own platform
@@ -41,21 +42,20 @@ import os
 
 # Nothing from veRL at module level: a Ray worker may import this package first (to unpickle
 # HFGenerationServer), which imports veRL, which loads our plugin, which needs register() defined.
+from verl_selflock.verl_adapter.cpu.selection import (
+    PLATFORM_NAME,
+    ROLLOUT_NAME,
+    THREADS_ENV,
+    cpu_platform_active,
+    cpu_platform_requested,
+)
 
 logger = logging.getLogger(__name__)
-
-PLATFORM_NAME = "cpu"
-"""Name of :class:`~verl_selflock.verl_adapter.cpu.platform.PlatformCPU` in veRL's ``PlatformRegistry``."""
-ROLLOUT_NAME = "hf"
-THREADS_ENV = "VERL_SELFLOCK_CPU_THREADS"
-"""Intra-op torch threads for every veRL process on the CPU platform; unset: left as is (Ray gives
-its workers ``OMP_NUM_THREADS=1``). Measured on a shared 2-core machine: with other busy
-processes, 2 threads made a 3x576x1536 matmul 30x slower than 1 thread (OpenMP spin contention),
-so one thread per process is the safe default."""
 
 __all__ = [
     "PLATFORM_NAME",
     "ROLLOUT_NAME",
+    "THREADS_ENV",
     "cpu_overrides",
     "cpu_platform_active",
     "cpu_platform_requested",
@@ -63,21 +63,6 @@ __all__ = [
 ]
 
 _REGISTERED: list[str] = []
-
-
-def cpu_platform_requested() -> bool:
-    """True when this process was asked to run veRL on the CPU (``VERL_PLATFORM=cpu``)."""
-    return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
-
-
-def cpu_platform_active() -> bool:
-    """True when veRL runs (or, once its platform singleton is resolved, will run) on the CPU platform.
-
-    ``VERL_PLATFORM`` is the first thing veRL's detection reads (``platform_manager.py``
-    ``_detect_platform_name``), so the environment decides; this does not resolve the singleton,
-    so it is safe while ``verl/__init__.py`` is still importing plugins.
-    """
-    return cpu_platform_requested()
 
 
 def _load_hf_replica() -> type:

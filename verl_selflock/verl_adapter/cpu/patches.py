@@ -5,8 +5,9 @@ on its FSDP path assume an accelerator. Each is handled here, and nowhere else, 
 change we found; each names the veRL file:line it depends on. :func:`apply_cpu_patches` applies
 them only when the CPU platform is active (``VERL_PLATFORM=cpu``) and is idempotent;
 :func:`register_rollout_class` (the only entry that is not CPU-specific: it only adds the name
-``hf``) runs always. :data:`PATCH_TARGETS` lists the veRL names we touch, and the tests assert
-that each still exists, so a veRL bump fails loudly instead of silently unpatched.
+``hf``) runs always. :data:`PATCH_TARGETS` lists the veRL names we touch (rows of
+:data:`verl_selflock.verl_adapter.private_names.PRIVATE_NAMES`), and the tests assert that each
+still exists, so a veRL bump fails loudly instead of silently unpatched.
 
 Patches (name: why):
 
@@ -44,13 +45,18 @@ Patches (name: why):
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from verl_selflock.verl_adapter.cpu import cpu_platform_active
+from verl_selflock.verl_adapter.cpu.selection import ROLLOUT_NAME, cpu_platform_active
+from verl_selflock.verl_adapter.private_names import (
+    PRIVATE_NAMES,
+    engine_devices,
+    missing_names,
+    rollout_class_registry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +64,11 @@ _MARK = "__verl_selflock_cpu_patch__"
 
 HF_ROLLOUT_ADAPTER = "verl_selflock.verl_adapter.cpu.hf_rollout.HFServerAdapter"
 
-PATCH_TARGETS: dict[str, list[str]] = {
-    "rollout_registry": ["verl.workers.rollout.base:_ROLLOUT_REGISTRY", "verl.workers.rollout.base:get_rollout_class"],
-    "gloo_backend": [
-        "verl.utils.distributed:initialize_global_process_group_ray",
-        "verl.utils.distributed:initialize_global_process_group",
-    ],
-    "fsdp2_offload_no_pin": ["verl.workers.engine.fsdp.transformer_impl:CPUOffloadPolicy"],
-    "fsdp_engine_cpu": [
-        "verl.workers.engine.base:EngineRegistry",
-        "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead",
-        "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithValueHead",
-    ],
-    "valuehead_attn": ["verl.utils.model:load_valuehead_model"],
-    "default_attn_sdpa": ["verl.workers.config.model:HFModelConfig"],
-    "auto_set_device": ["verl.utils.device:auto_set_device"],
-}
-"""Patch name -> the ``module:attribute`` names it relies on (checked by the tests)."""
+PATCH_TARGETS: dict[str, list[str]] = {}
+"""Patch name -> the ``module:attribute`` names it relies on (the ``patch`` rows of ``PRIVATE_NAMES``)."""
+for _name in PRIVATE_NAMES:
+    if _name.patch:
+        PATCH_TARGETS.setdefault(_name.patch, []).append(_name.target)
 
 APPLIED: list[str] = []
 """Names of the CPU patches applied in this process, in order."""
@@ -82,18 +76,7 @@ APPLIED: list[str] = []
 
 def missing_patch_targets() -> list[str]:
     """The ``module:attribute`` names of :data:`PATCH_TARGETS` that this veRL no longer has."""
-    missing = []
-    for targets in PATCH_TARGETS.values():
-        for target in targets:
-            module_name, attr = target.split(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                missing.append(target)
-                continue
-            if not hasattr(module, attr):
-                missing.append(target)
-    return missing
+    return missing_names([name for name in PRIVATE_NAMES if name.patch])
 
 
 def _is_patched(obj: Any) -> bool:
@@ -118,14 +101,13 @@ def register_rollout_class() -> str:
     """``_ROLLOUT_REGISTRY[("hf", "async")]`` (``verl/workers/rollout/base.py:89``): a plain dict with
     no register function, read by ``get_rollout_class`` in the trainer worker
     (``workers/engine_workers.py:667``) and ``CheckpointEngineWorker`` (``checkpoint_engine/base.py:343``)."""
-    from verl.workers.rollout import base
-
-    key = ("hf", "async")
-    current = base._ROLLOUT_REGISTRY.get(key)
+    registry = rollout_class_registry()
+    key = (ROLLOUT_NAME, "async")
+    current = registry.get(key)
     if current not in (None, HF_ROLLOUT_ADAPTER):
-        raise ValueError(f"rollout name 'hf' is already registered to {current}")
-    base._ROLLOUT_REGISTRY[key] = HF_ROLLOUT_ADAPTER
-    return "hf"
+        raise ValueError(f"rollout name {ROLLOUT_NAME!r} is already registered to {current}")
+    registry[key] = HF_ROLLOUT_ADAPTER
+    return ROLLOUT_NAME
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +172,7 @@ def _patch_fsdp_engine_cpu() -> None:
     }
     for model_type, engine_cls in engines.items():
         for backend in ("fsdp", "fsdp2"):
-            registered = EngineRegistry._engines.get(model_type, {}).get(backend, {})  # base.py:370-392
-            if "cpu" not in registered:
+            if "cpu" not in engine_devices(model_type, backend):
                 EngineRegistry.register(model_type=model_type, backend=backend, device="cpu")(engine_cls)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from verl.plugin.platform import PlatformBase
 
-from verl_selflock.verl_adapter.cpu import PLATFORM_NAME, cpu_platform_active, cpu_platform_requested
+from verl_selflock.verl_adapter.cpu.selection import PLATFORM_NAME, cpu_platform_active, cpu_platform_requested
 
 __all__ = ["PLATFORM_NAME", "PlatformCPU", "cpu_platform_active", "cpu_platform_requested"]
 

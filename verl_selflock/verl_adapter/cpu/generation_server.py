@@ -1,0 +1,254 @@
+"""The ``hf`` rollout's generation server: a Ray actor that batches concurrent requests for one model.
+
+The agent loops talk to it through ``LLMServerClient.generate`` (``workers/rollout/llm_server.py:150``)
+exactly as to veRL's vLLM/SGLang servers: ``generate(request_id, prompt_ids, sampling_params, ...) ->
+TokenOutput`` with token ids and per-token log-probs (:mod:`~verl_selflock.verl_adapter.cpu.sampling`).
+Concurrent requests are gathered into one left-padded batch and decoded with a KV cache (on 2 cores,
+batching is where the speed is). The control methods veRL calls on every server (``wake_up``, ``sleep``,
+``clear_kv_cache`` ...) are no-ops; the KV cache lives only for one batch. The trainer's weights arrive
+through :meth:`HFGenerationServer.load_weights` (from
+:class:`~verl_selflock.verl_adapter.cpu.hf_rollout.HFServerAdapter`).
+
+``max_tokens`` of a request is ``min(rollout.response_length, max_tokens)``, where ``max_tokens`` (or
+``max_new_tokens``) is taken from the request when given, else veRL's default ``prompt_length +
+response_length - len(prompt)``.
+
+Options under ``actor_rollout_ref.rollout.engine_kwargs.hf`` (all optional; ``+`` prefix needed):
+``dtype`` (default ``float32``: faster than bf16 on most CPUs and closer to the trainer's
+log-probs), ``max_batch_size`` (default ``rollout.max_num_seqs``), ``batch_wait_ms`` (default 20:
+how long the server waits for concurrent requests before it starts a batch), ``num_threads``
+(default 1, or ``VERL_SELFLOCK_CPU_THREADS``: on a busy 2-core machine more threads are slower).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from verl.workers.rollout.replica import TokenOutput
+
+from verl_selflock.verl_adapter.cpu.selection import ROLLOUT_NAME, THREADS_ENV
+from verl_selflock.verl_adapter.cpu.sampling import (
+    GenerationRequest,
+    GenerationResult,
+    eos_token_ids_of,
+    generate_batch,
+    load_causal_lm,
+)
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+SERVER_NAME_PREFIX = "hf_server_"
+"""Ray actor names of the servers: ``hf_server_[reward_|teacher_]{replica_rank}_0{suffix}``."""
+
+
+def _engine_kwargs(config: Any) -> dict[str, Any]:
+    kwargs = getattr(config, "engine_kwargs", None) or {}
+    return dict(kwargs.get(ROLLOUT_NAME, None) or {})
+
+
+class HFGenerationServer:
+    """Ray actor (async, created by :class:`HFReplica`) that generates with a transformers model.
+
+    Requests arriving while a batch runs are queued and decoded together in the next batch; the
+    model runs in a worker thread so the actor keeps accepting requests. One asyncio lock orders
+    batches and weight updates.
+    """
+
+    def __init__(self, config: Any, model_config: Any, replica_rank: int = 0) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.model_config = model_config
+        self.replica_rank = replica_rank
+        options = _engine_kwargs(config)
+        torch.set_num_threads(int(options.get("num_threads", os.environ.get(THREADS_ENV, 1))))
+        self.dtype = getattr(torch, str(options.get("dtype", "float32")))
+        self.max_batch_size = int(options.get("max_batch_size", getattr(config, "max_num_seqs", 64) or 64))
+        self.batch_wait_s = float(options.get("batch_wait_ms", 20)) / 1000.0
+
+        path = getattr(model_config, "local_path", None) or model_config.path
+        trust = bool(getattr(model_config, "trust_remote_code", False))
+        self.model = load_causal_lm(path, self.dtype, trust)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        self.eos_token_ids = eos_token_ids_of(tokenizer, getattr(self.model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+        self.generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)) + replica_rank)
+
+        self.global_steps: int | None = None
+        self._pending_names: set[str] = set()
+        self._pending_unexpected: list[str] = []
+        self._queue: list[tuple[GenerationRequest, asyncio.Future]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+        self.stats = {"requests": 0, "batches": 0, "tokens": 0, "generate_s": 0.0, "weight_updates": 0}
+
+    # -- request handling -----------------------------------------------------------------------
+    def _request_from(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> GenerationRequest:
+        cfg = self.config
+        params = dict(sampling_params or {})
+        budget = cfg.prompt_length + cfg.response_length - len(prompt_ids)
+        requested = params.get("max_tokens", params.get("max_new_tokens"))
+        max_tokens = min(cfg.response_length, budget if requested is None else int(requested))
+        if getattr(cfg, "max_model_len", None):
+            max_tokens = min(max_tokens, int(cfg.max_model_len) - len(prompt_ids))
+        top_k = params.get("top_k", -1)
+        return GenerationRequest(
+            prompt_ids=[int(t) for t in prompt_ids],
+            max_tokens=max(1, int(max_tokens)),
+            temperature=float(params.get("temperature", cfg.temperature)),
+            top_p=float(params.get("top_p", 1.0)),
+            top_k=int(top_k if top_k is not None else -1),
+            repetition_penalty=float(params.get("repetition_penalty", getattr(cfg, "repetition_penalty", 1.0))),
+            ignore_eos=bool(params.get("ignore_eos", getattr(cfg, "ignore_eos", False))),
+        )
+
+    def _ensure_loop_objects(self) -> None:
+        # Created lazily inside the actor's event loop (and again if called from a new loop).
+        loop = asyncio.get_running_loop()
+        if self._lock is None or getattr(self, "_loop", None) is not loop:
+            self._loop = loop
+            self._lock = asyncio.Lock()
+            self._wakeup = asyncio.Event()
+            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        image_data: Any = None,
+        video_data: Any = None,
+        **kwargs: Any,
+    ) -> TokenOutput:
+        """Continue ``prompt_ids``; the interface of veRL's vLLM/SGLang servers."""
+        if image_data is not None or video_data is not None:
+            raise NotImplementedError("the hf rollout is text-only")
+        self._ensure_loop_objects()
+        request = self._request_from(prompt_ids, sampling_params)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        self._wakeup.set()
+        result: GenerationResult = await future
+        return TokenOutput(
+            token_ids=result.token_ids,
+            log_probs=result.log_probs,
+            stop_reason=result.stop_reason if result.stop_reason == "completed" else None,
+            extra_fields={"global_steps": self.global_steps},
+        )
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await asyncio.sleep(self.batch_wait_s)  # let concurrent requests arrive
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
+                requests = [request for request, _ in batch]
+                try:
+                    async with self._lock:
+                        started = time.perf_counter()
+                        results = await asyncio.to_thread(self._run_batch, requests)
+                        self.stats["generate_s"] += time.perf_counter() - started
+                except Exception as error:  # noqa: BLE001  (hand the failure to every waiting caller)
+                    logger.exception("hf rollout batch failed")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    self.stats["tokens"] += len(result.token_ids)
+                    if not future.done():
+                        future.set_result(result)
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        return generate_batch(self.model, requests, self.eos_token_ids, self.pad_token_id, self.generator)
+
+    # -- weights --------------------------------------------------------------------------------
+    async def load_weights(
+        self, tensors: dict[str, torch.Tensor], finished: bool = False, global_steps: int | None = None
+    ) -> dict:
+        """Copy one bucket of trainer weights (HF names, full tensors) into the model.
+
+        Buckets of one update arrive in order; ``finished=True`` marks the last one, which reports the
+        parameters that no bucket of this update carried (tied ``lm_head.weight`` excepted).
+        """
+        self._ensure_loop_objects()
+        async with self._lock:
+            unexpected = await asyncio.to_thread(self._copy_in, tensors)
+        self._pending_names.update(tensors)
+        self._pending_unexpected += unexpected
+        report = {"loaded": len(tensors) - len(unexpected), "unexpected": unexpected, "missing": []}
+        if finished:
+            tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+            own = self.model.state_dict()
+            report["missing"] = sorted(n for n in own if n not in self._pending_names and n not in tied)
+            report["unexpected"] = self._pending_unexpected
+            if report["missing"] or report["unexpected"]:
+                logger.warning("hf rollout weight update: unexpected %s, missing %s", report["unexpected"], report["missing"])
+            self._pending_names, self._pending_unexpected = set(), []
+            if global_steps is not None:
+                self.global_steps = global_steps
+            self.stats["weight_updates"] += 1
+        return report
+
+    async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: int | None = None) -> dict:
+        """Load a whole state dict at once (one-bucket :meth:`load_weights`)."""
+        return await self.load_weights(state_dict, finished=True, global_steps=global_steps)
+
+    def _copy_in(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name in own:
+                    own[name].copy_(tensor.to(own[name].dtype))
+        return sorted(name for name in tensors if name not in own)
+
+    async def set_global_steps(self, global_steps: int) -> None:
+        self.global_steps = global_steps
+
+    async def get_stats(self) -> dict:
+        return dict(self.stats)
+
+    # -- control methods (RolloutReplica, replica.py:265-309): nothing to free on a CPU -------------
+    async def wake_up(self) -> None:
+        return None
+
+    async def sleep(self) -> None:
+        return None
+
+    async def abort_all_requests(self, reject_request: bool = False) -> dict:
+        return {"aborted_count": 0, "request_ids": []}
+
+    async def resume_generation(self) -> None:
+        return None
+
+    async def clear_kv_cache(self) -> None:
+        return None
+
+    async def release_kv_cache(self) -> None:
+        return None
+
+    async def resume_kv_cache(self) -> None:
+        return None
+
+    async def start_profile(self, **kwargs: Any) -> None:
+        return None
+
+    async def stop_profile(self) -> None:
+        return None
+
+
+def server_actor_name(replica_rank: int, node_rank: int = 0, suffix: str = "", kind: str = "") -> str:
+    """Ray actor name of a server; ``kind`` is ``""``, ``"reward_"`` or ``"teacher_"``."""
+    return f"{SERVER_NAME_PREFIX}{kind}{replica_rank}_{node_rank}{suffix}"
+

