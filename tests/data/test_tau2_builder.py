@@ -13,7 +13,7 @@ pytest.importorskip(
 from verl_selflock.cli import main  # noqa: E402
 from verl_selflock.data.tau2 import split_task_ids  # noqa: E402
 from verl_selflock.envs import EnvContext, make_env  # noqa: E402
-from verl_selflock.envs.tau2.env import telecom_task, telecom_task_splits  # noqa: E402
+from verl_selflock.envs.tau2.assets import telecom_task, telecom_task_splits  # noqa: E402
 
 
 def test_cli_builds_the_official_splits(tmp_path):

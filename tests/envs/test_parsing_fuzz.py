@@ -254,6 +254,7 @@ class _Tally:
 def _run_episode(variant: str, texts: list[str], seed: int = 0) -> None:
     env = make_env(_spec(variant, seed))
     expected_channel = {RoundKind.ACTION: CHANNEL_AS, RoundKind.UPDATE: CHANNEL_BT, RoundKind.ANSWER: CHANNEL_NONE}
+    judged = {CHANNEL_AS: 0, CHANNEL_BT: 0}  # critiqued (+1 or -1) turns per channel, counted from the labels
     for text in texts:
         kind = env.next_round()
         before = dict(env.counts)
@@ -268,6 +269,8 @@ def _run_episode(variant: str, texts: list[str], seed: int = 0) -> None:
                 parse_vector(block, 6)
                 find_keyed_lines(block)
         assert result.label.critique in (-1, 0, 1)
+        if result.label.critique:
+            judged[result.label.channel] += 1
         if result.done:
             assert result.observation is None and result.label.critique == 0
             assert result.label.channel == CHANNEL_NONE
@@ -285,8 +288,8 @@ def _run_episode(variant: str, texts: list[str], seed: int = 0) -> None:
     outcome = env.result()
     metrics = outcome.metrics
     assert outcome.reward in (0.0, 1.0) and outcome.success is (outcome.reward == 1.0)
-    assert metrics["as_pos"] + metrics["as_neg"] == metrics["action_rounds"]
-    assert metrics["bt_pos"] + metrics["bt_neg"] <= metrics["update_rounds"]
+    assert judged[CHANNEL_AS] == metrics["action_rounds"]
+    assert judged[CHANNEL_BT] <= metrics["update_rounds"]
     assert metrics["invalid_actions"] + metrics["repeats"] <= metrics["action_rounds"]
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     if outcome.reward:

@@ -10,7 +10,8 @@ import logging
 import pytest
 from fixtures.flodial_charts import laptop_chart
 
-from verl_selflock.data.flodial import FloDialDataConfig, load_flowchart, make_flodial_spec
+from verl_selflock.data.flodial import FloDialDataConfig, make_flodial_spec
+from verl_selflock.data.flodial_charts import load_flowchart
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.base import ask_simulator
 from verl_selflock.envs.mediq.prompts import FIXED_REPLY
@@ -121,7 +122,8 @@ def test_flodial_degrades_a_raising_user_like_a_failed_call(caplog):
 
 def test_tau2_degrades_a_raising_user_like_a_failed_call(caplog):
     pytest.importorskip("tau2.domains.telecom.environment", reason="tau2-bench is not installed")
-    from verl_selflock.envs.tau2.env import DEGRADED_USER_REPLY, MAX_CONSECUTIVE_SIM_FAILURES
+    from verl_selflock.envs.tau2.env import MAX_CONSECUTIVE_SIM_FAILURES
+    from verl_selflock.envs.tau2.user import DEGRADED_USER_REPLY
 
     task_id = "[mobile_data_issue]airplane_mode_on|user_abroad_roaming_enabled_off[PERSONA:None]"
     simulator = RaisingSimulator()

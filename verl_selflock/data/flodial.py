@@ -2,12 +2,9 @@
 
 ``verl-selflock data flodial --input <FloDial>/knowledge-sources --out data/flodial_hard --difficulty hard``
 
-Input: the 12 flowcharts of FloDial (github dair-iitd/FloDial, ``knowledge-sources/*.json``; no
-licence is published, so the project never ships them: point ``--input`` at your copy, or at the
-folder that holds ``knowledge-sources``). Each file has ``name``, ``problem_description``,
-``nodes`` (id -> ``label``, ``utterance``, ``terminal``) and ``edges`` (id -> ``{"yes": id, "no": id}``,
-some nodes have a single branch); the root is node ``"1"``. Every file must be a tree reachable from
-the root (checked; the 12 official charts are).
+Input: the 12 flowcharts of FloDial (github dair-iitd/FloDial, ``knowledge-sources/*.json``), read
+and checked by :mod:`verl_selflock.data.flodial_charts` (the project never ships them: point
+``--input`` at your copy, or at the folder that holds ``knowledge-sources``).
 
 An episode:
 
@@ -57,28 +54,28 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from verl_selflock.contracts.names import AGENT_NAME
-from verl_selflock.envs.flodial.env import (
-    BT_VARIANTS,
-    DEFAULT_MAX_TURNS,
-    action_instruction,
+from verl_selflock.data.flodial_charts import (  # load_flowchart: importable from here as before the split
+    Flowchart,
+    load_flowchart,
+    load_flowcharts,
+    node_order,
+    separating_questions,
+    split_node,
 )
+from verl_selflock.data.parquet import write_splits
+from verl_selflock.envs.flodial.env import BT_VARIANTS, DEFAULT_MAX_TURNS
+from verl_selflock.envs.flodial.prompts import flodial_messages
 
 __all__ = [
     "DIFFICULTIES",
     "SPLIT_SCHEMES",
     "UFLO_TEST_CHARTS",
-    "Flowchart",
     "load_flowchart",
-    "load_flowcharts",
-    "knowledge_sources_dir",
-    "split_node",
-    "separating_questions",
     "difficulty_of",
     "FloDialDataConfig",
     "make_flodial_spec",
@@ -89,7 +86,6 @@ __all__ = [
     "run",
 ]
 
-ROOT = "1"
 DIFFICULTIES = ("easy", "hard")
 EASY_MAX_SEPARATING = 2  # Easy: k <= 2 separating questions; Hard: k >= 3
 SPLIT_SCHEMES = ("s-flo", "u-flo")
@@ -97,126 +93,6 @@ UFLO_TEST_CHARTS = ("car_steering", "laptop_battery")
 DEFAULT_N_CANDIDATES = 5
 _SPLITS = {"train": 0, "test": 1}
 _MAX_REDRAWS = 1000  # attempts to find an episode not drawn before (train, test)
-
-Path_ = tuple[tuple[str, str], ...]
-"""A root path: ((node id, branch taken), ...) from the root down to (not including) a terminal."""
-
-
-@dataclass(frozen=True, eq=False)  # hashed by identity: the distractor-set cache keys on it
-class Flowchart:
-    """One troubleshooting flowchart, reduced to what episodes need."""
-
-    name: str
-    problem_description: str
-    questions: dict[str, str]
-    """Non-terminal node id -> its question (``utterance``)."""
-    faults: dict[str, str]
-    """Terminal node id -> its resolution text (``utterance``)."""
-    paths: dict[str, Path_]
-    """Terminal node id -> its root path."""
-
-    def table(self, fault: str) -> list[dict[str, str]]:
-        """The reference table of ``fault``: its root path's questions with the answers toward it."""
-        return [
-            {"node": node, "question": self.questions[node], "answer": branch} for node, branch in self.paths[fault]
-        ]
-
-
-def load_flowchart(data: Mapping[str, Any], name: str | None = None) -> Flowchart:
-    """Validate one FloDial knowledge-source dict and extract the root path of every terminal.
-
-    Raises:
-        ValueError: naming the chart and the problem (no root, dangling edge, cycle, a terminal with
-            edges, a question without edges, an unreachable node, an empty utterance).
-    """
-    name = str(data.get("name") or name or "?")
-
-    def fail(why: str) -> ValueError:
-        return ValueError(f"flowchart {name!r}: {why}")
-
-    nodes, edges = data.get("nodes"), data.get("edges")
-    if not isinstance(nodes, Mapping) or not isinstance(edges, Mapping):
-        raise fail("needs 'nodes' and 'edges' objects")
-    if ROOT not in nodes:
-        raise fail(f"has no root node {ROOT!r}")
-    for node_id, node in nodes.items():
-        if not isinstance(node, Mapping) or not str(node.get("utterance", "")).strip():
-            raise fail(f"node {node_id!r} has no utterance")
-        terminal = bool(node.get("terminal"))
-        out = edges.get(node_id) or {}
-        if terminal and out:
-            raise fail(f"terminal node {node_id!r} has outgoing edges")
-        if not terminal and not out:
-            raise fail(f"question node {node_id!r} has no outgoing edge")
-        if set(out) - {"yes", "no"}:
-            raise fail(f"node {node_id!r} has branches {sorted(out)}; only 'yes'/'no' are allowed")
-        for target in out.values():
-            if str(target) not in nodes:
-                raise fail(f"edge {node_id!r} -> {target!r} points to no node")
-    paths: dict[str, Path_] = {}
-    visited: set[str] = set()
-    stack: list[tuple[str, Path_]] = [(ROOT, ())]
-    while stack:
-        node_id, path = stack.pop()
-        if node_id in visited:
-            raise fail(f"node {node_id!r} is reached twice (the chart must be a tree)")
-        visited.add(node_id)
-        if nodes[node_id].get("terminal"):
-            paths[node_id] = path
-            continue
-        for branch, target in sorted((edges.get(node_id) or {}).items()):
-            stack.append((str(target), (*path, (node_id, branch))))
-    unreachable = sorted(set(nodes) - visited)
-    if unreachable:
-        raise fail(f"nodes {unreachable[:5]} are not reachable from the root")
-    if len(paths) < 2:
-        raise fail("needs at least two terminal nodes")
-    return Flowchart(
-        name=name,
-        problem_description=str(data.get("problem_description", "")).strip(),
-        questions={k: str(v["utterance"]).strip() for k, v in nodes.items() if not v.get("terminal")},
-        faults={k: str(v["utterance"]).strip() for k, v in nodes.items() if v.get("terminal")},
-        paths=paths,
-    )
-
-
-def knowledge_sources_dir(path: str | os.PathLike) -> Path:
-    """``path`` itself, or its ``knowledge-sources`` subfolder when it has one."""
-    folder = Path(path).expanduser()
-    if (folder / "knowledge-sources").is_dir():
-        folder = folder / "knowledge-sources"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"FloDial knowledge sources: {folder} is not a folder")
-    return folder
-
-
-def load_flowcharts(path: str | os.PathLike) -> dict[str, Flowchart]:
-    """Every ``*.json`` flowchart in the folder, keyed by chart name (sorted, so seeds are stable)."""
-    folder = knowledge_sources_dir(path)
-    charts: dict[str, Flowchart] = {}
-    for file in sorted(folder.glob("*.json")):
-        with open(file, encoding="utf-8") as handle:
-            chart = load_flowchart(json.load(handle), name=file.stem)
-        if chart.name in charts:
-            raise ValueError(f"two flowcharts are named {chart.name!r}")
-        charts[chart.name] = chart
-    if not charts:
-        raise FileNotFoundError(f"no FloDial flowcharts (*.json) in {folder}")
-    return charts
-
-
-def split_node(a: Path_, b: Path_) -> str:
-    """The node where two terminals' root paths part (same node, different branch)."""
-    for (node_a, branch_a), (node_b, branch_b) in zip(a, b, strict=False):
-        if branch_a != branch_b:
-            assert node_a == node_b, "paths in a tree share every node before they split"
-            return node_a
-    raise ValueError("one terminal's path is a prefix of the other's: not a tree of terminals")
-
-
-def separating_questions(chart: Flowchart, fault: str, distractors: Sequence[str]) -> int:
-    """How many of ``fault``'s table questions it takes to rule out every distractor (module docstring)."""
-    return len({split_node(chart.paths[fault], chart.paths[c]) for c in distractors})
 
 
 def difficulty_of(separating: int) -> str:
@@ -228,7 +104,7 @@ def difficulty_of(separating: int) -> str:
 def _distractor_sets(chart: Flowchart, fault: str, n_distractors: int, difficulty: str) -> tuple[tuple[str, ...], ...]:
     """All distractor sets (sorted ids) of ``difficulty`` for ``fault``, with pairwise distinct texts."""
     texts = chart.faults
-    pool = sorted((t for t in chart.faults if t != fault and texts[t] != texts[fault]), key=_node_order)
+    pool = sorted((t for t in chart.faults if t != fault and texts[t] != texts[fault]), key=node_order)
     size = min(n_distractors, len({texts[t] for t in pool}))
     split = {c: split_node(chart.paths[fault], chart.paths[c]) for c in pool}
     sets = []
@@ -238,10 +114,6 @@ def _distractor_sets(chart: Flowchart, fault: str, n_distractors: int, difficult
         if difficulty_of(len({split[c] for c in combo})) == difficulty:
             sets.append(combo)
     return tuple(sets)
-
-
-def _node_order(node_id: str) -> tuple[int, str]:
-    return (int(node_id), node_id) if node_id.isdigit() else (1 << 30, node_id)
 
 
 @dataclass(frozen=True)
@@ -292,7 +164,7 @@ def _eligible_faults(
     pairs = [
         (name, fault)
         for name in names
-        for fault in sorted(charts[name].faults, key=_node_order)
+        for fault in sorted(charts[name].faults, key=node_order)
         if _distractor_sets(charts[name], fault, config.n_candidates - 1, config.difficulty)
     ]
     if not pairs:
@@ -375,64 +247,6 @@ def build_flodial_rows(
     return rows
 
 
-# --- the agent's prompt (our own wording of the protocol) -------------------------------------
-
-
-def flodial_system_prompt(spec: Mapping[str, Any]) -> str:
-    """System message: the problem, the candidate faults, the rounds and every format. Never the table."""
-    candidates = list(spec["candidates"])
-    K, max_turns = len(candidates), int(spec["max_turns"])
-    listing = "\n".join(f"Fault {i}: {text}" for i, text in enumerate(candidates, start=1))
-    actions = ", ".join(map(str, range(1, max_turns, 2)))
-    updates = ", ".join(map(str, range(2, max_turns, 2)))
-    return "\n".join(
-        [
-            "You are a troubleshooting assistant. A user reports this problem: "
-            f"{spec['problem_description']}",
-            "",
-            f"Exactly one of these {K} candidate faults (numbered 1 to {K}) is the cause; each is described by "
-            "the fix a technician would give:",
-            listing,
-            "",
-            "Find the cause by asking the user yes/no diagnostic questions about their situation. The user only "
-            "knows the answers to the questions of a fixed troubleshooting checklist: a question that asks the "
-            "same thing as a checklist item gets Yes or No; anything else (vague, combined, or not on the "
-            "checklist) gets Unknown, and so does a question you already asked. Ask concrete questions that "
-            "tell the candidate faults apart.",
-            "",
-            f"Rounds: {max_turns} in total. Rounds {actions} are Action rounds (ask one question). Rounds {updates} "
-            f"are Update rounds (state your current belief). Round {max_turns} is the Answer round. Before any "
-            "question, your belief weighs every candidate equally.",
-            "",
-            "Formats (always think briefly inside <scratch> and </scratch> first):",
-            "- Action round: one block\n<interact>\nQuery: your question\n</interact>\nwith one short question "
-            "after Query, and nothing else in the block.",
-            f"- Update round: <interact>Guess: ...</interact> where ... is {K} non-negative numbers separated by "
-            "commas, one weight per candidate fault in order (a larger weight = more likely the cause).",
-            "- Answer round: your final weights in the same form, but between the tags <answer> and </answer>.",
-            "A turn ends at the first </interact> or </answer> you write; anything after it is ignored. The answer "
-            "tags end the game in any round. Your answer is correct if its single largest weight is on the true "
-            "fault.",
-        ]
-    )
-
-
-def flodial_user_prompt(spec: Mapping[str, Any]) -> str:
-    """First user message: start with round 1 (an Action round)."""
-    max_turns = int(spec["max_turns"])
-    return f"Let's start: you can ask {max_turns // 2} questions. Round 1 of {max_turns} is an Action round: " + (
-        action_instruction()
-    )
-
-
-def flodial_messages(spec: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The chat ``prompt`` column of one FloDial row."""
-    return [
-        {"role": "system", "content": flodial_system_prompt(spec)},
-        {"role": "user", "content": flodial_user_prompt(spec)},
-    ]
-
-
 def build_flodial_dataset(
     input_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -443,20 +257,12 @@ def build_flodial_dataset(
     progress: bool = True,
 ) -> dict[str, str]:
     """Read the flowcharts, write ``train.parquet`` and ``test.parquet`` under ``out_dir``; return their paths."""
-    import pandas as pd
-
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")
     if seed < 0:
         raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
     rows = build_flodial_rows(load_flowcharts(input_dir), config, n_train, n_test, seed, progress=progress)
-    os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, str] = {}
-    for split, split_rows in rows.items():
-        path = os.path.join(os.fspath(out_dir), f"{split}.parquet")
-        pd.DataFrame(split_rows).to_parquet(path, index=False)
-        paths[split] = path
-    return paths
+    return write_splits(rows, out_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,10 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.data.parquet import write_splits
-from verl_selflock.envs.pe.prompts import pe_messages
-from verl_selflock.envs.pe.env import COS_THRESHOLD, DEFAULT_MAX_TURNS, DOMINANCE_TOL, PE_VARIANTS
 from verl_selflock.contracts.names import AGENT_NAME
+from verl_selflock.data.parquet import write_splits
+from verl_selflock.envs.pe.env import DEFAULT_MAX_TURNS, PE_VARIANTS
+from verl_selflock.envs.pe.geometry import COS_THRESHOLD, DOMINANCE_TOL
+from verl_selflock.envs.pe.prompts import pe_messages
 
 __all__ = [
     "PEDataConfig",

@@ -17,7 +17,8 @@ Validation is the same in both, so scores stay comparable. The full set is domin
 (about 88%); ``--max-rows`` keeps a seeded random subset.
 
 Each row's prompt is a system message (the agent's role and turn format, tau2's telecom policy and
-the agent tools' JSON schemas) and a short user message that opens the call; the task's scenario and
+the agent tools' JSON schemas) and a short user message that opens the call
+(:func:`verl_selflock.envs.tau2.prompts.tau2_messages`); the task's scenario and
 its solution are never in the prompt: the environment spec carries only the task id, and the
 environment loads the task from tau2 (:mod:`verl_selflock.envs.tau2.env`). Row layout as in
 :mod:`verl_selflock.data.pe`: ``data_source`` ``tau2_telecom``, ``agent_name`` ``active_reasoning``,
@@ -35,19 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.data.parquet import write_splits
 from verl_selflock.contracts.names import AGENT_NAME
-from verl_selflock.envs.tau2.env import (
-    DEFAULT_MAX_TURNS,
-    DEFAULT_MIN_TURN,
-    TASK_NAME,
-    agent_turn_format,
-    require_tau2,
-    telecom_agent_tools,
-    telecom_policy,
-    telecom_task,
-    telecom_task_splits,
-)
+from verl_selflock.data.parquet import write_splits
+from verl_selflock.envs.tau2.assets import require_tau2, telecom_task, telecom_task_splits
+from verl_selflock.envs.tau2.env import DEFAULT_MAX_TURNS, DEFAULT_MIN_TURN, TASK_NAME
+from verl_selflock.envs.tau2.prompts import tau2_messages, tau2_system_prompt
 
 __all__ = [
     "SPLIT_SCHEMES",
@@ -65,24 +58,6 @@ __all__ = [
 DATA_SOURCE = "tau2_telecom"
 SPLIT_SCHEMES = ("official", "seeded")
 TASK_SETS = ("base", "full")
-OPENING_USER_MESSAGE = "A customer has just been connected to you. Open the conversation."
-
-
-def tau2_system_prompt() -> str:
-    """The agent's system message: role, turn format, tau2's telecom policy, the tool schemas."""
-    tools = "\n".join(json.dumps(schema["function"], separators=(",", ":")) for schema in telecom_agent_tools())
-    return (
-        "<instructions>\nYou are a telecom customer service agent. Help the user according to the policy "
-        "below, using your tools to look up and change the customer's account, and guiding the user "
-        "through the steps they must perform on their own phone.\n"
-        f"{agent_turn_format()}\nTool arguments must be valid JSON.\n</instructions>\n"
-        f"<tools>\n{tools}\n</tools>\n<policy>\n{telecom_policy()}\n</policy>"
-    )
-
-
-def tau2_messages() -> list[dict[str, str]]:
-    """The prompt of every row (the task only differs in the environment: the user and the database)."""
-    return [{"role": "system", "content": tau2_system_prompt()}, {"role": "user", "content": OPENING_USER_MESSAGE}]
 
 
 def task_fingerprint(task_id: str) -> str:

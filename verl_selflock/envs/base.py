@@ -8,7 +8,10 @@ alternate Action (odd turns, AS critique), Update (even turns, BT critique), ...
 
 To add a task: subclass :class:`ActiveReasoningEnv` (or :class:`RoundBasedEnv`, which routes the
 paper's Action / Update / Answer rounds to three methods: PE, MediQ, FloDial), decorate it with
-``@register_env("name")``, and write rows whose ``extra_info["env"]["task"] == "name"``.
+``@register_env("name")``, and write rows whose ``extra_info["env"]["task"] == "name"``. The class
+states only what differs from the defaults: ``default_max_turns``, ``needs_simulator`` (with its
+``simulator_hint``), the names of its ``counters``. Put the task in its own package
+``verl_selflock/envs/<task>/`` (environment, prompts, parsing ...).
 
 Baselines (optional, per task):
 
@@ -32,8 +35,8 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from verl_selflock.envs.parsing import cut_after_first_closing_tag, extract_block
-from verl_selflock.contracts.critique import CHANNEL_AS, TurnLabel
+from verl_selflock.contracts.critique import CHANNEL_NONE, TurnLabel
+from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block
 from verl_selflock.simulators.client import ChatReply
 
 logger = logging.getLogger(__name__)
@@ -88,7 +91,8 @@ class EpisodeResult:
     answered: bool
     """The agent produced a well-formed final answer."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """Per-sample scalars: turns, invalid/repeated actions, AS/BT positive/negative counts ..."""
+    """Per-sample task-specific scalars: turns, invalid/repeated actions, simulator calls ... (not the
+    critique counts: the episode runner counts those from each turn's label)."""
 
 
 @dataclass(frozen=True)
@@ -140,16 +144,47 @@ class ActiveReasoningEnv(ABC):
     is set; None means the task does not support the feedback ablation."""
     progress_signals: ClassVar[Mapping[str, ProgressSignal]] = {}
     """T3 progress signals this task reports, name -> defaults; the first one is the task's default."""
+    default_max_turns: ClassVar[int | None] = None
+    """Turn budget of a spec that names no ``max_turns`` (None: the spec must name it)."""
+    needs_simulator: ClassVar[bool] = False
+    """The task talks to a simulated user/patient: building an episode without
+    ``context.simulator`` raises ``ValueError(simulator_hint)``."""
+    simulator_hint: ClassVar[str] = "this task needs a simulator: set the agent loop's `simulator:` knob"
+    """The error message when a task that :attr:`needs_simulator` gets none (says how to configure one)."""
+    counters: ClassVar[tuple[str, ...]] = ()
+    """Names of the task's per-episode counters, all 0 at the start (:attr:`counts`, :meth:`count`);
+    :meth:`counter_metrics` reports them, in this order, in ``EpisodeResult.metrics``. Critiques are
+    not counted here: the episode runner counts them from each ``StepResult.label``."""
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
     ) -> None:
-        self.spec = dict(spec)
+        default = self.spec_default_max_turns(spec)
+        self.spec = dict(spec) if default is None else {**spec, "max_turns": spec.get("max_turns", default)}
         self.context = context if context is not None else EnvContext()
-        self.max_turns = int(max_turns if max_turns is not None else spec["max_turns"])
+        self.max_turns = int(max_turns if max_turns is not None else self.spec["max_turns"])
         if self.max_turns < 2 or self.max_turns % 2:
             raise ValueError(f"max_turns must be an even number >= 2, got {self.max_turns}")
+        if self.needs_simulator and self.context.simulator is None:
+            raise ValueError(self.simulator_hint)
         self.turn = 0  # number of agent turns received so far
+        self.done = False
+        self.counts: dict[str, int] = dict.fromkeys(self.counters, 0)
+        """Per-episode counters (:attr:`counters`), reported by :meth:`counter_metrics`."""
+
+    @classmethod
+    def spec_default_max_turns(cls, spec: Mapping[str, Any]) -> int | None:
+        """Turn budget of ``spec`` when it names none: :attr:`default_max_turns` (a task whose default
+        depends on the spec, e.g. PE's variant, overrides this)."""
+        return cls.default_max_turns
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``key`` (one of :attr:`counters`)."""
+        self.counts[key] += n
+
+    def counter_metrics(self) -> dict[str, float]:
+        """The counters as ``EpisodeResult.metrics`` entries (floats, in :attr:`counters` order)."""
+        return {key: float(value) for key, value in self.counts.items()}
 
     @abstractmethod
     async def step(self, text: str) -> StepResult:
@@ -181,16 +216,8 @@ class ActiveReasoningEnv(ABC):
 class RoundBasedEnv(ActiveReasoningEnv):
     """A task of the paper's protocol: Action rounds (odd turns) and Update rounds (even turns), each
     written in an ``<interact>`` block, and an ``<answer>`` block at the answer turn (or earlier, which
-    ends the episode). :meth:`step` routes each turn; subclasses implement the three rounds and set
-    ``self.done`` when the episode is over."""
-
-    def __init__(
-        self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
-    ) -> None:
-        super().__init__(spec, max_turns, context)
-        self.done = False
-        self.counts: dict[str, int] = {}
-        """Per-episode counters that end up in ``EpisodeResult.metrics`` (subclasses add their keys)."""
+    ends the episode). :meth:`step` routes each turn; subclasses implement the Action and Update rounds
+    and how a final answer is parsed and kept; the answer turn sets ``self.done``."""
 
     async def step(self, text: str) -> StepResult:
         """Consume one agent turn; see the task module's docstring for the rules."""
@@ -212,14 +239,6 @@ class RoundBasedEnv(ActiveReasoningEnv):
         block = extract_block(cut, "interact") if tag == "interact" else None
         return (self._action_turn if kind is RoundKind.ACTION else self._update_turn), (block,)
 
-    def _label(self, critique: int, channel: int) -> TurnLabel:
-        """The turn's label, counted as ``as_pos``/``as_neg`` (Action) or ``bt_pos``/``bt_neg`` (Update)."""
-        side = "as" if channel == CHANNEL_AS else "bt"
-        if critique:
-            key = f"{side}_{'pos' if critique > 0 else 'neg'}"
-            self.counts[key] = self.counts.get(key, 0) + 1
-        return TurnLabel(critique=critique, channel=channel)
-
     @abstractmethod
     def _action_turn(self, block: str | None) -> StepResult | Awaitable[StepResult]:
         """An Action round: ``block`` is the ``<interact>`` content, None if there was none."""
@@ -229,8 +248,44 @@ class RoundBasedEnv(ActiveReasoningEnv):
         """An Update round: ``block`` is the ``<interact>`` content, None if there was none."""
 
     @abstractmethod
+    def parse_answer(self, block: str | None) -> Parsed[Any]:
+        """The final answer in an ``<answer>`` block's content (None: there was no block)."""
+
+    @abstractmethod
+    def _record_answer(self, answer: Any) -> dict[str, Any]:
+        """Keep a well-formed final answer for :meth:`result`; returns the turn's ``info`` entries."""
+
     def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
-        """An ``<answer>`` turn, or the answer turn reached without one (``cut`` = the turn's text)."""
+        """An ``<answer>`` turn, or the answer turn reached without one (``cut`` = the turn's text): the
+        episode ends, critique 0 (answer turns are never critiqued)."""
+        self.done = True
+        block = extract_block(cut, "answer") if tag == "answer" else None
+        parsed = self.parse_answer(block)
+        info: dict[str, Any] = {"round": kind.value, "turn": self.turn, "early": kind is not RoundKind.ANSWER}
+        if parsed.ok:
+            info.update(self._record_answer(parsed.value))
+        else:
+            info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
+        return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)
+
+    # --- the line that announces the next round (shared wording of the round-based tasks) ---------
+
+    def _after_action(self, noun: str, update: str, answer: str) -> str:
+        """After an Action round: the next round is an Update round (``update`` says what to write) or,
+        after the last query (``noun``: "query", "question"), the Answer round (``answer``)."""
+        if round_kind(self.turn + 1, self.max_turns) is RoundKind.ANSWER:
+            head = f"That was your last {noun}. Round {self.turn + 1} of {self.max_turns} is the Answer round: "
+            return head + answer
+        return f"Round {self.turn + 1} of {self.max_turns} is an Update round: " + update
+
+    def _after_update(self, noun: str, plural: str, action: str) -> str:
+        """After an Update round: the next Action round, with the number of queries left (``noun`` /
+        ``plural``), then what to write (``action``)."""
+        left = (self.max_turns - self.turn) // 2
+        return (
+            f"Round {self.turn + 1} of {self.max_turns} is an Action round ({left} "
+            f"{noun if left == 1 else plural} left including this one): " + action
+        )
 
 
 async def ask_simulator(
@@ -256,7 +311,11 @@ async def ask_simulator(
 def _episode_over() -> StepResult:
     return StepResult(None, TurnLabel(), done=True, valid=False, info={"error": "episode is over"})
 
+
 _ENV_REGISTRY: dict[str, type[ActiveReasoningEnv]] = {}
+"""Task name -> environment class. The built-in tasks register themselves when the package
+:mod:`verl_selflock.envs` is imported, which Python always does before it imports this module, so the
+lookups below never import a task (and nothing here imports a module that imports this one)."""
 
 
 def register_env(name: str) -> Callable[[type[ActiveReasoningEnv]], type[ActiveReasoningEnv]]:
@@ -279,15 +338,11 @@ def registered_envs() -> list[str]:
 
 def registered_progress_signals() -> list[str]:
     """Every T3 progress signal some registered task reports."""
-    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
-
     return sorted({name for cls in _ENV_REGISTRY.values() for name in cls.progress_signals})
 
 
 def env_class(task: str) -> type[ActiveReasoningEnv]:
     """The registered environment class of ``task``."""
-    import verl_selflock.envs  # noqa: F401  (registers the built-in tasks)
-
     if task not in _ENV_REGISTRY:
         raise ValueError(f"unknown task {task!r}; registered tasks: {registered_envs()}")
     return _ENV_REGISTRY[task]

@@ -9,9 +9,10 @@ import pytest
 from fixtures.flodial_charts import laptop_chart
 from fixtures.openai_servers import FaultServer, down_url
 
-from verl_selflock.data.flodial import FloDialDataConfig, load_flowchart, make_flodial_spec
+from verl_selflock.data.flodial import FloDialDataConfig, make_flodial_spec
+from verl_selflock.data.flodial_charts import load_flowchart
 from verl_selflock.envs import EnvContext, make_env
-from verl_selflock.envs.flodial.env import normalise_query, parse_simulator_reply
+from verl_selflock.envs.flodial.parsing import normalise_query, parse_simulator_reply
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig
 
@@ -110,7 +111,6 @@ def test_hand_computed_episode(bt_variant, bt_labels):
     assert result.reward == 1.0 and result.success and result.answered
     m = result.metrics
     assert (m["answers_yes"], m["answers_no"], m["answers_unknown"], m["repeats"]) == (2, 1, 2, 1)
-    assert (m["as_pos"], m["as_neg"]) == (2, 2)
     assert (m["sim_calls"], m["sim_cache_hits"], m["sim_failures"]) == (5, 0, 0)
     assert (m["sim_answer_mismatch"], m["sim_unparsable"]) == (1, 0)
     assert m["candidates_left"] == 2 and m["psi_final"] == pytest.approx(0.6) and m["turns"] == 10
@@ -298,7 +298,7 @@ def test_exact_repeat_of_an_unknown_query_is_a_repeat_without_a_simulator_call()
     assert again.observation.startswith("The feedback of your latest query: Unknown. (You asked this question already.)")
     assert again.progress == {"new_information": 0.0}
     m = env.result().metrics
-    assert (m["repeats"], m["sim_calls"], m["answers_unknown"], m["as_neg"]) == (1, 1, 2, 2)
+    assert (m["repeats"], m["sim_calls"], m["answers_unknown"]) == (1, 1, 2)
 
 
 def test_a_query_whose_simulator_call_failed_may_be_asked_again():

@@ -12,8 +12,6 @@ import asyncio
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip(
     "tau2.domains.telecom.environment",
@@ -21,12 +19,8 @@ pytest.importorskip(
 )
 
 from verl_selflock.envs import EnvContext, make_env  # noqa: E402
-from verl_selflock.envs.tau2.env import (  # noqa: E402
-    DEGRADED_USER_REPLY,
-    MAX_CONSECUTIVE_SIM_FAILURES,
-    parse_agent_turn,
-    parse_user_reply,
-)
+from verl_selflock.envs.tau2.env import MAX_CONSECUTIVE_SIM_FAILURES  # noqa: E402
+from verl_selflock.envs.tau2.user import DEGRADED_USER_REPLY  # noqa: E402
 from verl_selflock.contracts.critique import CHANNEL_AS, FallbackRole  # noqa: E402
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig  # noqa: E402
 
@@ -184,14 +178,16 @@ def test_every_turn_is_an_action_round_for_the_diagnostics():
     from verl_selflock.contracts.episode import EpisodeStats
     from verl_selflock.diagnostics.metrics import batch_metrics, counts_of
     from verl_selflock.envs import RoundKind
+    from verl_selflock.episode.counting import TurnCounter
 
     def episode(env, turns: list[str]) -> EpisodeStats:
         stats = EpisodeStats(task=env.task)
+        counter = TurnCounter(stats)
         for text in turns:
             kind = env.next_round()
             assert kind is RoundKind.ACTION
             stats.turns += 1
-            stats.count_step(kind.value, run(env, [text])[0])
+            counter.count(kind.value, run(env, [text])[0])
         stats.answered = env.result().answered
         return stats
 
@@ -207,33 +203,6 @@ def test_every_turn_is_an_action_round_for_the_diagnostics():
     both = batch_metrics([counts_of(solved), counts_of(cut)])
     assert both["selflock/as_proxy"] == pytest.approx((8 + cut.as_pos) / 13) and both["selflock/as_proxy"] <= 1
     assert "selflock/bt_proxy" not in both
-
-
-def test_parsers_reject_malformed_turns():
-    assert parse_agent_turn("<message> hi </message> <tool_call>{}</tool_call>").value.content == "hi"
-    assert parse_agent_turn('<tool_call>{"name": "x", "arguments": {"a": 1}}</tool_call>').value.arguments == {"a": 1}
-    for bad in (
-        "no block",
-        "<message>   </message>",
-        "</message>",
-        '<tool_call>{"name": "x", "arguments": [1]}</tool_call>',
-        '<tool_call>{"name": "x", "extra": 1}</tool_call>',
-        "<tool_call>[1, 2]</tool_call>",
-        "<tool_call>" + "[" * 5000 + "</tool_call>",
-    ):
-        assert not parse_agent_turn(bad).ok, bad
-    assert parse_user_reply("fine") == ("message", "fine")
-    assert parse_user_reply('<tool_call>{"name": "t"}</tool_call>') == ("tool_call", ("t", {}))
-    assert parse_user_reply("<tool_call>oops")[0] == "bad_tool_call"
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list('<>/{}":, messagtoolcnrbu[]')) | st.characters(), max_size=80))
-def test_agent_turn_parser_never_raises(text):
-    parsed = parse_agent_turn(text)
-    assert parsed.ok or parsed.error
-    if parsed.ok:
-        assert parsed.value.kind in ("message", "tool_call")
 
 
 def test_env_needs_a_simulator_and_a_known_task():

@@ -8,7 +8,8 @@ question; an LLM user simulator (reached through :class:`verl_selflock.simulator
 ``EnvContext.simulator``) matches it against the table and answers ``Yes, <ID>`` / ``No, <ID>`` or
 ``Unknown``. In Update rounds the agent writes one weight per candidate (its belief); in the Answer
 round it commits to final weights, rewarded 1 iff the unique largest weight is on the true fault
-(method notes §2 and §3.3).
+(the FloDial task of the AREW paper, arXiv 2603.12109, with the rules of the authors' FloDial
+environment, github unimpor/T3; prompts in :mod:`verl_selflock.envs.flodial.prompts`).
 
 Feedback rules:
 
@@ -34,14 +35,14 @@ Directional critiques (AREW):
   else -1. After uninformative feedback: variant ``v1`` (default) +1 iff the belief is unchanged
   (normalised vectors equal within 1e-6), else -1; variant ``v0``: 0.
   ``v_prev`` is the previous valid guess or the prior (0.5 for every candidate).
-  Comparing *normalised* weights (the method notes write ``v_t[gt] > v_prev[gt]``) makes the rule
+  Comparing *normalised* weights (the authors' rule compares raw ``v_t[gt] > v_prev[gt]``) makes the rule
   scale-free: "2,1,1,1,1" and "0.4,0.2,0.2,0.2,0.2" are the same belief, and inflating every weight
   cannot earn a +1.
 * Answer turn (and an early ``<answer>`` in any round): 0.
 
-Parsing (see :mod:`verl_selflock.envs.parsing`): the turn is cut after its first ``</interact>`` or
-``</answer>``. An Action block must hold exactly one ``Query: ...`` line (at most
-``MAX_QUERY_CHARS`` characters) and nothing else. A guess/answer is exactly ``K`` finite
+Parsing (see :mod:`verl_selflock.envs.parsing` and :mod:`verl_selflock.envs.flodial.parsing`): the
+turn is cut after its first ``</interact>`` or ``</answer>``. An Action block must hold exactly one
+``Query: ...`` line (at most ``MAX_QUERY_CHARS`` characters) and nothing else. A guess/answer is exactly ``K`` finite
 non-negative numbers, not all zero.
 
 ``StepResult.info`` keys: ``round``, ``turn``; action: ``query``, ``feedback`` ("yes" | "no" |
@@ -52,21 +53,20 @@ answer), ``candidates_left``, ``simulator_failed``, ``simulator_reply`` or ``err
 ``answer_psi`` (the answer's normalised weight on the true fault) or ``error``.
 
 ``EpisodeResult.metrics``: ``turns``, ``action_rounds``, ``update_rounds``, ``invalid_actions``,
-``invalid_guesses``, ``repeats``, ``answers_yes``/``_no``/``_unknown``, ``as_pos``/``as_neg``,
-``bt_pos``/``bt_neg``, ``sim_calls``/``sim_cache_hits``/``sim_failures`` (this episode's calls),
+``invalid_guesses``, ``repeats``, ``answers_yes``/``_no``/``_unknown``,
+``sim_calls``/``sim_cache_hits``/``sim_failures`` (this episode's calls),
 ``sim_unparsable``, ``sim_answer_mismatch``, ``candidates_left``, ``psi_final``, ``answered``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole, TurnLabel
 from verl_selflock.envs.base import (
     NEW_INFORMATION_SIGNAL,
     EnvContext,
@@ -77,39 +77,29 @@ from verl_selflock.envs.base import (
     StepResult,
     ask_simulator,
     register_env,
-    round_kind,
 )
-from verl_selflock.envs.parsing import (
-    Parsed,
-    extract_block,
-    find_keyed_lines,
-    parse_weights,
+from verl_selflock.envs.flodial.parsing import (
+    SimulatorVerdict,
+    normalise_query,
+    parse_flodial_action,
+    parse_simulator_reply,
 )
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, FallbackRole, TurnLabel
+from verl_selflock.envs.flodial.prompts import (
+    FEEDBACK_PREFIX,
+    action_instruction,
+    answer_instruction,
+    simulator_messages,
+    update_instruction,
+)
+from verl_selflock.envs.parsing import Parsed, parse_weights
 
-__all__ = [
-    "BT_VARIANTS",
-    "DEFAULT_MAX_TURNS",
-    "FEEDBACK_PREFIX",
-    "MAX_QUERY_CHARS",
-    "SimulatorVerdict",
-    "FloDialEnv",
-    "normalise_query",
-    "normalised",
-    "parse_simulator_reply",
-    "simulator_messages",
-    "action_instruction",
-    "update_instruction",
-    "answer_instruction",
-]
+__all__ = ["BT_VARIANTS", "DEFAULT_MAX_TURNS", "FloDialEnv", "normalised"]
 
 DEFAULT_MAX_TURNS = 10
 BT_VARIANTS = ("v1", "v0")
 PRIOR_VALUE = 0.5  # prior belief in every component
 UNCHANGED_TOL = 1e-6  # normalised beliefs closer than this (max abs difference) count as unchanged
 INCREASE_TOL = 1e-9  # psi must rise by more than float noise to count as moving toward the truth
-MAX_QUERY_CHARS = 300  # one atomic question; longer blocks are invalid (and would bloat the simulator prompt)
-FEEDBACK_PREFIX = "The feedback of your latest query: "
 ANSWERS = ("yes", "no")
 
 
@@ -117,95 +107,6 @@ def normalised(weights: np.ndarray) -> np.ndarray:
     """Weights scaled to sum to 1 (non-negative, not all zero), safe for huge values such as 1e308."""
     scaled = weights / weights.max()  # first scale by the maximum so that the sum cannot overflow
     return scaled / scaled.sum()
-
-
-# --- the simulated user -----------------------------------------------------------------------
-
-
-def simulator_messages(problem: str, table: Sequence[Mapping[str, Any]], query: str) -> list[dict[str, str]]:
-    """Chat messages asking the user simulator to match ``query`` against the reference table.
-
-    The table is numbered from 0, one row per line: ``{idx}. {question} -> {Yes|No}``.
-    """
-    rows = "\n".join(f"{idx}. {row['question']} -> {str(row['answer']).capitalize()}" for idx, row in enumerate(table))
-    system = (
-        "You role-play a person who has this problem and is being helped by a troubleshooting agent: "
-        f"{problem}\n"
-        "You know the answers to these yes/no diagnostic questions and nothing else (row number. question -> "
-        f"your answer):\n{rows}\n"
-        "The agent asks one question. If it asks the same thing as one row, or clearly paraphrases it, reply "
-        "with that row's answer and number, exactly 'Yes, <number>' or 'No, <number>'. If no row matches, or "
-        "the question is vague, ambiguous or asks several things at once, reply exactly 'Unknown'. "
-        "Reply with nothing else."
-    )
-    return [{"role": "system", "content": system}, {"role": "user", "content": query}]
-
-
-def normalise_query(query: str) -> str:
-    """Case-, space- and end-punctuation-insensitive form of a question (repeat detection, cache key)."""
-    return re.sub(r"\s+", " ", query).strip().strip("?.!").strip().lower()
-
-
-@dataclass(frozen=True)
-class SimulatorVerdict:
-    """What a simulator reply says: a row and its yes/no word, or unknown (with ``parsed`` False if
-    the reply was not even a well-formed "Unknown")."""
-
-    row: int | None
-    word: str | None
-    parsed: bool
-
-
-_MARKUP = str.maketrans("", "", "*`\"'_")
-_VERDICT_RE = re.compile(
-    r"^(yes|no)\b[\s,.:;\-]*(?:\(\s*)?(?:(?:row|id|question|number|no\.)\s*)?[#:]?\s*(\d{1,4})\s*\)?[\s.!]*$"
-)
-_UNKNOWN_RE = re.compile(r"^unknown\b[\s.!]*$")
-
-
-def parse_simulator_reply(text: str) -> SimulatorVerdict:
-    """Read ``Yes, <ID>`` / ``No, <ID>`` / ``Unknown`` robustly.
-
-    Accepted: any case, markdown emphasis or quotes, ``Yes, 3``, ``yes 3``, ``No - row 3.``,
-    ``Yes (3)``, ``Yes, ID: 3``. Only the first non-blank line counts. Anything with a second number,
-    or any other text, is not a verdict (``parsed`` False) and counts as unknown.
-    """
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    if not lines:
-        return SimulatorVerdict(None, None, False)
-    first = lines[0].translate(_MARKUP).strip().lower()
-    match = _VERDICT_RE.match(first)
-    if match is not None:
-        return SimulatorVerdict(int(match.group(2)), match.group(1), True)
-    return SimulatorVerdict(None, None, bool(_UNKNOWN_RE.match(first)))
-
-
-# --- instruction texts (shared with the prompt builder) --------------------------------------
-
-
-def _vector_format(K: int) -> str:
-    return f"{K} non-negative numbers separated by commas, one weight per candidate fault in order"
-
-
-def action_instruction() -> str:
-    """What to write in an Action round."""
-    return (
-        "<scratch>...</scratch> then one new yes/no question\n<interact>\nQuery: your question\n</interact>\n"
-        "(one atomic question on the Query line, nothing else in the block; do not repeat an earlier question)."
-    )
-
-
-def update_instruction(K: int) -> str:
-    """What to write in an Update round."""
-    return f"<scratch>...</scratch> then <interact>Guess: ...</interact> with {_vector_format(K)}."
-
-
-def answer_instruction(K: int) -> str:
-    """What to write in the Answer round (the tag pair encloses no number)."""
-    return (
-        "<scratch>...</scratch> then your final weights between the tags <answer> and </answer>: "
-        f"{_vector_format(K)}. Put the single largest weight on the fault you believe is the cause."
-    )
 
 
 @register_env("flodial")
@@ -228,18 +129,35 @@ class FloDialEnv(RoundBasedEnv):
         ),
     }
 
+    default_max_turns = DEFAULT_MAX_TURNS
+    needs_simulator = True
+    simulator_hint = (
+        "FloDial needs a simulated user: set the active_reasoning agent loop's `simulator:` knob "
+        "(an OpenAI-compatible endpoint: base_url, model; see recipes/flodial/README.md)"
+    )
+    counters = (
+        "action_rounds",
+        "update_rounds",
+        "invalid_actions",
+        "invalid_guesses",
+        "repeats",
+        "answers_yes",
+        "answers_no",
+        "answers_unknown",
+        "sim_calls",
+        "sim_cache_hits",
+        "sim_failures",
+        "sim_unparsable",
+        "sim_answer_mismatch",
+    )
+
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
     ) -> None:
-        super().__init__({**spec, "max_turns": spec.get("max_turns", DEFAULT_MAX_TURNS)}, max_turns, context)
+        super().__init__(spec, max_turns, context)
         missing = [k for k in ("problem_description", "candidates", "answer_index", "table") if k not in spec]
         if missing:
             raise ValueError(f"FloDial spec lacks {missing}")
-        if self.context.simulator is None:
-            raise ValueError(
-                "FloDial needs a simulated user: set the active_reasoning agent loop's `simulator:` knob "
-                "(an OpenAI-compatible endpoint: base_url, model; see recipes/flodial/README.md)"
-            )
         self.problem = str(spec["problem_description"])
         self.candidates = [str(c) for c in spec["candidates"]]
         self.K = len(self.candidates)
@@ -275,33 +193,11 @@ class FloDialEnv(RoundBasedEnv):
         self.prev_valid_guess = self.prior
         self.answer: tuple[float, ...] | None = None
         self.success = False
-        self.counts = dict.fromkeys(
-            (
-                "action_rounds",
-                "update_rounds",
-                "invalid_actions",
-                "invalid_guesses",
-                "repeats",
-                "answers_yes",
-                "answers_no",
-                "answers_unknown",
-                "as_pos",
-                "as_neg",
-                "bt_pos",
-                "bt_neg",
-                "sim_calls",
-                "sim_cache_hits",
-                "sim_failures",
-                "sim_unparsable",
-                "sim_answer_mismatch",
-            ),
-            0,
-        )
 
     # --- public API ----------------------------------------------------------------------------
 
     def result(self) -> EpisodeResult:
-        metrics = {key: float(value) for key, value in self.counts.items()}
+        metrics = self.counter_metrics()
         metrics.update(
             turns=float(self.turn),
             candidates_left=float(self.K - len(self.ruled_out)),
@@ -321,17 +217,11 @@ class FloDialEnv(RoundBasedEnv):
     @staticmethod
     def parse_action(block: str | None) -> Parsed[str]:
         """An Action block: exactly one non-empty ``Query:`` line and nothing else."""
-        if block is None:
-            return Parsed.fail("no <interact>...</interact> block")
-        keyed, others = find_keyed_lines(block)
-        if others or set(keyed) != {"query"} or len(keyed["query"]) != 1:
-            return Parsed.fail("the block must contain exactly one 'Query:' line and nothing else")
-        query = keyed["query"][0].strip()
-        if not query:
-            return Parsed.fail("empty 'Query:' line")
-        if len(query) > MAX_QUERY_CHARS:
-            return Parsed.fail(f"the question is longer than {MAX_QUERY_CHARS} characters; ask one short question")
-        return Parsed(query)
+        return parse_flodial_action(block)
+
+    def parse_answer(self, block: str | None) -> Parsed[np.ndarray]:
+        """Final weights: exactly K finite non-negative numbers, not all zero."""
+        return parse_weights(block, self.K)
 
     # --- rounds --------------------------------------------------------------------------------
 
@@ -342,10 +232,10 @@ class FloDialEnv(RoundBasedEnv):
         reply = await ask_simulator(
             self.context.simulator, messages, cache_key=("flodial", self.cache_scope, normalise_query(query)), task=self.task
         )
-        self.counts["sim_calls"] += 1
-        self.counts["sim_cache_hits"] += int(bool(reply.cached))
+        self.count("sim_calls")
+        self.count("sim_cache_hits", int(bool(reply.cached)))
         if not reply.ok:
-            self.counts["sim_failures"] += 1
+            self.count("sim_failures")
             return None, {"simulator_failed": True, "error": f"simulator failed: {reply.error}"}
         return parse_simulator_reply(reply.text or ""), {"simulator_failed": False, "simulator_reply": reply.text}
 
@@ -365,7 +255,7 @@ class FloDialEnv(RoundBasedEnv):
         return ",".join("1" if index == self.gt else "0" for index in range(self.K))
 
     async def _action_turn(self, block: str | None) -> StepResult:
-        self.counts["action_rounds"] += 1
+        self.count("action_rounds")
         parsed = self.parse_action(block)
         info: dict[str, Any] = {
             "round": RoundKind.ACTION.value,
@@ -379,7 +269,7 @@ class FloDialEnv(RoundBasedEnv):
         repeated = False
         note = ""
         if not parsed.ok:
-            self.counts["invalid_actions"] += 1
+            self.count("invalid_actions")
             critique = -1
             info["error"] = parsed.error
             feedback_line = f"Invalid query: {parsed.error}. No feedback this round."
@@ -400,21 +290,17 @@ class FloDialEnv(RoundBasedEnv):
             else:
                 critique, note, repeated = self._judge(query, verdict, info, repeated)
             if info["feedback"] == "unknown":
-                self.counts["answers_unknown"] += 1
+                self.count("answers_unknown")
             feedback_line = FEEDBACK_PREFIX + info["feedback"].capitalize() + "." + note
             if self.context.withhold_feedback:  # feedback ablation: judged as usual, shown as unknown
                 feedback_line = FEEDBACK_PREFIX + self.uninformative_feedback
-        self.counts["repeats"] += int(repeated)
+        self.count("repeats", int(repeated))
         self.last_action_informative = bool(info["new_information"])
         info["candidates_left"] = self.K - len(self.ruled_out)
-        label = self._label(critique, CHANNEL_AS)
+        label = TurnLabel(critique, CHANNEL_AS)
         if info["simulator_failed"]:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
             label.fallback = FallbackRole.EXEMPT
-        if round_kind(self.turn + 1, self.max_turns) is RoundKind.ANSWER:
-            follow = f"That was your last question. Round {self.turn + 1} of {self.max_turns} is the Answer round: "
-            follow += answer_instruction(self.K)
-        else:
-            follow = f"Round {self.turn + 1} of {self.max_turns} is an Update round: " + update_instruction(self.K)
+        follow = self._after_action("question", update_instruction(self.K), answer_instruction(self.K))
         valid = parsed.ok and not repeated
         return StepResult(
             f"{feedback_line}\n{follow}", label, done=False, valid=valid, repeated=repeated, info=info,
@@ -430,7 +316,7 @@ class FloDialEnv(RoundBasedEnv):
         if verdict.row is None or not 0 <= verdict.row < len(self.table):
             # "Unknown", or a reply that names no usable row (out of range, free text, several IDs).
             if verdict.row is not None or not verdict.parsed:
-                self.counts["sim_unparsable"] += 1
+                self.count("sim_unparsable")
             return -1, "", False
         info["row"] = verdict.row
         if verdict.row in self.revealed:
@@ -438,14 +324,14 @@ class FloDialEnv(RoundBasedEnv):
             return -1, " (You asked this question already.)", True
         answer = self.table[verdict.row]["answer"]
         if verdict.word != answer:
-            self.counts["sim_answer_mismatch"] += 1
+            self.count("sim_answer_mismatch")
         self.revealed.add(verdict.row)
-        self.counts[f"answers_{answer}"] += 1
+        self.count(f"answers_{answer}")
         info.update(feedback=answer, new_information=True, info_gain=float(self._rule_out(verdict.row)))
         return (1 if answer == "yes" else 0), "", False
 
     def _update_turn(self, block: str | None) -> StepResult:
-        self.counts["update_rounds"] += 1
+        self.count("update_rounds")
         parsed = parse_weights(block, self.K)
         info: dict[str, Any] = {
             "round": RoundKind.UPDATE.value,
@@ -453,7 +339,7 @@ class FloDialEnv(RoundBasedEnv):
             "evidence": self.last_action_informative,
         }
         if not parsed.ok:
-            self.counts["invalid_guesses"] += 1
+            self.count("invalid_guesses")
             info["error"] = parsed.error
             critique = -1
             head = f"Invalid guess: {parsed.error}. It was not recorded."
@@ -471,27 +357,12 @@ class FloDialEnv(RoundBasedEnv):
                 critique = 0
             self.prev_valid_guess = guess
             head = "Guess recorded."
-        label = self._label(critique, CHANNEL_BT)
-        questions_left = (self.max_turns - self.turn) // 2
-        follow = (
-            f"Round {self.turn + 1} of {self.max_turns} is an Action round ({questions_left} "
-            f"{'question' if questions_left == 1 else 'questions'} left including this one): " + action_instruction()
-        )
-        return StepResult(f"{head}\n{follow}", label, done=False, valid=parsed.ok, info=info)
+        follow = self._after_update("question", "questions", action_instruction())
+        return StepResult(f"{head}\n{follow}", TurnLabel(critique, CHANNEL_BT), done=False, valid=parsed.ok, info=info)
 
-    def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
-        self.done = True
-        block = extract_block(cut, "answer") if tag == "answer" else None
-        parsed = parse_weights(block, self.K)
-        info: dict[str, Any] = {"round": kind.value, "turn": self.turn, "early": kind is not RoundKind.ANSWER}
-        if parsed.ok:
-            weights = parsed.value
-            assert weights is not None
-            self.answer = tuple(float(v) for v in weights)
-            top = np.flatnonzero(weights == weights.max())
-            self.success = len(top) == 1 and int(top[0]) == self.gt
-            # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
-            info.update(answer=list(self.answer), answer_psi=self.psi(weights))
-        else:
-            info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
-        return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)
+    def _record_answer(self, weights: np.ndarray) -> dict[str, Any]:
+        self.answer = tuple(float(v) for v in weights)
+        top = np.flatnonzero(weights == weights.max())
+        self.success = len(top) == 1 and int(top[0]) == self.gt
+        # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
+        return {"answer": list(self.answer), "answer_psi": self.psi(weights)}

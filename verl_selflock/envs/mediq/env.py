@@ -1,6 +1,7 @@
 """MediQ: diagnose from a partial case by asking a simulated patient, then pick one of four options.
 
-The agent sees the patient's initial presentation, the question and options A-D (method notes §3.2).
+The agent sees the patient's initial presentation, the question and options A-D (the MediQ task of the
+AREW paper, arXiv 2603.12109, with the rules of the authors' MediQ environment, github unimpor/T3).
 The rest of the case is a list of numbered atomic facts, hidden in the episode and known only to
 the simulated patient: an LLM behind an OpenAI-compatible endpoint (``self.context.simulator``, the
 agent loop's ``simulator:`` knob) that answers each question with at most two fact numbers or
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole, TurnLabel
 from verl_selflock.envs.base import (
     NEW_INFORMATION_SIGNAL,
     EnvContext,
@@ -71,7 +73,6 @@ from verl_selflock.envs.mediq.prompts import (
     update_instruction,
 )
 from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_query, parse_weights
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, FallbackRole, TurnLabel
 
 __all__ = [
     "DEFAULT_MAX_TURNS",
@@ -143,15 +144,30 @@ class MediQEnv(RoundBasedEnv):
         ),
     }
 
+    default_max_turns = DEFAULT_MAX_TURNS
+    needs_simulator = True
+    simulator_hint = (
+        "MediQ needs a simulated patient: set the active_reasoning agent loop's `simulator:` knob "
+        "(base_url and model of an OpenAI-compatible endpoint, see recipes/mediq/README.md)"
+    )
+    counters = (
+        "action_rounds",
+        "update_rounds",
+        "invalid_actions",
+        "invalid_guesses",
+        "repeats",
+        "unknown_replies",
+        "sim_calls",
+        "sim_cache_hits",
+        "sim_failures",
+        "cf_branches",
+        "cf_invalid",
+    )
+
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
     ) -> None:
-        super().__init__({**spec, "max_turns": spec.get("max_turns", DEFAULT_MAX_TURNS)}, max_turns, context)
-        if self.context.simulator is None:
-            raise ValueError(
-                "MediQ needs a simulated patient: set the active_reasoning agent loop's `simulator:` knob "
-                "(base_url and model of an OpenAI-compatible endpoint, see recipes/mediq/README.md)"
-            )
+        super().__init__(spec, max_turns, context)
         facts = spec.get("facts")
         options = spec.get("options")
         if facts is None or isinstance(facts, str) or not len(facts) or not all(isinstance(f, str) for f in facts):
@@ -177,26 +193,6 @@ class MediQEnv(RoundBasedEnv):
         self.cf_belief: np.ndarray | None = None
         self.answer: np.ndarray | None = None
         self.correct = False
-        self.counts = dict.fromkeys(
-            (
-                "action_rounds",
-                "update_rounds",
-                "invalid_actions",
-                "invalid_guesses",
-                "repeats",
-                "unknown_replies",
-                "as_pos",
-                "as_neg",
-                "bt_pos",
-                "bt_neg",
-                "sim_calls",
-                "sim_cache_hits",
-                "sim_failures",
-                "cf_branches",
-                "cf_invalid",
-            ),
-            0,
-        )
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -204,15 +200,15 @@ class MediQEnv(RoundBasedEnv):
         """The update turn sampled after the fixed reply instead of the real feedback (training only)."""
         if not self.cf_requested or not isinstance(text, str):
             return
-        self.counts["cf_branches"] += 1
+        self.count("cf_branches")
         cut, tag = cut_after_first_closing_tag(text)
         parsed = self.parse_belief(extract_block(cut, "interact") if tag == "interact" else None)
         self.cf_belief = parsed.value if parsed.ok else None
         if not parsed.ok:
-            self.counts["cf_invalid"] += 1
+            self.count("cf_invalid")
 
     def result(self) -> EpisodeResult:
-        metrics = {key: float(value) for key, value in self.counts.items()}
+        metrics = self.counter_metrics()
         metrics.update(
             turns=float(self.turn),
             answered=float(self.answer is not None),
@@ -228,6 +224,10 @@ class MediQEnv(RoundBasedEnv):
 
     # --- parsing -------------------------------------------------------------------------------
 
+    def parse_answer(self, block: str | None) -> Parsed[np.ndarray]:
+        """A final answer: the same form as a guess (:meth:`parse_belief`)."""
+        return self.parse_belief(block)
+
     def parse_belief(self, block: str | None) -> Parsed[np.ndarray]:
         """A guess/answer: exactly 4 finite non-negative numbers, not all zero; returned normalised."""
         parsed = parse_weights(block, N_OPTIONS)
@@ -241,14 +241,14 @@ class MediQEnv(RoundBasedEnv):
     # --- rounds --------------------------------------------------------------------------------
 
     async def _action_turn(self, block: str | None) -> StepResult:
-        self.counts["action_rounds"] += 1
+        self.count("action_rounds")
         self.cf_requested, self.cf_belief = False, None
         info: dict[str, Any] = {"round": RoundKind.ACTION.value, "turn": self.turn}
         parsed = parse_query(block) if block is not None else Parsed.fail("no <interact>...</interact> block")
         new_facts: list[int] = []
         repeated = False
         if not parsed.ok:
-            self.counts["invalid_actions"] += 1
+            self.count("invalid_actions")
             info["error"] = parsed.error
             feedback = f"Invalid query: {parsed.error}. The patient did not hear a question."
             critique = -1
@@ -257,7 +257,7 @@ class MediQEnv(RoundBasedEnv):
             key = normalise_query(query)
             info["query"] = query
             if key in self.asked:
-                self.counts["repeats"] += 1
+                self.count("repeats")
                 repeated = True
                 info["error"] = "repeated query"
                 feedback, critique = FEEDBACK_PREFIX + FIXED_REPLY, -1
@@ -274,14 +274,10 @@ class MediQEnv(RoundBasedEnv):
             info_gain=float(len(new_facts)),
             facts=[i + 1 for i in new_facts],
         )
-        label = self._label(critique, CHANNEL_AS)
+        label = TurnLabel(critique, CHANNEL_AS)
         if info.get("sim_ok") is False:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
             label.fallback = FallbackRole.EXEMPT
-        if round_kind(self.turn + 1, self.max_turns) is RoundKind.ANSWER:
-            follow = f"That was your last question. Round {self.turn + 1} of {self.max_turns} is the Answer round: "
-            follow += answer_instruction()
-        else:
-            follow = f"Round {self.turn + 1} of {self.max_turns} is an Update round: " + update_instruction()
+        follow = self._after_action("question", update_instruction(), answer_instruction())
         counterfactual: str | None = None
         if informative and self.counterfactual and round_kind(self.turn + 1, self.max_turns) is RoundKind.UPDATE:
             # The same observation with the null reply in place of the facts.
@@ -301,23 +297,23 @@ class MediQEnv(RoundBasedEnv):
 
     async def _ask_patient(self, query: str, key: str, info: dict[str, Any]) -> tuple[str, int, list[int]]:
         """(feedback text, AS critique, new 0-based fact indices) for a fresh, valid query."""
-        self.counts["sim_calls"] += 1
+        self.count("sim_calls")
         messages = patient_messages(self.facts, query)
         # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
         reply = await ask_simulator(
             self.context.simulator, messages, cache_key=("mediq", self.case_id, key), task=self.task
         )
         if not reply.ok or reply.text is None:
-            self.counts["sim_failures"] += 1
+            self.count("sim_failures")
             info.update(sim_ok=False, sim_error=reply.error)
             # Not the agent's fault: critique 0, and the question may be asked again.
             return FEEDBACK_PREFIX + FIXED_REPLY, 0, []
         self.asked.add(key)
-        self.counts["sim_cache_hits"] += int(bool(reply.cached))
+        self.count("sim_cache_hits", int(bool(reply.cached)))
         info.update(sim_ok=True, sim_cached=bool(reply.cached), sim_reply=reply.text[:200])
         indices = parse_patient_reply(reply.text, len(self.facts))
         if indices is None:
-            self.counts["unknown_replies"] += 1
+            self.count("unknown_replies")
             return FEEDBACK_PREFIX + FIXED_REPLY, -1, []
         new = [i for i in indices if i not in self.revealed]
         if not new:
@@ -325,11 +321,11 @@ class MediQEnv(RoundBasedEnv):
         return FEEDBACK_PREFIX + " ".join(self.facts[i] for i in new), 1, new
 
     def _update_turn(self, block: str | None) -> StepResult:
-        self.counts["update_rounds"] += 1
+        self.count("update_rounds")
         parsed = self.parse_belief(block)
         info: dict[str, Any] = {"round": RoundKind.UPDATE.value, "turn": self.turn}
         if not parsed.ok:
-            self.counts["invalid_guesses"] += 1
+            self.count("invalid_guesses")
             info["error"] = parsed.error
             critique = -1
             head = f"Invalid guess: {parsed.error}. It was not recorded."
@@ -355,27 +351,12 @@ class MediQEnv(RoundBasedEnv):
             self.prev_belief = belief
             head = "Guess recorded."
         self.cf_requested, self.cf_belief = False, None
-        label = self._label(critique, CHANNEL_BT)
-        questions_left = (self.max_turns - self.turn) // 2
-        follow = (
-            f"Round {self.turn + 1} of {self.max_turns} is an Action round ({questions_left} "
-            f"{'question' if questions_left == 1 else 'questions'} left including this one): " + action_instruction()
-        )
-        return StepResult(f"{head}\n{follow}", label, done=False, valid=parsed.ok, info=info)
+        follow = self._after_update("question", "questions", action_instruction())
+        return StepResult(f"{head}\n{follow}", TurnLabel(critique, CHANNEL_BT), done=False, valid=parsed.ok, info=info)
 
-    def _answer_turn(self, cut: str, tag: str | None, kind: RoundKind) -> StepResult:
-        self.done = True
-        block = extract_block(cut, "answer") if tag == "answer" else None
-        parsed = self.parse_belief(block)
-        info: dict[str, Any] = {"round": kind.value, "turn": self.turn, "early": kind is not RoundKind.ANSWER}
-        if parsed.ok:
-            answer = parsed.value
-            assert answer is not None
-            self.answer = answer
-            # Unique argmax equal to the truth <=> the margin of the truth is positive.
-            self.correct = margin(answer, self.truth) > 0
-            # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
-            info.update(answer=answer.tolist(), correct=self.correct, answer_psi=float(answer[self.truth]))
-        else:
-            info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
-        return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)
+    def _record_answer(self, answer: np.ndarray) -> dict[str, Any]:
+        self.answer = answer
+        # Unique argmax equal to the truth <=> the margin of the truth is positive.
+        self.correct = margin(answer, self.truth) > 0
+        # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
+        return {"answer": answer.tolist(), "correct": self.correct, "answer_psi": float(answer[self.truth])}

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from verl_selflock.envs.pe.geometry import COS_THRESHOLD, cosine, focus_diff
+
 __all__ = ["DEFAULT_SAMPLES", "PEVersionSpace", "OracleBelief", "oracle_belief", "seed_of"]
 
 DEFAULT_SAMPLES = 2048
@@ -86,16 +88,6 @@ class PEVersionSpace:
         return self.samples[self.consistent].mean(axis=0)
 
 
-def focus_diff(movies: np.ndarray, pair: Sequence[int], focus: Sequence[int] | None) -> np.ndarray:
-    """``x_i - x_j`` for a 1-based pair, zeroed outside the 1-based focus (all attributes if None)."""
-    diff = movies[int(pair[0]) - 1] - movies[int(pair[1]) - 1]
-    if focus is None:
-        return diff
-    mask = np.zeros_like(diff)
-    mask[[int(k) - 1 for k in focus]] = 1.0
-    return diff * mask
-
-
 @dataclass(frozen=True)
 class OracleBelief:
     """What exact belief tracking makes of an episode's own queries and answers."""
@@ -119,8 +111,6 @@ def oracle_belief(
 
     Words other than Yes./No./Equal. (a withheld "Unknown.") carry nothing and are skipped.
     """
-    from verl_selflock.envs.pe.env import COS_THRESHOLD, cosine
-
     movies = np.stack([np.asarray(row, dtype=np.float64) for row in spec["movies"]])
     w_star = np.asarray(spec["w_star"], dtype=np.float64)
     space = PEVersionSpace(int(spec["D"]), seed_of(spec), n_samples)

@@ -1,10 +1,11 @@
 """Prompt text of the Preference Estimation tasks (our own wording of the PE protocol).
 
-The instructions never show a literal ``<answer>`` block that encloses numbers: a naive reward
-that searched the transcript for the last ``<answer>...</answer>`` would otherwise score the
-prompt's own example (a defect of the original fork). Formats are described with letter
-placeholders instead. The prompt holds no decimal numbers at all, so no hidden weight can leak
-through it (the tests check that).
+Shared by the environment (the round instructions in its observations) and the data builder (the
+first messages of a row), so that both say the same thing. The instructions never show a literal
+``<answer>`` block that encloses numbers: a naive reward that searched the transcript for the last
+``<answer>...</answer>`` would otherwise score the prompt's own example (a defect of the original
+fork). Formats are described with letter placeholders instead. The prompt holds no decimal numbers
+at all, so no hidden weight can leak through it (the tests check that).
 """
 
 from __future__ import annotations
@@ -12,9 +13,67 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from verl_selflock.envs.pe.env import action_block, action_instruction
+__all__ = [
+    "FEEDBACK_PREFIX",
+    "action_block",
+    "action_instruction",
+    "update_instruction",
+    "answer_instruction",
+    "pe_system_prompt",
+    "pe_user_prompt",
+    "pe_messages",
+    "format_value",
+]
 
-__all__ = ["pe_system_prompt", "pe_user_prompt", "pe_messages", "format_value"]
+FEEDBACK_PREFIX = "The feedback of your latest query: "
+
+
+# --- round instructions (also the environment's observations) ----------------------------------
+# No example numbers anywhere: nothing here can be parsed as an action or scored as an answer.
+
+
+def _vector_format(D: int) -> str:
+    return f"{D} non-negative numbers separated by commas, one per attribute in order"
+
+
+def focus_placeholder(S: int) -> str:
+    """``a,b,c`` for S=3: letters, never digits."""
+    return ",".join("abcdefghijklmnopqrstuvwxyz"[:S]) if S <= 26 else "a,b,..."
+
+
+def action_block(variant: str, S: int | None) -> str:
+    """The Action-round block with letter placeholders."""
+    if variant == "gated":
+        return f"<interact>\nFocus: {focus_placeholder(S or 0)}\nPair: i,j\n</interact>"
+    return "<interact>\nPair: i,j\n</interact>"
+
+
+def action_instruction(variant: str, S: int | None, D: int, n_movies: int) -> str:
+    """What to write in an Action round."""
+    if variant == "gated":
+        fields = f"Focus: {S} different attributes from 1 to {D}; Pair: two different movies from 1 to {n_movies}"
+    else:
+        fields = f"Pair: two different movies from 1 to {n_movies}"
+    return (
+        f"<scratch>...</scratch> then one new query\n{action_block(variant, S)}\n({fields}; nothing else in the "
+        "block; do not repeat an earlier query)."
+    )
+
+
+def update_instruction(D: int) -> str:
+    """What to write in an Update round."""
+    return f"<scratch>...</scratch> then <interact>Guess: ...</interact> with {_vector_format(D)}."
+
+
+def answer_instruction(D: int) -> str:
+    """What to write in the Answer round (the tag pair encloses no number)."""
+    return (
+        "<scratch>...</scratch> then your final estimate between the tags <answer> and </answer>: "
+        f"{_vector_format(D)}."
+    )
+
+
+# --- the first messages of a row ---------------------------------------------------------------
 
 
 def format_value(value: float) -> str:
