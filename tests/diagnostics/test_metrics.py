@@ -19,6 +19,7 @@ from verl_selflock.diagnostics.metrics import (
 from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor, rise_over_window
 from verl_selflock.diagnostics.training import SELF_LOCKING_KEY, TrainingDiagnostics
 from verl_selflock.envs import StepResult
+from verl_selflock.episode.counting import TurnCounter
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
 
 
@@ -30,6 +31,7 @@ def _episode_a() -> EpisodeStats:
     """Action +1 (1 bit), Update +1 (psi 0.5 -> 0.7), Action -1 repeated (0 bits), Update 0 (psi 0.7 -> 0.6),
     answer (success)."""
     stats = EpisodeStats(task="pe")
+    counter = TurnCounter(stats)
     for kind, step in [
         ("action", _step(1, CHANNEL_AS, info_gain=1.0)),
         ("update", _step(1, CHANNEL_BT, psi=0.7, psi_prev=0.5)),
@@ -38,7 +40,7 @@ def _episode_a() -> EpisodeStats:
         ("answer", _step(0, CHANNEL_NONE)),
     ]:
         stats.turns += 1
-        stats.count_step(kind, step)
+        counter.count(kind, step)
     stats.reward, stats.success, stats.answered, stats.stop_reason = 1.0, True, True, "answer"
     return stats
 
@@ -46,12 +48,13 @@ def _episode_a() -> EpisodeStats:
 def _episode_b() -> EpisodeStats:
     """Action -1 (invalid, 0 bits), Update -1 (invalid guess, no psi); cut at the turn cap, no answer."""
     stats = EpisodeStats(task="pe")
+    counter = TurnCounter(stats)
     for kind, step in [
         ("action", _step(-1, CHANNEL_AS, valid=False, info_gain=0.0)),
         ("update", _step(-1, CHANNEL_BT, valid=False, psi=float("nan"))),
     ]:
         stats.turns += 1
-        stats.count_step(kind, step)
+        counter.count(kind, step)
     stats.stop_reason = "max_turns"
     return stats
 
@@ -92,9 +95,10 @@ def test_batch_metrics_pool_rounds_over_episodes():
 def _played(*turns: tuple[str, StepResult, str | None]) -> EpisodeStats:
     """Count turns (planned round, step, closing tag) as the agent loop and eval do."""
     stats = EpisodeStats(task="pe")
+    counter = TurnCounter(stats)
     for kind, step, tag in turns:
         stats.turns += 1
-        stats.count_step(kind, step, closing_tag=tag)
+        counter.count(kind, step, closing_tag=tag)
     return stats
 
 

@@ -1,8 +1,9 @@
 """``active_reasoning``: the task-agnostic multi-turn agent loop of active-reasoning tasks.
 
 All task knowledge lives in the environment (:mod:`verl_selflock.envs`), built per sample from the
-row's ``extra_info["env"]``. The loop only generates turns, cuts them, asks the environment, labels
-the turns and lays the tokens out::
+row's ``extra_info["env"]``, and the episode's rules (step, count, stop, score) in the veRL-free
+:class:`~verl_selflock.episode.runner.EpisodeRunner` that ``verl-selflock eval`` uses too. The loop
+generates turns, cuts them, hands their text to the runner, labels the turns and lays the tokens out::
 
     response      = [turn_0 | close_0 | obs_0 | turn_1 | close_1 | obs_1 | ... | turn_T | close_T]
     response_mask =  1 ... 1   0 ... 0  0...0   1 ... 1   ...
@@ -20,11 +21,12 @@ the turns and lays the tokens out::
   veRL's Continuous Token builder (``ct_merge_context_msg``); the feedback *text* is capped at
   ``max_obs_tokens`` before templating, so template tokens are never cut.
 
-The episode stops at an ``<answer>`` turn, when the environment says it is done, at the turn cap,
-or when the next turn would not fit in ``rollout.response_length``. The budget is checked before
-every generation (``max_tokens`` = the smaller of ``max_turn_tokens`` and what is left, minus the
-closing tokens) and before appending an observation, so the response always ends with a closed
-assistant message and never needs a blind cut. A turn that stops only because the *remaining budget*
+The episode stops at an ``<answer>`` turn, when the environment says it is done, at the turn cap
+(these rules: :mod:`verl_selflock.episode.runner`), or when the next turn would not fit in
+``rollout.response_length`` (the loop's own rule, on tokens). The budget is checked before every
+generation (``max_tokens`` = the smaller of ``max_turn_tokens`` and what is left, minus the closing
+tokens) and before appending an observation, so the response always ends with a closed assistant
+message and never needs a blind cut. A turn that stops only because the *remaining budget*
 ran out is not shown to the environment (critique 0, ``selflock_truncated``); a turn that exhausts
 its own ``max_turn_tokens`` is, and the environment judges it (usually an invalid action).
 
@@ -36,12 +38,12 @@ response, mask, log-probs or layout. Counted in ``extra_fields`` (``selflock_cf_
 ``selflock_cf_time_s``).
 
 Reward: the loop does not set ``AgentLoopOutput.reward_score``. It stores the environment's outcome
-(:mod:`verl_selflock.contracts.episode`) in ``extra_fields``; veRL's reward loop hands those to
-our ``active_reasoning`` reward manager (:mod:`verl_selflock.verl_adapter.reward_manager`) as ``tool_extra_fields``,
-so the reward path stays the official one (and ``reward.reward_manager.name`` stays meaningful).
+(:mod:`verl_selflock.contracts.episode`) in ``extra_fields``; veRL's reward loop hands those to our
+``active_reasoning`` reward manager (:mod:`verl_selflock.verl_adapter.reward_manager`) as
+``tool_extra_fields``, so the reward path stays the official one (and ``reward.reward_manager.name`` stays meaningful).
 
 Config (agent-loop YAML at ``actor_rollout_ref.rollout.agent.agent_loop_config_path``, see
-``active_reasoning.yaml`` beside this file; every key is optional)::
+``agent_loop.yaml`` beside this file; knobs: :class:`ActiveReasoningLoopConfig`; every key is optional)::
 
     - name: active_reasoning
       _target_: verl_selflock.verl_adapter.agent_loop.ActiveReasoningAgentLoop
@@ -49,9 +51,14 @@ Config (agent-loop YAML at ``actor_rollout_ref.rollout.agent.agent_loop_config_p
       max_obs_tokens: 512
       t3: {enabled: true, signal: auto, k: 2}   # optional: T3 truncation (verl_selflock.algorithms.t3)
 
-T3: after each turn that the environment judged, the turn's ``StepResult.progress`` goes to a
-:class:`~verl_selflock.algorithms.t3.T3Monitor`; when it fires (and the episode would otherwise go on)
+T3: after each turn that the environment judged, the runner hands the turn's ``StepResult.progress`` to
+a :class:`~verl_selflock.algorithms.t3.T3Monitor`; when it fires (and the episode would otherwise go on)
 the episode ends there (``stop_reason`` ``t3``) and is scored by ``env.result()`` like any other.
+
+``run()`` goes through named steps on a :class:`~verl_selflock.verl_adapter.rollout.Rollout` (the
+episode's running state and token bookkeeping), as veRL's ``ToolAgentLoop`` goes through its states:
+``_start``, then per turn ``_generate_turn``, ``_judge_turn`` and ``_append_observation`` (with
+``_counterfactual_turn``), then ``_output``.
 
 veRL settings read: ``rollout.response_length`` (total budget), ``rollout.multi_turn.max_assistant_turns``
 and ``rollout.multi_turn.max_user_turns`` (extra caps when set), ``rollout.full_determinism``,
@@ -64,7 +71,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -73,84 +80,22 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutp
 from verl.utils.rollout_trace import rollout_trace_op
 from verl.workers.rollout.replica import TokenOutput
 
-from verl_selflock.contracts.episode import (
-    CF_BRANCHES,
-    CF_TIME,
-    GT_ANSWER,
-    STOP_ANSWER,
-    STOP_DONE,
-    STOP_MAX_TURNS,
-    STOP_RESPONSE_LENGTH,
-    STOP_T3,
-    EpisodeStats,
-)
-from verl_selflock.episode.token_cut import (
-    ENDED_BY_LENGTH,
-    cap_text_tokens,
-    cut_turn,
-    end_of_turn_ids,
-)
-from verl_selflock.algorithms.t3 import T3Config, T3Monitor, T3Rule
-from verl_selflock.envs import ActiveReasoningEnv, EnvContext, make_env
-from verl_selflock.envs.base import registered_progress_signals
-from verl_selflock.contracts.critique import ResponseLayout
+from verl_selflock.contracts.episode import CF_BRANCHES, CF_TIME, GT_ANSWER, STOP_T3
 from verl_selflock.contracts.names import AGENT_NAME
-from verl_selflock.simulators import SimulatorConfig, shared_client
+from verl_selflock.envs import ActiveReasoningEnv, EnvContext, StepResult, make_env
+from verl_selflock.episode.runner import EpisodeRunner
+from verl_selflock.episode.token_cut import ENDED_BY_LENGTH, TurnCut, cap_text_tokens, cut_turn, end_of_turn_ids
+from verl_selflock.simulators import shared_client
+from verl_selflock.verl_adapter.agent_loop_config import ActiveReasoningLoopConfig, plain
+from verl_selflock.verl_adapter.rollout import Rollout
+
+__all__ = ["AGENT_LOOP_CONFIG_PATH", "ActiveReasoningAgentLoop", "ActiveReasoningLoopConfig"]
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
-AGENT_LOOP_CONFIG_PATH = str(Path(__file__).with_name("active_reasoning.yaml"))
+AGENT_LOOP_CONFIG_PATH = str(Path(__file__).with_name("agent_loop.yaml"))
 """Absolute path of the default agent-loop YAML, for ``rollout.agent.agent_loop_config_path``."""
-
-
-# TokenOutput tags the trainer needs per sample (trap: without them the metrics step fails).
-_STEP_TAGS = ("global_steps", "min_global_steps", "max_global_steps")
-
-
-@dataclass
-class ActiveReasoningLoopConfig:
-    """Knobs of the ``active_reasoning`` agent loop (keys of its agent-loop YAML entry)."""
-
-    max_turn_tokens: int = 512
-    """Most tokens one agent turn may generate (the papers' "max response per turn"), passed to the
-    server as ``max_tokens``; further capped by what is left of ``rollout.response_length``."""
-    max_obs_tokens: int = 512
-    """Most tokens of one observation's *text* (before the chat template wraps it)."""
-    max_turns: int | None = None
-    """Override the episode length in the row's env spec (even, >= 2); None: use the row's."""
-    min_turn_tokens: int = 16
-    """Do not start another turn (do not even append its observation) unless at least this many
-    tokens could be generated in it; the episode ends as truncated instead."""
-    stop_on_closing_tag: bool = False
-    """Also ask the server to stop on the environment's closing tags (``</interact>`` / ``</answer>``; ``stop`` and
-    ``include_stop_str_in_output`` sampling params: vLLM understands them; our token-level cut stays
-    the authority). Saves generating past the tag; leave off for servers that reject unknown keys."""
-    obs_truncation_marker: str = " ...(truncated)"
-    """Appended to a capped observation (counted inside ``max_obs_tokens``)."""
-    simulator: dict[str, Any] | None = None
-    """OpenAI-compatible endpoint of the simulated user/patient for tasks that have one (MediQ, FloDial,
-    tau2): keys of :class:`verl_selflock.simulators.SimulatorConfig`. One client per worker process is
-    shared by all its episodes (concurrency limit, reply cache)."""
-    counterfactual_bt: bool = True
-    """Honour environments' requests for counterfactual branches (``StepResult.counterfactual_observation``,
-    MediQ's counterfactual BT critique) in training rollouts: the next turn is also sampled after the
-    counterfactual observation, on a side branch whose tokens never enter the response. False: never."""
-
-    t3: T3Config | Mapping[str, Any] | None = None
-    """T3 truncation settings (``t3.enabled``, ``signal``, ``k``, ``delta_min``, ``min_turn``); off by default."""
-
-    def __post_init__(self) -> None:
-        if self.simulator is not None:
-            self.simulator = SimulatorConfig.from_mapping(self.simulator).as_dict()
-        self.t3 = T3Config.from_mapping(self.t3)
-        self.t3.check_signal_known(registered_progress_signals())
-        for name in ("max_turn_tokens", "max_obs_tokens", "min_turn_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"active_reasoning agent loop: {name} must be a positive int, got {value!r}")
-        if self.max_turns is not None and (self.max_turns < 2 or self.max_turns % 2):
-            raise ValueError(f"active_reasoning agent loop: max_turns must be even and >= 2, got {self.max_turns!r}")
 
 
 @register(AGENT_NAME)
@@ -184,7 +129,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             obs_truncation_marker=str(obs_truncation_marker),
             simulator=None if simulator is None else dict(simulator.items()),
             counterfactual_bt=bool(counterfactual_bt),
-            t3=_plain(t3),
+            t3=plain(t3),
         )
         self.response_length = int(self.rollout_config.response_length)
         multi_turn = self.rollout_config.get("multi_turn", None) or {}
@@ -207,156 +152,166 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
 
     @rollout_trace_op
     async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs: Any) -> AgentLoopOutput:
-        cfg = self.loop_config
-        priority = int(priority)
+        # 1. the episode, its runner and the prompt
+        ep = await self._start(sampling_params, int(priority), kwargs)
+        while True:
+            # 2. generate one turn, cut it after its first closing tag, append it and close the message
+            cut = await self._generate_turn(ep)
+            if cut is None:  # cut by the response budget: not judged
+                break
+            # 3. the environment judges the turn; the runner counts it and says whether the episode stops
+            step = await self._judge_turn(ep, cut)
+            if step is None:
+                break
+            # 4. the observation as a user message + the next assistant header (+ a counterfactual branch)
+            if not await self._append_observation(ep, step):
+                break
+        # 5. outcome and output
+        return self._output(ep)
 
-        # 1. the episode and the prompt
-        messages: list[dict[str, Any]] = list(kwargs["raw_prompt"])
-        spec = self._env_spec(kwargs)
-        env = make_env(spec, max_turns=cfg.max_turns, context=self._env_context(spec, kwargs.get("extra_info")))
+    # ------------------------------------------------------------------ steps
+
+    async def _start(self, sampling_params: dict[str, Any], priority: int, row: Mapping[str, Any]) -> Rollout:
+        """Build the episode's environment (from the row's ``extra_info["env"]``), runner and prompt tokens."""
+        cfg = self.loop_config
+        messages: list[dict[str, Any]] = list(row["raw_prompt"])
+        spec = self._env_spec(row)
+        env = make_env(spec, max_turns=cfg.max_turns, context=self._env_context(spec, row.get("extra_info")))
         turn_cap = env.max_turns if not self.max_assistant_turns else min(env.max_turns, self.max_assistant_turns)
         prompt_ids = await self.ct_build_initial_tokens(messages)
-        runtime_ids = list(prompt_ids)
-        # T3 changes where training rollouts stop; evaluation rows (split: test) play to the end so
-        # validation reports untruncated success.
-        use_t3 = cfg.t3.enabled and env.context.training
-        t3 = T3Monitor(T3Rule.resolve(cfg.t3, env.task, type(env).progress_signals)) if use_t3 else None
+        # T3 changes where training rollouts stop; the runner lets evaluation rows (split: test) play to the end.
+        runner = EpisodeRunner(env, turn_cap=turn_cap, max_observations=self.max_user_turns, t3=cfg.t3)
+        deterministic = self.rollout_config.get("full_determinism", False)
+        return Rollout(
+            env=env,
+            runner=runner,
+            messages=messages,
+            prompt_ids=prompt_ids,
+            request_id=f"det-{priority}" if deterministic else uuid4().hex,
+            sampling_params=sampling_params,
+            priority=priority,
+        )
 
-        want_logprobs = bool(sampling_params.get("logprobs", False))
-        response_mask: list[int] = []
-        response_logprobs: list[float] | None = [] if want_logprobs else None
-        layout = ResponseLayout()
-        stats = EpisodeStats(task=env.task, t3_enabled=t3 is not None)
-        tags: dict[str, Any] = {}
-        timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
-        branches = {"count": 0, "time_s": 0.0}  # counterfactual side branches (training only)
-        num_preempted: int | None = None
-        user_turns = 0
-        request_id = f"det-{priority}" if self.rollout_config.get("full_determinism", False) else uuid4().hex
+    async def _generate_turn(self, ep: Rollout) -> TurnCut | None:
+        """Generate one turn within the per-turn cap and what is left of the response budget, cut it after
+        the first closing tag, append the model's kept tokens (mask 1, their log-probs) and the template's
+        closing tokens (mask 0). None when the turn was cut by the response budget (the episode ends)."""
+        cfg = self.loop_config
+        max_tokens = min(cfg.max_turn_tokens, self.response_length - len(ep.response_mask) - len(self.eot_ids))
+        params = self._turn_params(ep.sampling_params, max_tokens, ep.env)
+        start = time.perf_counter()
+        output: TokenOutput = await self.server_manager.generate(
+            request_id=ep.request_id, prompt_ids=ep.runtime_ids, sampling_params=params, priority=ep.priority
+        )
+        gen_ids, gen_logprobs = ep.take_generation(output, max_tokens, time.perf_counter() - start)
 
-        turn = 0
-        while True:
-            # 2. generate one turn within the per-turn cap and what is left of the response budget
-            room = self.response_length - len(response_mask) - len(self.eot_ids)
-            max_tokens = min(cfg.max_turn_tokens, room)
-            turn_params = self._turn_params(sampling_params, max_tokens, env)
+        cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids, tags=ep.env.closing_tags)
+        kept_logprobs = gen_logprobs[: len(cut.kept_ids)] if ep.want_logprobs else None
+        merge, mask, logprobs = await self.ct_merge_assistant_token(
+            ep.runtime_ids, cut.kept_ids, ep.response_mask, ep.response_logprobs, assistant_logprobs=kept_logprobs
+        )
+        ep.apply_merge(merge, mask, logprobs, turn=ep.runner.judged)
+        ep.append_closing(cut.closing_ids)
+
+        if cut.ended_by == ENDED_BY_LENGTH and max_tokens < cfg.max_turn_tokens and len(gen_ids) >= max_tokens:
+            # Cut by the response budget, not by the model: no critique, no environment step.
+            ep.runner.stop_for_budget(unjudged_turn=True)
+            return None
+        return cut
+
+    async def _judge_turn(self, ep: Rollout, cut: TurnCut) -> StepResult | None:
+        """Hand the turn's text to the runner (environment step, counts, stop rules) and label the turn's
+        tokens with its critique. The step, or None when the episode ends after this turn."""
+        turn = ep.runner.judged
+        judgement = await ep.runner.judge(cut.text, cut.tag)
+        ep.timing["tool_calls"] += judgement.step_s
+        ep.layout.set_label(turn, judgement.step.label)
+        ep.messages.append({"role": "assistant", "content": cut.text})
+        if judgement.stop == STOP_T3:
+            # An upper bound: the episode could have ended sooner or used shorter turns.
+            room_left = self.response_length - len(ep.response_mask)
+            budget = ep.runner.turns_left * self.loop_config.max_turn_tokens
+            ep.runner.stats.t3_budget_saved = max(0, min(room_left, budget))
+        return None if judgement.stop else judgement.step
+
+    async def _append_observation(self, ep: Rollout, step: StepResult) -> bool:
+        """Append the observation (text capped at ``max_obs_tokens``) as a user message plus the next
+        assistant header (mask 0, turn id -1), rendered by veRL's Continuous Token builder. False (the
+        episode ends, truncated) when the next turn would then not fit in the response budget."""
+        cfg = self.loop_config
+        before_obs = (ep.messages, ep.runtime_ids, ep.response_mask)  # a counterfactual branch starts here
+        obs_text, obs_cut = cap_text_tokens(
+            self.tokenizer, step.observation, cfg.max_obs_tokens, cfg.obs_truncation_marker
+        )
+        new_messages = ep.messages + [{"role": "user", "content": obs_text}]
+        merge, new_mask, new_logprobs = await self.ct_merge_context_msg(
+            ep.messages, new_messages, ep.runtime_ids, ep.response_mask, ep.response_logprobs
+        )
+        if len(new_mask) + cfg.min_turn_tokens + len(self.eot_ids) > self.response_length:
+            ep.runner.stop_for_budget()
+            return False
+        ep.apply_merge(merge, new_mask, new_logprobs, turn=None)
+        ep.messages = new_messages
+        ep.runner.observation_shown(capped=obs_cut)
+        if step.counterfactual_observation and cfg.counterfactual_bt and ep.env.context.training:
             start = time.perf_counter()
-            output: TokenOutput = await self.server_manager.generate(
-                request_id=request_id, prompt_ids=runtime_ids, sampling_params=turn_params, priority=priority
-            )
-            timing["generate_sequences"] += time.perf_counter() - start
-            self._merge_tags(tags, output.extra_fields or {})
-            if output.num_preempted is not None:
-                num_preempted = (num_preempted or 0) + output.num_preempted
-            gen_ids, gen_logprobs = self._checked_generation(output, max_tokens, want_logprobs)
+            ep.cf_branches += await self._counterfactual_turn(ep, step.counterfactual_observation, *before_obs)
+            ep.cf_time_s += time.perf_counter() - start
+        return True
 
-            # 3. cut after the first closing tag, keep the model's tokens, close the message
-            cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids, tags=env.closing_tags)
-            kept_logprobs = gen_logprobs[: len(cut.kept_ids)] if want_logprobs else None
-            merge, response_mask, response_logprobs = await self.ct_merge_assistant_token(
-                runtime_ids, cut.kept_ids, response_mask, response_logprobs, assistant_logprobs=kept_logprobs
-            )
-            runtime_ids = merge.token_ids
-            _sync_layout(layout, merge, turn)
-            runtime_ids = runtime_ids + cut.closing_ids
-            response_mask = response_mask + [0] * len(cut.closing_ids)
-            if response_logprobs is not None:
-                response_logprobs = response_logprobs + [0.0] * len(cut.closing_ids)
-            layout.add_observation_tokens(len(cut.closing_ids))
-            stats.turns += 1
+    async def _counterfactual_turn(
+        self,
+        ep: Rollout,
+        observation: str,
+        messages: list[dict[str, Any]],
+        runtime_ids: list[int],
+        response_mask: list[int],
+    ) -> int:
+        """Sample the next turn after ``observation`` instead of the real one, on a side branch from the
+        state before the real observation (``messages``, ``runtime_ids``, ``response_mask``), and hand its
+        text to ``env.observe_counterfactual``. The branch is templated, capped and cut exactly like a
+        real turn but touches none of the episode's ids, mask, log-probs or layout. Returns 1 if a
+        branch was generated, 0 if the response budget left no room for it."""
+        cfg = self.loop_config
+        obs_text, _ = cap_text_tokens(self.tokenizer, observation, cfg.max_obs_tokens, cfg.obs_truncation_marker)
+        branch_messages = messages + [{"role": "user", "content": obs_text}]
+        merge, branch_mask, _ = await self.ct_merge_context_msg(
+            messages, branch_messages, list(runtime_ids), list(response_mask), None
+        )
+        max_tokens = min(cfg.max_turn_tokens, self.response_length - len(branch_mask) - len(self.eot_ids))
+        if max_tokens < cfg.min_turn_tokens:
+            return 0
+        params = self._turn_params(ep.sampling_params, max_tokens, ep.env)
+        # Same request id: the branch shares the episode's prefix (sticky session, prefix cache).
+        output: TokenOutput = await self.server_manager.generate(
+            request_id=ep.request_id, prompt_ids=list(merge.token_ids), sampling_params=params, priority=ep.priority
+        )
+        gen_ids = list(output.token_ids)[:max_tokens]
+        cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids, tags=ep.env.closing_tags)
+        ep.env.observe_counterfactual(cut.text)
+        return 1
 
-            if cut.ended_by == ENDED_BY_LENGTH and max_tokens < cfg.max_turn_tokens and len(gen_ids) >= max_tokens:
-                # Cut by the response budget, not by the model: no critique, no environment step.
-                stats.truncated, stats.stop_reason = True, STOP_RESPONSE_LENGTH
-                break
-
-            # 4. the environment judges the turn
-            round_kind = env.next_round().value
-            start = time.perf_counter()
-            step = await env.step(cut.text)
-            timing["tool_calls"] += time.perf_counter() - start
-            layout.set_label(turn, step.label)
-            stats.count_step(round_kind, step, closing_tag=cut.tag)
-            messages.append({"role": "assistant", "content": cut.text})
-            turn += 1
-
-            if step.done or cut.tag == "answer":
-                stats.stop_reason = STOP_ANSWER if cut.tag == "answer" else STOP_DONE
-                break
-            if turn >= turn_cap or (self.max_user_turns and user_turns >= self.max_user_turns):
-                stats.stop_reason = STOP_MAX_TURNS
-                break
-            if not step.observation:
-                stats.stop_reason = STOP_DONE
-                break
-            if t3 is not None and t3.observe(step.progress):
-                # Belief trapped: end here; env.result() scores the episode as it stands.
-                room_left = self.response_length - len(response_mask)
-                stats.t3_truncated, stats.t3_turn, stats.stop_reason = True, turn, STOP_T3
-                # An upper bound: the episode could have ended sooner or used shorter turns.
-                stats.t3_budget_saved = max(0, min(room_left, (turn_cap - turn) * cfg.max_turn_tokens))
-                break
-
-            # 5. the observation as a user message + the next assistant header (mask 0, turn id -1)
-            before_obs = (messages, runtime_ids, response_mask)  # never mutated in place: a branch may start here
-            obs_text, obs_cut = cap_text_tokens(
-                self.tokenizer, step.observation, cfg.max_obs_tokens, cfg.obs_truncation_marker
-            )
-            new_messages = messages + [{"role": "user", "content": obs_text}]
-            merge, new_mask, new_logprobs = await self.ct_merge_context_msg(
-                messages, new_messages, runtime_ids, response_mask, response_logprobs
-            )
-            if len(new_mask) + cfg.min_turn_tokens + len(self.eot_ids) > self.response_length:
-                stats.truncated, stats.stop_reason = True, STOP_RESPONSE_LENGTH
-                break
-            runtime_ids, response_mask, response_logprobs = merge.token_ids, new_mask, new_logprobs
-            _sync_layout(layout, merge, None)
-            messages = new_messages
-            user_turns += 1
-            stats.obs_truncated += int(obs_cut)
-            if step.counterfactual_observation and cfg.counterfactual_bt and env.context.training:
-                start = time.perf_counter()
-                branches["count"] += await self._counterfactual_turn(
-                    env, step.counterfactual_observation, *before_obs, request_id, sampling_params, priority
-                )
-                branches["time_s"] += time.perf_counter() - start
-
-        # 6. outcome and output
-        result = env.result()
-        stats.reward, stats.success, stats.answered = float(result.reward), bool(result.success), bool(result.answered)
-        stats.env_metrics = dict(result.metrics)
-
-        response_ids = runtime_ids[len(prompt_ids) :]
-        if not (len(response_ids) == len(response_mask) == len(layout)) or (
-            response_logprobs is not None and len(response_logprobs) != len(response_mask)
-        ):
-            raise RuntimeError(
-                f"active_reasoning: inconsistent layout: {len(response_ids)} response ids, {len(response_mask)} "
-                f"mask, {len(layout)} layout, {None if response_logprobs is None else len(response_logprobs)} logprobs"
-            )
-        if len(response_ids) > self.response_length:  # only if the builder inserted more than planned
-            logger.warning("active_reasoning: response of %d tokens cut to %d", len(response_ids), self.response_length)
-            response_ids, response_mask = response_ids[: self.response_length], response_mask[: self.response_length]
-            if response_logprobs is not None:
-                response_logprobs = response_logprobs[: self.response_length]
-            layout.truncate(self.response_length)
-            stats.truncated = True
-
-        extra_fields: dict[str, Any] = dict(tags)
+    def _output(self, ep: Rollout) -> AgentLoopOutput:
+        """Score the episode (``env.result()`` through the runner) and return the response with its
+        per-token critique fields and the episode record in ``extra_fields``."""
+        stats = ep.runner.finish()
+        response_ids, response_mask, response_logprobs, cut = ep.response(self.response_length)
+        stats.truncated = stats.truncated or cut
+        extra_fields: dict[str, Any] = dict(ep.tags)
         extra_fields.update({"turn_scores": [], "tool_rewards": []})  # veRL's multi-turn schema
-        extra_fields.update(layout.as_extra_fields())
+        extra_fields.update(ep.layout.as_extra_fields())
         extra_fields.update(stats.as_extra_fields())
-        extra_fields.update({CF_BRANCHES: branches["count"], CF_TIME: branches["time_s"]})
-        timing["generate_sequences"] += branches["time_s"]
-        extra_fields[GT_ANSWER] = env.ground_truth_answer()
-        metrics: dict[str, Any] = dict(timing)
-        metrics["num_preempted"] = num_preempted if num_preempted is not None else -1
+        extra_fields.update({CF_BRANCHES: ep.cf_branches, CF_TIME: ep.cf_time_s})
+        extra_fields[GT_ANSWER] = ep.env.ground_truth_answer()
+        metrics: dict[str, Any] = dict(ep.timing)
+        metrics["generate_sequences"] += ep.cf_time_s
+        metrics["num_preempted"] = ep.num_preempted if ep.num_preempted is not None else -1
         return AgentLoopOutput(
-            prompt_ids=list(prompt_ids),
-            response_ids=list(response_ids),
-            response_mask=list(response_mask),
-            response_logprobs=list(response_logprobs) if response_logprobs is not None else None,
-            num_turns=1 + stats.turns + user_turns,
+            prompt_ids=list(ep.prompt_ids),
+            response_ids=response_ids,
+            response_mask=response_mask,
+            response_logprobs=response_logprobs,
+            num_turns=1 + stats.turns + ep.runner.observations,
             metrics=metrics,
             extra_fields=extra_fields,
         )
@@ -372,39 +327,6 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         if self.loop_config.stop_on_closing_tag:
             params.update(stop=[f"</{tag}>" for tag in env.closing_tags], include_stop_str_in_output=True)
         return params
-
-    async def _counterfactual_turn(
-        self,
-        env: ActiveReasoningEnv,
-        observation: str,
-        messages: list[dict[str, Any]],
-        runtime_ids: list[int],
-        response_mask: list[int],
-        request_id: str,
-        sampling_params: dict[str, Any],
-        priority: int,
-    ) -> int:
-        """Sample the next turn after ``observation`` instead of the real one, on a side branch, and hand
-        its text to ``env.observe_counterfactual``. The branch is templated, capped and cut exactly like a
-        real turn but touches none of the episode's ids, mask, log-probs or layout. Returns 1 if a
-        branch was generated, 0 if the response budget left no room for it."""
-        cfg = self.loop_config
-        obs_text, _ = cap_text_tokens(self.tokenizer, observation, cfg.max_obs_tokens, cfg.obs_truncation_marker)
-        branch_messages = messages + [{"role": "user", "content": obs_text}]
-        merge, branch_mask, _ = await self.ct_merge_context_msg(
-            messages, branch_messages, list(runtime_ids), list(response_mask), None
-        )
-        max_tokens = min(cfg.max_turn_tokens, self.response_length - len(branch_mask) - len(self.eot_ids))
-        if max_tokens < cfg.min_turn_tokens:
-            return 0
-        params = self._turn_params(sampling_params, max_tokens, env)
-        # Same request id: the branch shares the episode's prefix (sticky session, prefix cache).
-        output: TokenOutput = await self.server_manager.generate(
-            request_id=request_id, prompt_ids=list(merge.token_ids), sampling_params=params, priority=priority
-        )
-        cut = cut_turn(self.tokenizer, list(output.token_ids)[:max_tokens], self.eot_ids, self.stop_ids, tags=env.closing_tags)
-        env.observe_counterfactual(cut.text)
-        return 1
 
     @staticmethod
     def _env_spec(row: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -424,39 +346,6 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         split = spec.get("split") or (extra_info.get("split") if isinstance(extra_info, Mapping) else None)
         return EnvContext(simulator=simulator, training=str(split or "train") != "test")
 
-    @staticmethod
-    def _merge_tags(tags: dict[str, Any], fields: Mapping[str, Any]) -> None:
-        """Copy the server's per-sample tags; later turns only move ``max_global_steps`` forward."""
-        if not tags:
-            tags.update(fields)
-            # The client normally fills min/max from global_steps; make sure they exist.
-            for key in _STEP_TAGS[1:]:
-                tags.setdefault(key, fields.get("global_steps"))
-            return
-        if fields.get("max_global_steps") is not None:
-            tags["max_global_steps"] = fields["max_global_steps"]
-
-    @staticmethod
-    def _checked_generation(
-        output: TokenOutput, max_tokens: int, want_logprobs: bool
-    ) -> tuple[list[int], list[float]]:
-        """The server's tokens and log-probs, validated (a server fault is an error, not a bad action)."""
-        gen_ids = list(output.token_ids)
-        gen_logprobs = list(output.log_probs) if output.log_probs is not None else []
-        if want_logprobs:
-            if output.log_probs is None:
-                raise RuntimeError(
-                    "the rollout server returned no log-probs although sampling_params['logprobs'] is set"
-                )
-            if len(gen_logprobs) != len(gen_ids):
-                raise RuntimeError(
-                    f"the rollout server returned {len(gen_logprobs)} log-probs for {len(gen_ids)} tokens"
-                )
-        if len(gen_ids) > max_tokens:
-            logger.warning("active_reasoning: server returned %d tokens for max_tokens=%d", len(gen_ids), max_tokens)
-            gen_ids, gen_logprobs = gen_ids[:max_tokens], gen_logprobs[:max_tokens]
-        return gen_ids, gen_logprobs
-
     def describe_config(self) -> dict[str, Any]:
         """Effective knobs (for logs and tests)."""
         return {
@@ -466,31 +355,3 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             "max_user_turns": self.max_user_turns,
             "end_of_turn_ids": list(self.eot_ids),
         }
-
-
-def _plain(node: Any) -> Any:
-    """An OmegaConf node of the agent-loop YAML as plain Python (Hydra hands nested mappings as DictConfig)."""
-    if node is None or isinstance(node, T3Config):
-        return node
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover  (omegaconf ships with veRL)
-        pass
-    return dict(node) if isinstance(node, Mapping) else node
-
-
-def _sync_layout(layout: ResponseLayout, merge: Any, turn: int | None) -> None:
-    """Mirror a Continuous Token merge in the layout, in the order ``align_response_metadata`` applies it:
-    drop removed prefix tokens, add inserted boundary tokens (not generated), then the appended tokens
-    (generated by ``turn``, or context tokens when ``turn`` is None)."""
-    if merge.removed_prefix_token_count:
-        layout.truncate(len(layout) - merge.removed_prefix_token_count)
-    layout.add_observation_tokens(len(merge.inserted_token_ids))
-    if turn is None:
-        layout.add_observation_tokens(merge.appended_token_count)
-    else:
-        layout.add_turn_tokens(turn, merge.appended_token_count)
-

@@ -85,15 +85,21 @@ class Rollout:
         gen_logprobs = list(output.log_probs) if output.log_probs is not None else []
         if self.want_logprobs:
             if output.log_probs is None:
-                raise RuntimeError("the rollout server returned no log-probs although sampling_params['logprobs'] is set")
+                raise RuntimeError(
+                    "the rollout server returned no log-probs although sampling_params['logprobs'] is set"
+                )
             if len(gen_logprobs) != len(gen_ids):
-                raise RuntimeError(f"the rollout server returned {len(gen_logprobs)} log-probs for {len(gen_ids)} tokens")
+                raise RuntimeError(
+                    f"the rollout server returned {len(gen_logprobs)} log-probs for {len(gen_ids)} tokens"
+                )
         if len(gen_ids) > max_tokens:
             logger.warning("active_reasoning: server returned %d tokens for max_tokens=%d", len(gen_ids), max_tokens)
             gen_ids, gen_logprobs = gen_ids[:max_tokens], gen_logprobs[:max_tokens]
         return gen_ids, gen_logprobs
 
-    def apply_merge(self, merge: Any, response_mask: list[int], response_logprobs: list[float] | None, turn: int | None) -> None:
+    def apply_merge(
+        self, merge: Any, response_mask: list[int], response_logprobs: list[float] | None, turn: int | None
+    ) -> None:
         """Take a Continuous Token merge (``ct_merge_assistant_token`` / ``ct_merge_context_msg``) and its
         aligned mask and log-probs, and mirror it in the layout in the order ``align_response_metadata``
         applies it: drop removed prefix tokens, add inserted boundary tokens (not generated), then the
@@ -128,7 +134,8 @@ class Rollout:
             return list(ids), list(mask), None if logprobs is None else list(logprobs), False
         logger.warning("active_reasoning: response of %d tokens cut to %d", len(ids), max_length)
         self.layout.truncate(max_length)
-        return list(ids[:max_length]), list(mask[:max_length]), None if logprobs is None else list(logprobs[:max_length]), True
+        kept_logprobs = None if logprobs is None else list(logprobs[:max_length])
+        return list(ids[:max_length]), list(mask[:max_length]), kept_logprobs, True
 
 
 def _merge_tags(tags: dict[str, Any], fields: Mapping[str, Any]) -> None:

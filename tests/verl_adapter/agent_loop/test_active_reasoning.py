@@ -569,16 +569,22 @@ def test_real_model_on_pe_episode(make_config, chatml_tokenizer, smollm2_model, 
         assert call.prompt_ids == full[: len(call.prompt_ids)]
         assert call.sampling_params["max_tokens"] <= 16
 
-    # The counters agree with the environment's own (the loop counts from StepResult and labels).
+    # The counters agree with the environment's own round counts and with the turn labels in the layout
+    # (environments no longer count critiques: the episode runner's counter is the only one).
     env = f[ef.ENV_METRICS]
+    labels = [label for _, label in iter_turn_labels(f)]
+
+    def labelled(channel: int, z: int) -> int:
+        return sum(label.channel == channel and label.critique == z for label in labels)
+
     # A turn cut by the response budget is generated but never stepped.
     budget_cut = f[ef.STOP_REASON] == ef.STOP_RESPONSE_LENGTH and f[ef.TURNS] > env["turns"]
     assert env["turns"] == f[ef.TURNS] - int(budget_cut)
     assert (f[ef.AS_POS], f[ef.AS_NEG], f[ef.BT_POS], f[ef.BT_NEG]) == (
-        env["as_pos"],
-        env["as_neg"],
-        env["bt_pos"],
-        env["bt_neg"],
+        labelled(CHANNEL_AS, 1),
+        labelled(CHANNEL_AS, -1),
+        labelled(CHANNEL_BT, 1),
+        labelled(CHANNEL_BT, -1),
     )
     assert f[ef.AS_POS] + f[ef.AS_NEG] == env["action_rounds"] == f[ef.ACTION_ROUNDS]
     assert f[ef.UPDATE_ROUNDS] == env["update_rounds"]

@@ -197,7 +197,8 @@ def test_mediq_episodes_against_the_real_patient_server(make_config, chatml_toke
         env = fields[ef.ENV_METRICS]
         assert env["sim_failures"] == 0 and env["sim_calls"] == 2  # Q1 and Q2; the repeat of Q2 is not asked
         assert env["sim_cache_hits"] == (2 if episode else 0)
-        assert env["repeats"] == 1 and env["as_pos"] + env["as_neg"] == 3 and env["update_rounds"] == 2
+        assert env["repeats"] == 1 and env["action_rounds"] == 3 and env["update_rounds"] == 2
+        assert fields[ef.AS_POS] + fields[ef.AS_NEG] == 3 and fields[ef.ACTION_ROUNDS] == 3
         assert fields[ef.STOP_REASON] == ef.STOP_ANSWER and fields[ef.REWARD] == 1.0 and fields[ef.TURNS] == 6
         # Real turns are the calls whose prompt is a prefix of the final sequence; the rest are branches.
         full = out.prompt_ids + out.response_ids
