@@ -11,17 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_selflock.algorithms import ArewConfig, apply_critique_noise, compute_arew_bonus, make_noise_generator
-from verl_selflock.algorithms.arew_config import MODES, TOKEN_LEVEL_MODES, TURN_LEVEL_MODES
+from verl_selflock.algorithms.arew import apply_critique_noise, compute_arew_bonus, make_noise_generator
+from verl_selflock.algorithms.arew_config import ArewConfig, MODES, TOKEN_LEVEL_MODES, TURN_LEVEL_MODES
+from verl_selflock.algorithms.critique_batch import CritiqueBatch, collate_critiques
 from verl_selflock.contracts.critique import (
     CHANNEL_AS,
     CHANNEL_BT,
     CHANNEL_NONE,
-    CritiqueBatch,
     FallbackRole,
     ResponseLayout,
     TurnLabel,
-    collate_critiques,
     iter_turn_labels,
 )
 

@@ -1,6 +1,2 @@
-"""Advantage-side algorithms of verl-selflock as pure torch functions (no veRL import)."""
-
-from verl_selflock.algorithms.arew import apply_critique_noise, compute_arew_bonus, make_noise_generator
-from verl_selflock.algorithms.arew_config import ArewConfig
-
-__all__ = ["ArewConfig", "apply_critique_noise", "compute_arew_bonus", "make_noise_generator"]
+"""Algorithms as pure functions and validated configs, no veRL: AREW (``arew``, ``arew_config``, ``advantage``),
+IGPO (``igpo``, ``igpo_config``), T3 (``t3``) and the tensor view of the critique fields (``critique_batch``)."""

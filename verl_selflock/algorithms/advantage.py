@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from verl_selflock.algorithms.arew import ArewConfig, compute_arew_bonus
-from verl_selflock.contracts.critique import collate_critiques
+from verl_selflock.algorithms.critique_batch import collate_critiques
 
 
 def apply_arew_bonus(

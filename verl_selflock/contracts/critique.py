@@ -6,7 +6,8 @@ estimator and our v1 trainer mode). It imports neither veRL nor Ray.
 An agent loop builds a :class:`ResponseLayout` while it appends tokens to the response
 (``response = [turn_0, obs_0, turn_1, obs_1, ..., turn_T]``), labels each finished turn, and
 stores ``layout.as_extra_fields()`` in ``AgentLoopOutput.extra_fields``. veRL keeps that dict per
-sample (v1: in TransferQueue); our trainer mode fetches it and calls :func:`collate_critiques`.
+sample (v1: in TransferQueue); our trainer mode fetches it and pads it into tensors
+(:func:`verl_selflock.algorithms.critique_batch.collate_critiques`).
 
 Fields (one entry per response token, aligned with ``AgentLoopOutput.response_ids``):
 
@@ -36,10 +37,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import torch
 
 CRITIQUE = "critique"
 CRITIQUE_CHANNEL = "critique_channel"
@@ -153,53 +153,6 @@ class ResponseLayout:
             TURN_IDS: turn_ids.tolist(),
             FALLBACK_ELIGIBLE: fallback[lookup].tolist(),
         }
-
-
-class CritiqueBatch(NamedTuple):
-    """Padded per-token critique tensors of a batch, all (bs, response_length)."""
-
-    critique: torch.Tensor
-    """int8 in {-1, 0, +1}; 0 where no critique applies."""
-    channel: torch.Tensor
-    """int8 CHANNEL_* per token."""
-    turn_ids: torch.Tensor
-    """int64 turn index per token, -1 outside generated turns."""
-    fallback_eligible: torch.Tensor
-    """int8 :class:`FallbackRole` per token (named after the per-token key; 0 off turns)."""
-    has_critique: torch.Tensor
-    """(bs,) bool: the sample carried critique fields at all."""
-
-
-def collate_critiques(extra_fields: Sequence[Mapping[str, Any] | None], response_length: int) -> CritiqueBatch:
-    """Pad the per-sample critique lists of a batch into tensors.
-
-    Args:
-        extra_fields: one ``extra_fields`` dict per sample, in batch order. A sample whose dict lacks
-            the critique fields (another agent loop, an old checkpointed batch) gets an all-zero row and
-            ``has_critique = False``; it never raises.
-        response_length: width of the batch's response tensors. Longer lists are cut to it.
-
-    Returns:
-        A :class:`CritiqueBatch` of (bs, response_length) tensors.
-    """
-    bs = len(extra_fields)
-    critique = torch.zeros(bs, response_length, dtype=torch.int8)
-    channel = torch.zeros(bs, response_length, dtype=torch.int8)
-    turn_ids = torch.full((bs, response_length), -1, dtype=torch.int64)
-    fallback = torch.zeros(bs, response_length, dtype=torch.int8)
-    has_critique = torch.zeros(bs, dtype=torch.bool)
-    for row, fields in enumerate(extra_fields):
-        if not fields or any(key not in fields for key in CRITIQUE_FIELDS):
-            continue
-        n = min(len(fields[TURN_IDS]), response_length)
-        # One tensor copy per field per row: marshalling, not per-token Python work.
-        critique[row, :n] = torch.as_tensor(fields[CRITIQUE][:n], dtype=torch.int8)
-        channel[row, :n] = torch.as_tensor(fields[CRITIQUE_CHANNEL][:n], dtype=torch.int8)
-        turn_ids[row, :n] = torch.as_tensor(fields[TURN_IDS][:n], dtype=torch.int64)
-        # int8, not bool: the role has three values (older samples' 0/1 flags read as ORDINARY/ELIGIBLE).
-        fallback[row, :n] = torch.as_tensor(fields[FALLBACK_ELIGIBLE][:n], dtype=torch.int8)
-        has_critique[row] = True
-    return CritiqueBatch(critique, channel, turn_ids, fallback, has_critique)
 
 
 def iter_turn_labels(fields: Mapping[str, Sequence[int]]) -> Iterable[tuple[int, TurnLabel]]:

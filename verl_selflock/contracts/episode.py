@@ -168,12 +168,12 @@ T3_BUDGET_SAVED = KEYS["t3_budget_saved"]
 def _legacy_judged_turns(fields: Mapping[str, Any]) -> int:
     """Judged turns of a record written before ``selflock_judged_turns`` existed (``episodes.jsonl`` of an
     older eval being resumed): its rounds plus the answer turn when the episode ended on one."""
-    rounds = int(_finite(fields.get(ACTION_ROUNDS)) or 0) + int(_finite(fields.get(UPDATE_ROUNDS)) or 0)
+    rounds = int(finite_or_none(fields.get(ACTION_ROUNDS)) or 0) + int(finite_or_none(fields.get(UPDATE_ROUNDS)) or 0)
     ended_on_answer = fields.get(STOP_REASON) in (STOP_ANSWER, STOP_DONE) or bool(fields.get(ANSWERED))
     return rounds + int(ended_on_answer)
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
     """``value`` as a finite float, or None (absent, not a number, NaN or infinite)."""
     try:
         number = float(value)

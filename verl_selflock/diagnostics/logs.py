@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from verl_selflock.contracts.episode import finite_or_none
+
 __all__ = ["read_training_log", "read_training_logs", "REWARD_KEYS", "metric_series"]
 
 Series = dict[str, dict[int, float]]
@@ -41,16 +43,8 @@ _TB_NAME = re.compile(r"tag-(.+)\.csv$")
 _WRAPPED = re.compile(r"^[A-Za-z_][\w.]*\((.*)\)$")  # pprint of numpy scalars: np.float64(0.25)
 
 
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _add(series: Series, metric: str, step: int, value: Any) -> None:
-    number = _number(value)
+    number = finite_or_none(value)
     if number is not None:
         series.setdefault(metric, {})[int(step)] = number
 
@@ -103,7 +97,7 @@ def _read_csv(path: Path, series: Series) -> None:
         raise ValueError(f"{path}: no step column (one of {STEP_COLUMNS}) and not a tensorboard scalar CSV")
     _refuse_several_runs(path, columns)
     for row in rows:
-        step = _number(row[step_column])
+        step = finite_or_none(row[step_column])
         if step is None:
             continue
         for column, value in row.items():

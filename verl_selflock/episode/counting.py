@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from verl_selflock.contracts.episode import EpisodeStats, _finite
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT
+from verl_selflock.contracts.episode import EpisodeStats, finite_or_none
 
 if TYPE_CHECKING:
     from verl_selflock.envs.base import StepResult
@@ -71,7 +72,7 @@ class TurnCounter:
             stats.bt_pos += int(z > 0)
             stats.bt_neg += int(z < 0)
         info = step.info if isinstance(step.info, Mapping) else {}
-        gain = _finite(info.get("info_gain"))
+        gain = finite_or_none(info.get("info_gain"))
         if gain is not None:
             stats.info_gain_sum += gain
             stats.info_gain_count += 1
@@ -80,10 +81,10 @@ class TurnCounter:
         return kind
 
     def _count_psi(self, info: Mapping[str, Any]) -> None:
-        psi = _finite(info.get("psi"))
+        psi = finite_or_none(info.get("psi"))
         if psi is None:
             return
-        previous = _finite(info.get("psi_prev"))
+        previous = finite_or_none(info.get("psi_prev"))
         previous = self.last_psi if previous is None else previous
         if previous is not None:
             self.stats.psi_delta_sum += psi - previous

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from verl_selflock.algorithms.t3 import T3Config, T3Monitor, T3Rule
 from verl_selflock.contracts.episode import (
     STOP_ANSWER,
     STOP_DONE,
@@ -43,7 +44,6 @@ from verl_selflock.contracts.episode import (
 from verl_selflock.episode.counting import ANSWER_TAG, TurnCounter
 
 if TYPE_CHECKING:
-    from verl_selflock.algorithms.t3 import T3Config
     from verl_selflock.envs.base import ActiveReasoningEnv, StepResult
 
 __all__ = ["EpisodeRunner", "Judgement"]
@@ -89,9 +89,6 @@ class EpisodeRunner:
         self.max_observations = max_observations
         self.t3 = None
         if t3 is not None and t3.enabled and env.context.training:
-            # Imported here: the package ``verl_selflock.algorithms`` imports torch.
-            from verl_selflock.algorithms.t3 import T3Monitor, T3Rule
-
             self.t3 = T3Monitor(T3Rule.resolve(t3, env.task, type(env).progress_signals))
         self.stats = EpisodeStats(task=env.task, t3_enabled=self.t3 is not None)
         self.counter = TurnCounter(self.stats)
