@@ -9,7 +9,7 @@ turns of a trajectory; the trajectory's direction still comes from the outcome a
 Inputs are the per-token tensors of :class:`verl_selflock.contracts.critique.CritiqueBatch`. The computation
 works on a small per-turn table: one ``scatter`` collects each turn's label and token count, the
 normalisation runs on (bs, num_turns) tensors, and one ``gather`` spreads the values back onto tokens.
-It relies on the protocol's layout: a turn's critique, channel and fallback role are the same on all its
+It relies on the layout of the critique fields (:mod:`verl_selflock.contracts.critique`): a turn's critique, channel and fallback role are the same on all its
 tokens, and tokens outside turns (turn id -1) carry no critique (they never get a bonus).
 """
 
@@ -103,7 +103,7 @@ def compute_arew_bonus(
 
     Args:
         critique: (bs, L) int8 critique z in {-1, 0, +1} of the turn that generated each token.
-        channel: (bs, L) int8 ``protocol.CHANNEL_*`` of each token's turn.
+        channel: (bs, L) int8 ``contracts.critique.CHANNEL_*`` of each token's turn.
         turn_ids: (bs, L) int64 0-based turn index per token; -1 on observation and padding tokens.
         fallback_role: (bs, L) int8 :class:`~verl_selflock.contracts.critique.FallbackRole` of each token's turn (a bool
             tensor reads as ``ELIGIBLE``/``ORDINARY``): which zero turns the ``step_abs_sum`` fallbacks may

@@ -74,7 +74,7 @@ class ArewConfig:
 
     channels: str = "both"
     """Which critiques count: ``both`` (every critique), ``as`` (Action-round critiques only,
-    ``protocol.CHANNEL_AS``) or ``bt`` (Update-round critiques only, ``protocol.CHANNEL_BT``). Critiques
+    ``contracts.critique.CHANNEL_AS``) or ``bt`` (Update-round critiques only, ``contracts.critique.CHANNEL_BT``). Critiques
     on the other channel are treated as 0 (so they are zero turns for the ``step_abs_sum`` fallbacks)."""
 
     start_step: int = 0

@@ -1,5 +1,5 @@
 """PE diagnostics: Psi_hat and information gain in StepResult.info, the withheld-feedback ablation,
-and exact Bayesian (oracle) belief tracking. Same hand table as test_pe_env_on_cpu.py:
+and exact Bayesian (oracle) belief tracking. Same hand table as test_pe_env.py:
 D = 3, w* = (1, 1, 2); pair 1,3 is dominated, pairs 1,2 / 2,3 / 4,5 are not."""
 
 from __future__ import annotations
