@@ -6,7 +6,7 @@
    ``active_reasoning`` agent loop against our HF generation server (the CPU backend's rollout: batched
    decoding with a KV cache), SmolLM2-135M-Instruct sampling at temperature 1.
 2. IGPO scoring of those episodes: one teacher-forced sequence per (episode, turn prefix), scored in
-   batches by the same model (:func:`verl_selflock.verl_adapter.igpo_scoring.score_with_hf_model`; in training
+   batches by the same model (:func:`verl_selflock.algorithms.igpo_plan.score_with_hf_model`; in training
    the actor's ``compute_log_prob`` does this). Printed: its wall time / the rollout's wall time.
 3. T3: the same prompts rolled out again with T3 on (PE default: similarity gain, k = 2, or
    ``--t3-signal movement``): truncation rate, mean turn of the cut, generated tokens with and without T3
@@ -101,7 +101,7 @@ def main() -> None:
     from verl_selflock.algorithms.igpo_config import IgpoConfig
     from verl_selflock.contracts import episode as ef
     from verl_selflock.models import smollm2_path
-    from verl_selflock.verl_adapter.igpo_scoring import plan_scoring, score_with_hf_model
+    from verl_selflock.algorithms.igpo_plan import plan_scoring, score_with_hf_model
 
     model_dir = smollm2_path()
     response_length = args.max_turns * (args.turn_tokens + 200)

@@ -27,7 +27,8 @@ MODULES: dict[str, Path] = {_module_name(path): path for path in sorted(PACKAGE_
 
 
 def _imported_modules(module: str, path: Path) -> set[str]:
-    """Absolute names of every module ``module`` imports (``from pkg import sub`` names ``pkg.sub`` if it is one)."""
+    """Absolute names of every module ``module`` imports (``from pkg import sub`` names ``pkg.sub``, not ``pkg``,
+    when ``sub`` is a module: as for ``import pkg.sub``, the package's own ``__init__`` is not counted)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -38,8 +39,10 @@ def _imported_modules(module: str, path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & MODULES.keys()
+            names.update(submodules)
+            if len(submodules) < len(node.names):  # some names are the package's own attributes
+                names.add(base)
     return names
 
 

@@ -17,14 +17,8 @@ from verl_selflock.algorithms.igpo import (
     group_ids,
 )
 from verl_selflock.contracts.critique import ResponseLayout, TurnLabel
-from verl_selflock.verl_adapter.igpo_scoring import (
-    balance_for_forward,
-    forward_batch_multiple,
-    plan_scoring,
-    scoring_answers,
-    segment_means,
-    turn_starts,
-)
+from verl_selflock.algorithms.igpo_plan import plan_scoring, scoring_answers, segment_means, turn_starts
+from verl_selflock.verl_adapter.igpo_scoring import balance_for_forward, forward_batch_multiple
 from verl_selflock.verl_adapter.igpo_step import compute_igpo_step
 
 LOG = math.log

@@ -24,7 +24,8 @@ from verl_selflock.algorithms.igpo import (
 )
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.algorithms.critique_batch import collate_critiques
-from verl_selflock.verl_adapter.igpo_scoring import ScoringPlan, plan_scoring, score_with_actor, scoring_answers, timed
+from verl_selflock.algorithms.igpo_plan import ScoringPlan, plan_scoring, scoring_answers
+from verl_selflock.verl_adapter.igpo_scoring import score_with_actor, timed
 from verl_selflock.verl_adapter.jagged import padded, rows
 from verl_selflock.verl_adapter.private_names import generation_seconds, padding_flags, response_to_nested
 

@@ -14,7 +14,8 @@ from fixtures.servers import ScriptedServer
 
 from verl_selflock.contracts import episode as ef
 from verl_selflock.algorithms.igpo import IgpoConfig, compute_igpo_turn_advantages, group_ids
-from verl_selflock.verl_adapter.igpo_scoring import answer_mean_logprobs, plan_scoring, plan_to_tensordict, score_with_hf_model
+from verl_selflock.algorithms.igpo_plan import plan_scoring, score_with_hf_model
+from verl_selflock.verl_adapter.igpo_scoring import answer_mean_logprobs, plan_to_tensordict
 
 pytestmark = pytest.mark.slow
 IM_END = "<|im_end|>"
