@@ -58,7 +58,6 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.contracts.names import AGENT_NAME
 from verl_selflock.data.flodial_charts import (  # load_flowchart: importable from here as before the split
     Flowchart,
     load_flowchart,
@@ -67,7 +66,7 @@ from verl_selflock.data.flodial_charts import (  # load_flowchart: importable fr
     separating_questions,
     split_node,
 )
-from verl_selflock.data.parquet import write_splits
+from verl_selflock.data.parquet import dataset_row, split_rows, write_splits
 from verl_selflock.envs.flodial.env import BT_VARIANTS, DEFAULT_MAX_TURNS
 from verl_selflock.envs.flodial.prompts import flodial_messages
 
@@ -203,48 +202,41 @@ def build_flodial_rows(
 ) -> dict[str, list[dict]]:
     """Rows of both splits. Episode ``k`` of a split depends only on (seed, config, split, k) and the
     episodes before it; an episode equal to an earlier one (same true fault and candidate set) is redrawn."""
-    from tqdm import tqdm
-
     seen: set[tuple[str, str, tuple[str, ...]]] = set()
-    rows: dict[str, list[dict]] = {"train": [], "test": []}
-    bar = tqdm(total=n_train + n_test, desc=f"building {config.data_source}", disable=not progress, unit="row")
+    counts = {"train": n_train, "test": n_test}
+    eligible: dict[str, list[tuple[str, str]]] = {}  # split -> its true faults, found at the split's first row
     difficulty_code = DIFFICULTIES.index(config.difficulty)
-    for split, count in (("train", n_train), ("test", n_test)):
-        pairs = _eligible_faults(config, charts, config.charts_of(split, charts)) if count else []
-        for index in range(count):
-            for attempt in range(_MAX_REDRAWS):
-                entropy = [seed, difficulty_code, config.n_candidates, _SPLITS[split], index, attempt]
-                rng = np.random.default_rng(entropy)
-                name, fault = pairs[int(rng.integers(len(pairs)))]
-                sets = _distractor_sets(charts[name], fault, config.n_candidates - 1, config.difficulty)
-                distractors = sets[int(rng.integers(len(sets)))]
-                key = (name, fault, distractors)
-                if key not in seen:
-                    break
-            else:
-                raise ValueError(
-                    f"could not draw {count} distinct {config.difficulty} {split} episodes from {len(pairs)} true "
-                    f"faults (after {_MAX_REDRAWS} redraws for episode {index}): ask for fewer"
-                )
-            seen.add(key)
-            order = rng.permutation(len(distractors) + 1).tolist()
-            spec = make_flodial_spec(
-                config, charts[name], fault, distractors, order,
-                split=split, seed=seed, instance_id=f"{config.data_source}-{split}-{index:05d}",
+
+    def make_row(split: str, index: int) -> dict[str, Any]:
+        if split not in eligible:
+            eligible[split] = _eligible_faults(config, charts, config.charts_of(split, charts))
+        pairs = eligible[split]
+        for attempt in range(_MAX_REDRAWS):
+            entropy = [seed, difficulty_code, config.n_candidates, _SPLITS[split], index, attempt]
+            rng = np.random.default_rng(entropy)
+            name, fault = pairs[int(rng.integers(len(pairs)))]
+            sets = _distractor_sets(charts[name], fault, config.n_candidates - 1, config.difficulty)
+            distractors = sets[int(rng.integers(len(sets)))]
+            key = (name, fault, distractors)
+            if key not in seen:
+                break
+        else:
+            raise ValueError(
+                f"could not draw {counts[split]} distinct {config.difficulty} {split} episodes from {len(pairs)} true "
+                f"faults (after {_MAX_REDRAWS} redraws for episode {index}): ask for fewer"
             )
-            rows[split].append(
-                {
-                    "data_source": config.data_source,
-                    "prompt": flodial_messages(spec),
-                    "ability": "troubleshooting",
-                    "agent_name": AGENT_NAME,
-                    "reward_model": {"style": "rule", "ground_truth": json.dumps(spec["answer_index"])},
-                    "extra_info": {"index": index, "split": split, "env": spec},
-                }
-            )
-            bar.update(1)
-    bar.close()
-    return rows
+        seen.add(key)
+        order = rng.permutation(len(distractors) + 1).tolist()
+        spec = make_flodial_spec(
+            config, charts[name], fault, distractors, order,
+            split=split, seed=seed, instance_id=f"{config.data_source}-{split}-{index:05d}",
+        )
+        ground_truth = json.dumps(spec["answer_index"])
+        return dataset_row(
+            config.data_source, flodial_messages(spec), "troubleshooting", ground_truth, index=index, split=split, spec=spec
+        )
+
+    return split_rows(counts, make_row, f"building {config.data_source}", progress)
 
 
 def build_flodial_dataset(

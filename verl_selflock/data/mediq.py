@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from verl_selflock.data.parquet import dataset_row, write_splits
 from verl_selflock.envs.mediq.env import DEFAULT_MAX_TURNS
 from verl_selflock.envs.mediq.prompts import OPTION_LETTERS, mediq_messages
-from verl_selflock.contracts.names import AGENT_NAME
 
 __all__ = [
     "OFFICIAL_URLS",
@@ -276,15 +276,12 @@ def build_mediq_rows(
         case = cases[int(position)]
         split = split_of[int(position)]
         spec = make_mediq_spec(case, split, max_turns, counterfactual_bt)
+        ground_truth = OPTION_LETTERS[case.answer_index]
         rows[split].append(
-            {
-                "data_source": DATA_SOURCE,
-                "prompt": mediq_messages(spec),
-                "ability": "medical_diagnosis",
-                "agent_name": AGENT_NAME,
-                "reward_model": {"style": "rule", "ground_truth": OPTION_LETTERS[case.answer_index]},
-                "extra_info": {"index": len(rows[split]), "split": split, "env": spec},
-            }
+            dataset_row(
+                DATA_SOURCE, mediq_messages(spec), "medical_diagnosis", ground_truth,
+                index=len(rows[split]), split=split, spec=spec,
+            )
         )
     return rows
 
@@ -300,19 +297,11 @@ def build_mediq_dataset(
     progress: bool = True,
 ) -> tuple[dict[str, str], Counter[str]]:
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; return their paths and the skip counts."""
-    import pandas as pd
-
     cases, skipped = read_cases(resolve_inputs(inputs))
     if not cases:
         raise MediQDataError(f"no usable MediQ case in {list(map(str, inputs))} (skipped: {dict(skipped)})")
     rows = build_mediq_rows(cases, seed, n_val, val_fraction, max_turns, counterfactual_bt, progress)
-    os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, str] = {}
-    for split, split_rows in rows.items():
-        path = os.path.join(os.fspath(out_dir), f"{split}.parquet")
-        pd.DataFrame(split_rows).to_parquet(path, index=False)
-        paths[split] = path
-    return paths, skipped
+    return write_splits(rows, out_dir), skipped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

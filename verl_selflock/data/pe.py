@@ -41,8 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.contracts.names import AGENT_NAME
-from verl_selflock.data.parquet import write_splits
+from verl_selflock.data.parquet import dataset_row, split_rows, write_splits
 from verl_selflock.envs.pe.env import DEFAULT_MAX_TURNS, PE_VARIANTS
 from verl_selflock.envs.pe.geometry import COS_THRESHOLD, DOMINANCE_TOL
 from verl_selflock.envs.pe.prompts import pe_messages
@@ -174,38 +173,26 @@ def build_pe_rows(
 ) -> dict[str, list[dict]]:
     """Rows of both splits. Instance ``k`` of a split depends only on (seed, config, split, k), so
     growing one split never changes the other; test instances equal to a train one are redrawn."""
-    from tqdm import tqdm
-
     variant_code = PE_VARIANTS.index(config.variant)
     seen: set[bytes] = set()
-    rows: dict[str, list[dict]] = {"train": [], "test": []}
-    bar = tqdm(total=n_train + n_test, desc=f"building {config.data_source}", disable=not progress, unit="row")
-    for split, count in (("train", n_train), ("test", n_test)):
-        for index in range(count):
-            attempt = 0
-            while True:
-                entropy = [seed, variant_code, config.D, config.S or 0, config.n_movies, _SPLITS[split], index, attempt]
-                movies, w_star = sample_pe_instance(np.random.default_rng(entropy), config)
-                key = _fingerprint(movies, w_star)
-                if key not in seen:
-                    break
-                attempt += 1
-            seen.add(key)
-            instance_id = f"{config.data_source}-{split}-{index:05d}"
-            spec = make_pe_spec(config, movies, w_star, seed, instance_id)
-            rows[split].append(
-                {
-                    "data_source": config.data_source,
-                    "prompt": pe_messages(spec),
-                    "ability": "preference_estimation",
-                    "agent_name": AGENT_NAME,
-                    "reward_model": {"style": "rule", "ground_truth": json.dumps(spec["w_star"])},
-                    "extra_info": {"index": index, "split": split, "env": spec},
-                }
-            )
-            bar.update(1)
-    bar.close()
-    return rows
+
+    def make_row(split: str, index: int) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            entropy = [seed, variant_code, config.D, config.S or 0, config.n_movies, _SPLITS[split], index, attempt]
+            movies, w_star = sample_pe_instance(np.random.default_rng(entropy), config)
+            key = _fingerprint(movies, w_star)
+            if key not in seen:
+                break
+            attempt += 1
+        seen.add(key)
+        spec = make_pe_spec(config, movies, w_star, seed, f"{config.data_source}-{split}-{index:05d}")
+        ground_truth = json.dumps(spec["w_star"])
+        return dataset_row(
+            config.data_source, pe_messages(spec), "preference_estimation", ground_truth, index=index, split=split, spec=spec
+        )
+
+    return split_rows({"train": n_train, "test": n_test}, make_row, f"building {config.data_source}", progress)
 
 
 def build_pe_dataset(

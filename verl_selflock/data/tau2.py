@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.contracts.names import AGENT_NAME
-from verl_selflock.data.parquet import write_splits
+from verl_selflock.data.parquet import dataset_row, split_rows, write_splits
 from verl_selflock.envs.tau2.assets import require_tau2, telecom_task, telecom_task_splits
 from verl_selflock.envs.tau2.env import DEFAULT_MAX_TURNS, DEFAULT_MIN_TURN, TASK_NAME
 from verl_selflock.envs.tau2.prompts import tau2_messages, tau2_system_prompt
@@ -100,37 +99,24 @@ def build_tau2_rows(
     progress: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows of each split, in the order of ``task_ids``."""
-    from tqdm import tqdm
-
     if max_turns < 2 or max_turns % 2:
         raise ValueError(f"max_turns must be an even number >= 2, got {max_turns}")
     prompt = tau2_messages()
-    rows: dict[str, list[dict[str, Any]]] = {}
-    bar = tqdm(total=sum(map(len, task_ids.values())), desc="building tau2_telecom", disable=not progress, unit="row")
-    for split, ids in task_ids.items():
-        rows[split] = []
-        for index, task_id in enumerate(ids):
-            spec = {
-                "task": TASK_NAME,
-                "id": f"{DATA_SOURCE}-{split}-{index:05d}",
-                "task_id": task_id,
-                "split": split,
-                "max_turns": int(max_turns),
-                "min_turn": int(min_turn),
-            }
-            rows[split].append(
-                {
-                    "data_source": DATA_SOURCE,
-                    "prompt": prompt,
-                    "ability": "customer_service",
-                    "agent_name": AGENT_NAME,
-                    "reward_model": {"style": "rule", "ground_truth": task_id},
-                    "extra_info": {"index": index, "split": split, "env": spec},
-                }
-            )
-            bar.update(1)
-    bar.close()
-    return rows
+
+    def make_row(split: str, index: int) -> dict[str, Any]:
+        task_id = task_ids[split][index]
+        spec = {
+            "task": TASK_NAME,
+            "id": f"{DATA_SOURCE}-{split}-{index:05d}",
+            "task_id": task_id,
+            "split": split,
+            "max_turns": int(max_turns),
+            "min_turn": int(min_turn),
+        }
+        return dataset_row(DATA_SOURCE, prompt, "customer_service", task_id, index=index, split=split, spec=spec)
+
+    counts = {split: len(ids) for split, ids in task_ids.items()}
+    return split_rows(counts, make_row, "building tau2_telecom", progress)
 
 
 def build_tau2_dataset(

@@ -7,7 +7,9 @@ alternate Action (odd turns, AS critique), Update (even turns, BT critique), ...
 ``max_turns`` is the answer turn (critique 0). An ``<answer>`` block in any turn ends the episode.
 
 To add a task: subclass :class:`ActiveReasoningEnv` (or :class:`RoundBasedEnv`, which routes the
-paper's Action / Update / Answer rounds to three methods: PE, MediQ, FloDial), decorate it with
+paper's Action / Update / Answer rounds to three methods: PE; or its subclass
+:class:`verl_selflock.envs.simulated_user.SimulatedUserEnv` for a task that asks a simulated user and
+tracks a belief over options: MediQ, FloDial), decorate it with
 ``@register_env("name")``, and write rows whose ``extra_info["env"]["task"] == "name"``. The class
 states only what differs from the defaults: ``default_max_turns``, ``needs_simulator`` (with its
 ``simulator_hint``), the names of its ``counters``. Put the task in its own package
@@ -108,6 +110,9 @@ class ProgressSignal:
     min_turn: int = 0
     description: str = ""
 
+
+ROUND_COUNTERS = ("action_rounds", "update_rounds", "invalid_actions", "invalid_guesses", "repeats")
+"""The counters every :class:`RoundBasedEnv` task keeps first (a task appends its own)."""
 
 NEW_INFORMATION_SIGNAL = "new_information"
 """T3 signal of the simulator tasks (MediQ, FloDial, tau2): 1.0 when the turn's feedback brought
@@ -212,7 +217,6 @@ class ActiveReasoningEnv(ABC):
         return None
 
 
-
 class RoundBasedEnv(ActiveReasoningEnv):
     """A task of the paper's protocol: Action rounds (odd turns) and Update rounds (even turns), each
     written in an ``<interact>`` block, and an ``<answer>`` block at the answer turn (or earlier, which
@@ -267,6 +271,12 @@ class RoundBasedEnv(ActiveReasoningEnv):
         else:
             info["error"] = parsed.error if tag == "answer" else "no <answer>...</answer> block"
         return StepResult(None, TurnLabel(0, CHANNEL_NONE), done=True, valid=parsed.ok, info=info)
+
+    def _outcome(self, success: bool, answered: bool, /, **metrics: float) -> EpisodeResult:
+        """Reward 1 iff ``success``; metrics: the counters, ``turns``, then ``metrics`` in their order."""
+        scalars = self.counter_metrics()
+        scalars.update(turns=float(self.turn), **metrics)
+        return EpisodeResult(reward=1.0 if success else 0.0, success=success, answered=answered, metrics=scalars)
 
     # --- the line that announces the next round (shared wording of the round-based tasks) ---------
 

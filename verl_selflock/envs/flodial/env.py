@@ -66,18 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole, TurnLabel
-from verl_selflock.envs.base import (
-    NEW_INFORMATION_SIGNAL,
-    EnvContext,
-    EpisodeResult,
-    ProgressSignal,
-    RoundBasedEnv,
-    RoundKind,
-    StepResult,
-    ask_simulator,
-    register_env,
-)
+from verl_selflock.envs.base import EnvContext, EpisodeResult, RoundKind, StepResult, register_env
 from verl_selflock.envs.flodial.parsing import (
     SimulatorVerdict,
     normalise_query,
@@ -92,6 +81,12 @@ from verl_selflock.envs.flodial.prompts import (
     update_instruction,
 )
 from verl_selflock.envs.parsing import Parsed, parse_weights
+from verl_selflock.envs.simulated_user import (
+    ROUND_COUNTERS,
+    SIMULATOR_COUNTERS,
+    SimulatedUserEnv,
+    new_information_signals,
+)
 
 __all__ = ["BT_VARIANTS", "DEFAULT_MAX_TURNS", "FloDialEnv", "normalised"]
 
@@ -110,7 +105,7 @@ def normalised(weights: np.ndarray) -> np.ndarray:
 
 
 @register_env("flodial")
-class FloDialEnv(RoundBasedEnv):
+class FloDialEnv(SimulatedUserEnv):
     """One FloDial episode, built from a dataset row's ``extra_info["env"]``.
 
     Spec keys: ``task`` ("flodial"), ``problem_description``, ``candidates`` (K >= 2 fault texts, in
@@ -122,32 +117,16 @@ class FloDialEnv(RoundBasedEnv):
     """
 
     uninformative_feedback = "Unknown."
-    progress_signals = {
-        # T3 for FloDial: the belief is trapped once k Action rounds in a row got no yes/no answer to a new row.
-        NEW_INFORMATION_SIGNAL: ProgressSignal(
-            k=2, delta_min=0.0, description="1 if the Action round got yes/no on a new row, else 0 (Update rounds: not measured)"
-        ),
-    }
-
+    progress_signals = new_information_signals(
+        "1 if the Action round got yes/no on a new row, else 0 (Update rounds: not measured)"
+    )
     default_max_turns = DEFAULT_MAX_TURNS
-    needs_simulator = True
     simulator_hint = (
         "FloDial needs a simulated user: set the active_reasoning agent loop's `simulator:` knob "
         "(an OpenAI-compatible endpoint: base_url, model; see recipes/flodial/README.md)"
     )
     counters = (
-        "action_rounds",
-        "update_rounds",
-        "invalid_actions",
-        "invalid_guesses",
-        "repeats",
-        "answers_yes",
-        "answers_no",
-        "answers_unknown",
-        "sim_calls",
-        "sim_cache_hits",
-        "sim_failures",
-        "sim_unparsable",
+        *ROUND_COUNTERS, "answers_yes", "answers_no", "answers_unknown", *SIMULATOR_COUNTERS, "sim_unparsable",
         "sim_answer_mismatch",
     )
 
@@ -161,9 +140,9 @@ class FloDialEnv(RoundBasedEnv):
         self.problem = str(spec["problem_description"])
         self.candidates = [str(c) for c in spec["candidates"]]
         self.K = len(self.candidates)
-        self.gt = int(spec["answer_index"])
-        if self.K < 2 or not 0 <= self.gt < self.K:
-            raise ValueError(f"FloDial needs >= 2 candidates and answer_index in range, got {self.K}, {self.gt}")
+        self.truth = int(spec["answer_index"])
+        if self.K < 2 or not 0 <= self.truth < self.K:
+            raise ValueError(f"FloDial needs >= 2 candidates and answer_index in range, got {self.K}, {self.truth}")
         self.table = [
             {"node": str(row.get("node", "")), "question": str(row["question"]), "answer": str(row["answer"]).lower()}
             for row in spec["table"]
@@ -197,20 +176,20 @@ class FloDialEnv(RoundBasedEnv):
     # --- public API ----------------------------------------------------------------------------
 
     def result(self) -> EpisodeResult:
-        metrics = self.counter_metrics()
-        metrics.update(
-            turns=float(self.turn),
+        return self._outcome(
+            self.success,
+            self.answer is not None,
             candidates_left=float(self.K - len(self.ruled_out)),
             psi_final=self.psi(self.prev_valid_guess),
             answered=float(self.answer is not None),
         )
-        return EpisodeResult(
-            reward=1.0 if self.success else 0.0, success=self.success, answered=self.answer is not None, metrics=metrics
-        )
 
     def psi(self, weights: np.ndarray) -> float:
         """Confidence readout Psi_hat: the normalised weight on the true fault."""
-        return float(normalised(weights)[self.gt])
+        return float(normalised(weights)[self.truth])
+
+    def round_instructions(self) -> tuple[str, str, str]:
+        return action_instruction(), update_instruction(self.K), answer_instruction(self.K)
 
     # --- parsing -------------------------------------------------------------------------------
 
@@ -219,8 +198,8 @@ class FloDialEnv(RoundBasedEnv):
         """An Action block: exactly one non-empty ``Query:`` line and nothing else."""
         return parse_flodial_action(block)
 
-    def parse_answer(self, block: str | None) -> Parsed[np.ndarray]:
-        """Final weights: exactly K finite non-negative numbers, not all zero."""
+    def parse_belief(self, block: str | None) -> Parsed[np.ndarray]:
+        """A guess or final weights: exactly K finite non-negative numbers, not all zero (kept as written)."""
         return parse_weights(block, self.K)
 
     # --- rounds --------------------------------------------------------------------------------
@@ -228,14 +207,8 @@ class FloDialEnv(RoundBasedEnv):
     async def _ask(self, query: str) -> tuple[SimulatorVerdict | None, dict[str, Any]]:
         """One simulator call; (None, info) when it failed after the client's retries."""
         messages = [*self.messages_head, {"role": "user", "content": query}]
-        # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
-        reply = await ask_simulator(
-            self.context.simulator, messages, cache_key=("flodial", self.cache_scope, normalise_query(query)), task=self.task
-        )
-        self.count("sim_calls")
-        self.count("sim_cache_hits", int(bool(reply.cached)))
+        reply = await self._ask_simulator(messages, ("flodial", self.cache_scope, normalise_query(query)))
         if not reply.ok:
-            self.count("sim_failures")
             return None, {"simulator_failed": True, "error": f"simulator failed: {reply.error}"}
         return parse_simulator_reply(reply.text or ""), {"simulator_failed": False, "simulator_reply": reply.text}
 
@@ -245,14 +218,10 @@ class FloDialEnv(RoundBasedEnv):
         newly = {
             index
             for index, path in enumerate(self.candidate_paths)
-            if index != self.gt and index not in self.ruled_out and path.get(node, answer) != answer
+            if index != self.truth and index not in self.ruled_out and path.get(node, answer) != answer
         }
         self.ruled_out |= newly
         return len(newly)
-
-    def ground_truth_answer(self) -> str:
-        """All weight on the true fault, as the answer block's content (IGPO scores this text)."""
-        return ",".join("1" if index == self.gt else "0" for index in range(self.K))
 
     async def _action_turn(self, block: str | None) -> StepResult:
         self.count("action_rounds")
@@ -297,14 +266,9 @@ class FloDialEnv(RoundBasedEnv):
         self.count("repeats", int(repeated))
         self.last_action_informative = bool(info["new_information"])
         info["candidates_left"] = self.K - len(self.ruled_out)
-        label = TurnLabel(critique, CHANNEL_AS)
-        if info["simulator_failed"]:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
-            label.fallback = FallbackRole.EXEMPT
-        follow = self._after_action("question", update_instruction(self.K), answer_instruction(self.K))
-        valid = parsed.ok and not repeated
-        return StepResult(
-            f"{feedback_line}\n{follow}", label, done=False, valid=valid, repeated=repeated, info=info,
-            progress={NEW_INFORMATION_SIGNAL: float(bool(info["new_information"]))},
+        return self._action_result(
+            feedback_line, critique, info, parsed=parsed.ok, repeated=repeated,
+            informative=self.last_action_informative, simulator_failed=info["simulator_failed"],
         )
 
     def _judge(
@@ -330,39 +294,25 @@ class FloDialEnv(RoundBasedEnv):
         info.update(feedback=answer, new_information=True, info_gain=float(self._rule_out(verdict.row)))
         return (1 if answer == "yes" else 0), "", False
 
-    def _update_turn(self, block: str | None) -> StepResult:
-        self.count("update_rounds")
-        parsed = parse_weights(block, self.K)
-        info: dict[str, Any] = {
-            "round": RoundKind.UPDATE.value,
-            "turn": self.turn,
-            "evidence": self.last_action_informative,
-        }
-        if not parsed.ok:
-            self.count("invalid_guesses")
-            info["error"] = parsed.error
-            critique = -1
-            head = f"Invalid guess: {parsed.error}. It was not recorded."
+    def _update_info(self) -> dict[str, Any]:
+        return {"evidence": self.last_action_informative}
+
+    def _record_belief(self, guess: np.ndarray, info: dict[str, Any]) -> int:
+        psi, psi_prev = self.psi(guess), self.psi(self.prev_valid_guess)
+        info.update(guess=guess.tolist(), psi=psi, psi_prev=psi_prev)
+        if self.last_action_informative:
+            critique = 1 if psi > psi_prev + INCREASE_TOL else -1
+        elif self.bt_variant == "v1":
+            change = np.abs(normalised(guess) - normalised(self.prev_valid_guess)).max()
+            critique = 1 if change <= UNCHANGED_TOL else -1
         else:
-            guess = parsed.value
-            assert guess is not None
-            psi, psi_prev = self.psi(guess), self.psi(self.prev_valid_guess)
-            info.update(guess=guess.tolist(), psi=psi, psi_prev=psi_prev)
-            if self.last_action_informative:
-                critique = 1 if psi > psi_prev + INCREASE_TOL else -1
-            elif self.bt_variant == "v1":
-                change = np.abs(normalised(guess) - normalised(self.prev_valid_guess)).max()
-                critique = 1 if change <= UNCHANGED_TOL else -1
-            else:
-                critique = 0
-            self.prev_valid_guess = guess
-            head = "Guess recorded."
-        follow = self._after_update("question", "questions", action_instruction())
-        return StepResult(f"{head}\n{follow}", TurnLabel(critique, CHANNEL_BT), done=False, valid=parsed.ok, info=info)
+            critique = 0
+        self.prev_valid_guess = guess
+        return critique
 
     def _record_answer(self, weights: np.ndarray) -> dict[str, Any]:
         self.answer = tuple(float(v) for v in weights)
         top = np.flatnonzero(weights == weights.max())
-        self.success = len(top) == 1 and int(top[0]) == self.gt
+        self.success = len(top) == 1 and int(top[0]) == self.truth
         # ``answer_psi``, not ``psi``: ``psi`` marks an Update round's belief (selflock/psi_delta).
         return {"answer": list(self.answer), "answer_psi": self.psi(weights)}

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from verl_selflock.envs import round_prompts as rp
+
 __all__ = [
     "FEEDBACK_PREFIX",
     "simulator_messages",
@@ -56,22 +58,19 @@ def _vector_format(K: int) -> str:
 
 def action_instruction() -> str:
     """What to write in an Action round."""
-    return (
-        "<scratch>...</scratch> then one new yes/no question\n<interact>\nQuery: your question\n</interact>\n"
-        "(one atomic question on the Query line, nothing else in the block; do not repeat an earlier question)."
-    )
+    rules = "one atomic question on the Query line, nothing else in the block; do not repeat an earlier question"
+    return rp.action_instruction("yes/no question", rp.QUERY_BLOCK, rules)
 
 
 def update_instruction(K: int) -> str:
     """What to write in an Update round."""
-    return f"<scratch>...</scratch> then <interact>Guess: ...</interact> with {_vector_format(K)}."
+    return rp.update_instruction(_vector_format(K))
 
 
 def answer_instruction(K: int) -> str:
     """What to write in the Answer round (the tag pair encloses no number)."""
-    return (
-        "<scratch>...</scratch> then your final weights between the tags <answer> and </answer>: "
-        f"{_vector_format(K)}. Put the single largest weight on the fault you believe is the cause."
+    return rp.answer_instruction(
+        "weights", _vector_format(K), " Put the single largest weight on the fault you believe is the cause."
     )
 
 
@@ -83,8 +82,6 @@ def flodial_system_prompt(spec: Mapping[str, Any]) -> str:
     candidates = list(spec["candidates"])
     K, max_turns = len(candidates), int(spec["max_turns"])
     listing = "\n".join(f"Fault {i}: {text}" for i, text in enumerate(candidates, start=1))
-    actions = ", ".join(map(str, range(1, max_turns, 2)))
-    updates = ", ".join(map(str, range(2, max_turns, 2)))
     return "\n".join(
         [
             "You are a troubleshooting assistant. A user reports this problem: "
@@ -100,19 +97,14 @@ def flodial_system_prompt(spec: Mapping[str, Any]) -> str:
             "checklist) gets Unknown, and so does a question you already asked. Ask concrete questions that "
             "tell the candidate faults apart.",
             "",
-            f"Rounds: {max_turns} in total. Rounds {actions} are Action rounds (ask one question). Rounds {updates} "
-            f"are Update rounds (state your current belief). Round {max_turns} is the Answer round. Before any "
-            "question, your belief weighs every candidate equally.",
+            rp.rounds_paragraph(max_turns, "ask one question", "state your current belief")
+            + " Before any question, your belief weighs every candidate equally.",
             "",
-            "Formats (always think briefly inside <scratch> and </scratch> first):",
-            "- Action round: one block\n<interact>\nQuery: your question\n</interact>\nwith one short question "
-            "after Query, and nothing else in the block.",
-            f"- Update round: <interact>Guess: ...</interact> where ... is {K} non-negative numbers separated by "
-            "commas, one weight per candidate fault in order (a larger weight = more likely the cause).",
-            "- Answer round: your final weights in the same form, but between the tags <answer> and </answer>.",
-            "A turn ends at the first </interact> or </answer> you write; anything after it is ignored. The answer "
-            "tags end the game in any round. Your answer is correct if its single largest weight is on the true "
-            "fault.",
+            rp.FORMATS_HEADER,
+            rp.action_format(rp.QUERY_BLOCK, "with one short question after Query"),
+            rp.update_format(_vector_format(K) + " (a larger weight = more likely the cause)"),
+            rp.answer_format("weights"),
+            rp.turn_rules("game") + " Your answer is correct if its single largest weight is on the true fault.",
         ]
     )
 
@@ -120,14 +112,9 @@ def flodial_system_prompt(spec: Mapping[str, Any]) -> str:
 def flodial_user_prompt(spec: Mapping[str, Any]) -> str:
     """First user message: start with round 1 (an Action round)."""
     max_turns = int(spec["max_turns"])
-    return f"Let's start: you can ask {max_turns // 2} questions. Round 1 of {max_turns} is an Action round: " + (
-        action_instruction()
-    )
+    return rp.opening(f"you can ask {max_turns // 2} questions", max_turns, action_instruction())
 
 
 def flodial_messages(spec: Mapping[str, Any]) -> list[dict[str, str]]:
     """The chat ``prompt`` column of one FloDial row."""
-    return [
-        {"role": "system", "content": flodial_system_prompt(spec)},
-        {"role": "user", "content": flodial_user_prompt(spec)},
-    ]
+    return rp.chat_prompt(flodial_system_prompt(spec), flodial_user_prompt(spec))

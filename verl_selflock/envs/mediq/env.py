@@ -50,19 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole, TurnLabel
-from verl_selflock.envs.base import (
-    NEW_INFORMATION_SIGNAL,
-    EnvContext,
-    EpisodeResult,
-    ProgressSignal,
-    RoundBasedEnv,
-    RoundKind,
-    StepResult,
-    ask_simulator,
-    register_env,
-    round_kind,
-)
+from verl_selflock.envs.base import EnvContext, EpisodeResult, RoundKind, StepResult, register_env
 from verl_selflock.envs.mediq.prompts import (
     FEEDBACK_PREFIX,
     FIXED_REPLY,
@@ -73,6 +61,12 @@ from verl_selflock.envs.mediq.prompts import (
     update_instruction,
 )
 from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_query, parse_weights
+from verl_selflock.envs.simulated_user import (
+    ROUND_COUNTERS,
+    SIMULATOR_COUNTERS,
+    SimulatedUserEnv,
+    new_information_signals,
+)
 
 __all__ = [
     "DEFAULT_MAX_TURNS",
@@ -127,7 +121,7 @@ def _truthy(value: Any) -> bool:
 
 
 @register_env("mediq")
-class MediQEnv(RoundBasedEnv):
+class MediQEnv(SimulatedUserEnv):
     """One MediQ case, built from a dataset row's ``extra_info["env"]``.
 
     Spec keys: ``task`` ("mediq"), ``id`` (case id, part of the simulator cache key), ``options``
@@ -137,32 +131,15 @@ class MediQEnv(RoundBasedEnv):
     """
 
     uninformative_feedback = FIXED_REPLY
-    progress_signals = {
-        # T3 for MediQ: the belief is trapped once k Action rounds in a row revealed no new fact.
-        NEW_INFORMATION_SIGNAL: ProgressSignal(
-            k=2, delta_min=0.0, description="1 if the Action round revealed a new fact, else 0 (Update rounds: not measured)"
-        ),
-    }
-
+    progress_signals = new_information_signals(
+        "1 if the Action round revealed a new fact, else 0 (Update rounds: not measured)"
+    )
     default_max_turns = DEFAULT_MAX_TURNS
-    needs_simulator = True
     simulator_hint = (
         "MediQ needs a simulated patient: set the active_reasoning agent loop's `simulator:` knob "
         "(base_url and model of an OpenAI-compatible endpoint, see recipes/mediq/README.md)"
     )
-    counters = (
-        "action_rounds",
-        "update_rounds",
-        "invalid_actions",
-        "invalid_guesses",
-        "repeats",
-        "unknown_replies",
-        "sim_calls",
-        "sim_cache_hits",
-        "sim_failures",
-        "cf_branches",
-        "cf_invalid",
-    )
+    counters = (*ROUND_COUNTERS, "unknown_replies", *SIMULATOR_COUNTERS, "cf_branches", "cf_invalid")
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -208,25 +185,18 @@ class MediQEnv(RoundBasedEnv):
             self.count("cf_invalid")
 
     def result(self) -> EpisodeResult:
-        metrics = self.counter_metrics()
-        metrics.update(
-            turns=float(self.turn),
+        return self._outcome(
+            self.correct,
+            self.answer is not None,
             answered=float(self.answer is not None),
             facts_revealed=float(len(self.revealed)),
             psi_final=float(self.prev_belief[self.truth]),
         )
-        reward = 1.0 if self.correct else 0.0
-        return EpisodeResult(reward=reward, success=self.correct, answered=self.answer is not None, metrics=metrics)
 
-    def ground_truth_answer(self) -> str:
-        """All weight on the correct option, as the answer block's content (IGPO scores this text)."""
-        return ",".join("1" if option == self.truth else "0" for option in range(N_OPTIONS))
+    def round_instructions(self) -> tuple[str, str, str]:
+        return action_instruction(), update_instruction(), answer_instruction()
 
     # --- parsing -------------------------------------------------------------------------------
-
-    def parse_answer(self, block: str | None) -> Parsed[np.ndarray]:
-        """A final answer: the same form as a guess (:meth:`parse_belief`)."""
-        return self.parse_belief(block)
 
     def parse_belief(self, block: str | None) -> Parsed[np.ndarray]:
         """A guess/answer: exactly 4 finite non-negative numbers, not all zero; returned normalised."""
@@ -274,42 +244,22 @@ class MediQEnv(RoundBasedEnv):
             info_gain=float(len(new_facts)),
             facts=[i + 1 for i in new_facts],
         )
-        label = TurnLabel(critique, CHANNEL_AS)
-        if info.get("sim_ok") is False:  # the simulator's failure, not the agent's: no fallback may give this 0 a sign
-            label.fallback = FallbackRole.EXEMPT
-        follow = self._after_action("question", update_instruction(), answer_instruction())
-        counterfactual: str | None = None
-        if informative and self.counterfactual and round_kind(self.turn + 1, self.max_turns) is RoundKind.UPDATE:
-            # The same observation with the null reply in place of the facts.
-            counterfactual = f"{FEEDBACK_PREFIX}{FIXED_REPLY}\n{follow}"
-            self.cf_requested = True
-        valid = parsed.ok and not repeated
-        return StepResult(
-            f"{feedback}\n{follow}",
-            label,
-            done=False,
-            valid=valid,
-            repeated=repeated,
-            info=info,
-            counterfactual_observation=counterfactual,
-            progress={NEW_INFORMATION_SIGNAL: float(informative)},
+        self.cf_requested = informative and self.counterfactual and self.next_round() is RoundKind.UPDATE
+        # The side branch sees the same observation with the null reply in place of the facts.
+        counterfactual = FEEDBACK_PREFIX + FIXED_REPLY if self.cf_requested else None
+        return self._action_result(
+            feedback, critique, info, parsed=parsed.ok, repeated=repeated, informative=informative,
+            simulator_failed=info.get("sim_ok") is False, counterfactual=counterfactual,
         )
 
     async def _ask_patient(self, query: str, key: str, info: dict[str, Any]) -> tuple[str, int, list[int]]:
         """(feedback text, AS critique, new 0-based fact indices) for a fresh, valid query."""
-        self.count("sim_calls")
-        messages = patient_messages(self.facts, query)
-        # ask_simulator turns an exception into a failed reply: both degrade the turn the same way.
-        reply = await ask_simulator(
-            self.context.simulator, messages, cache_key=("mediq", self.case_id, key), task=self.task
-        )
+        reply = await self._ask_simulator(patient_messages(self.facts, query), ("mediq", self.case_id, key))
         if not reply.ok or reply.text is None:
-            self.count("sim_failures")
             info.update(sim_ok=False, sim_error=reply.error)
             # Not the agent's fault: critique 0, and the question may be asked again.
             return FEEDBACK_PREFIX + FIXED_REPLY, 0, []
         self.asked.add(key)
-        self.count("sim_cache_hits", int(bool(reply.cached)))
         info.update(sim_ok=True, sim_cached=bool(reply.cached), sim_reply=reply.text[:200])
         indices = parse_patient_reply(reply.text, len(self.facts))
         if indices is None:
@@ -321,38 +271,29 @@ class MediQEnv(RoundBasedEnv):
         return FEEDBACK_PREFIX + " ".join(self.facts[i] for i in new), 1, new
 
     def _update_turn(self, block: str | None) -> StepResult:
-        self.count("update_rounds")
-        parsed = self.parse_belief(block)
-        info: dict[str, Any] = {"round": RoundKind.UPDATE.value, "turn": self.turn}
-        if not parsed.ok:
-            self.count("invalid_guesses")
-            info["error"] = parsed.error
-            critique = -1
-            head = f"Invalid guess: {parsed.error}. It was not recorded."
+        result = super()._update_turn(block)
+        self.cf_requested, self.cf_belief = False, None  # a counterfactual branch serves one Update round
+        return result
+
+    def _record_belief(self, belief: np.ndarray, info: dict[str, Any]) -> int:
+        prev = self.prev_belief
+        psi, psi_prev = float(belief[self.truth]), float(prev[self.truth])
+        info.update(guess=belief.tolist(), psi=psi, psi_prev=psi_prev)
+        if not self.last_feedback_informative:
+            info["bt_rule"] = "no_evidence"
+            unchanged = abs(margin(belief, self.truth) - margin(prev, self.truth)) <= MARGIN_TOL
+            critique = 1 if unchanged else -1
+        elif self.cf_requested and self.cf_belief is not None:
+            info["bt_rule"] = "counterfactual"
+            d_cf = float(np.linalg.norm(self.cf_belief - prev))
+            d_real = float(np.linalg.norm(belief - prev))
+            info.update(cf_guess=self.cf_belief.tolist(), cf_distance=d_cf, distance=d_real)
+            critique = 1 if d_cf <= d_real + DISTANCE_TOL else -1
         else:
-            belief = parsed.value
-            assert belief is not None
-            prev = self.prev_belief
-            psi, psi_prev = float(belief[self.truth]), float(prev[self.truth])
-            info.update(guess=belief.tolist(), psi=psi, psi_prev=psi_prev)
-            if not self.last_feedback_informative:
-                info["bt_rule"] = "no_evidence"
-                unchanged = abs(margin(belief, self.truth) - margin(prev, self.truth)) <= MARGIN_TOL
-                critique = 1 if unchanged else -1
-            elif self.cf_requested and self.cf_belief is not None:
-                info["bt_rule"] = "counterfactual"
-                d_cf = float(np.linalg.norm(self.cf_belief - prev))
-                d_real = float(np.linalg.norm(belief - prev))
-                info.update(cf_guess=self.cf_belief.tolist(), cf_distance=d_cf, distance=d_real)
-                critique = 1 if d_cf <= d_real + DISTANCE_TOL else -1
-            else:
-                info["bt_rule"] = "toward_truth"
-                critique = 1 if psi > psi_prev else -1
-            self.prev_belief = belief
-            head = "Guess recorded."
-        self.cf_requested, self.cf_belief = False, None
-        follow = self._after_update("question", "questions", action_instruction())
-        return StepResult(f"{head}\n{follow}", TurnLabel(critique, CHANNEL_BT), done=False, valid=parsed.ok, info=info)
+            info["bt_rule"] = "toward_truth"
+            critique = 1 if psi > psi_prev else -1
+        self.prev_belief = belief
+        return critique
 
     def _record_answer(self, answer: np.ndarray) -> dict[str, Any]:
         self.answer = answer

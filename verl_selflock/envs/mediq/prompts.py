@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from verl_selflock.envs import round_prompts as rp
+
 __all__ = [
     "OPTION_LETTERS",
     "FEEDBACK_PREFIX",
@@ -55,30 +57,24 @@ _GUESS_FORMAT = "4 non-negative numbers separated by commas: your weight for eac
 
 def action_instruction() -> str:
     """What to write in an Action round."""
-    return (
-        "<scratch>...</scratch> then one new question to the patient\n<interact>\nQuery: your question\n</interact>\n"
-        "(a single short question about one thing; do not repeat an earlier question)."
+    return rp.action_instruction(
+        "question to the patient", rp.QUERY_BLOCK, "a single short question about one thing; do not repeat an earlier question"
     )
 
 
 def update_instruction() -> str:
     """What to write in an Update round."""
-    return f"<scratch>...</scratch> then <interact>Guess: ...</interact> with {_GUESS_FORMAT}."
+    return rp.update_instruction(_GUESS_FORMAT)
 
 
 def answer_instruction() -> str:
     """What to write in the Answer round (the tag pair encloses no number)."""
-    return (
-        "<scratch>...</scratch> then your final weights between the tags <answer> and </answer>: "
-        f"{_GUESS_FORMAT}. The option with the single largest weight is your answer."
-    )
+    return rp.answer_instruction("weights", _GUESS_FORMAT, " The option with the single largest weight is your answer.")
 
 
 def mediq_system_prompt(spec: Mapping[str, Any]) -> str:
     """System message: the case as first presented, the question, the options, the rounds, the formats."""
     max_turns = int(spec["max_turns"])
-    actions = ", ".join(map(str, range(1, max_turns, 2)))
-    updates = ", ".join(map(str, range(2, max_turns, 2)))
     options = "\n".join(f"{letter}: {text}" for letter, text in zip(OPTION_LETTERS, spec["options"], strict=True))
     return "\n".join(
         [
@@ -90,21 +86,16 @@ def mediq_system_prompt(spec: Mapping[str, Any]) -> str:
             f"Question: {spec['question']}",
             f"Options:\n{options}",
             "",
-            f"Rounds: {max_turns} in total. Rounds {actions} are Action rounds (ask the patient one question). "
-            f"Rounds {updates} are Update rounds (state how likely you now find each option). Round {max_turns} is "
-            "the Answer round. Before any question, all four options are equally likely. The patient only answers "
-            "with facts you have not heard yet; otherwise they say they cannot answer. Asking the same question "
-            "again teaches you nothing.",
+            rp.rounds_paragraph(max_turns, "ask the patient one question", "state how likely you now find each option")
+            + " Before any question, all four options are equally likely. The patient only answers with facts you "
+            "have not heard yet; otherwise they say they cannot answer. Asking the same question again teaches you "
+            "nothing.",
             "",
-            "Formats (always think briefly inside <scratch> and </scratch> first):",
-            "- Action round: one block\n<interact>\nQuery: your question\n</interact>\nwith a single short "
-            "question about one thing, and nothing else in the block.",
-            f"- Update round: <interact>Guess: ...</interact> where ... is {_GUESS_FORMAT}.",
-            "- Answer round: your final weights in the same form, but between the tags <answer> and </answer>. "
-            "Your answer is the option with the single largest weight (a tie counts as wrong).",
-            "Update your weights when the patient tells you something new, and only then. A turn ends at the first "
-            "</interact> or </answer> you write; anything after it is ignored. The answer tags end the visit in "
-            "any round.",
+            rp.FORMATS_HEADER,
+            rp.action_format(rp.QUERY_BLOCK, "with a single short question about one thing"),
+            rp.update_format(_GUESS_FORMAT),
+            rp.answer_format("weights", " Your answer is the option with the single largest weight (a tie counts as wrong)."),
+            "Update your weights when the patient tells you something new, and only then. " + rp.turn_rules("visit"),
         ]
     )
 
@@ -112,15 +103,9 @@ def mediq_system_prompt(spec: Mapping[str, Any]) -> str:
 def mediq_user_prompt(spec: Mapping[str, Any]) -> str:
     """First user message: start the episode with round 1 (an Action round)."""
     max_turns = int(spec["max_turns"])
-    return (
-        f"Let's start: you may ask {max_turns // 2} questions. Round 1 of {max_turns} is an Action round: "
-        + action_instruction()
-    )
+    return rp.opening(f"you may ask {max_turns // 2} questions", max_turns, action_instruction())
 
 
 def mediq_messages(spec: Mapping[str, Any]) -> list[dict[str, str]]:
     """The chat ``prompt`` column of one MediQ row."""
-    return [
-        {"role": "system", "content": mediq_system_prompt(spec)},
-        {"role": "user", "content": mediq_user_prompt(spec)},
-    ]
+    return rp.chat_prompt(mediq_system_prompt(spec), mediq_user_prompt(spec))

@@ -68,6 +68,7 @@ import numpy as np
 
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, TurnLabel
 from verl_selflock.envs.base import (
+    ROUND_COUNTERS,
     EnvContext,
     EpisodeResult,
     ProgressSignal,
@@ -120,7 +121,7 @@ class PreferenceEstimationEnv(RoundBasedEnv):
             k=2, delta_min=0.05, description="L2 distance between the unit-normalised guess and the previous one"
         ),
     }
-    counters = ("action_rounds", "update_rounds", "invalid_actions", "invalid_guesses", "repeats")
+    counters = ROUND_COUNTERS
 
     @classmethod
     def spec_default_max_turns(cls, spec: Mapping[str, Any]) -> int:
@@ -180,15 +181,7 @@ class PreferenceEstimationEnv(RoundBasedEnv):
     def result(self) -> EpisodeResult:
         success = self.answer_cos is not None and self.answer_cos > self.cos_threshold
         psi_final = cosine(self.prev_valid_guess, self.w_star)
-        metrics = self.counter_metrics()
-        metrics.update(
-            turns=float(self.turn),
-            psi_final=psi_final,
-            answered=float(self.answer is not None),
-        )
-        return EpisodeResult(
-            reward=1.0 if success else 0.0, success=success, answered=self.answer is not None, metrics=metrics
-        )
+        return self._outcome(success, self.answer is not None, psi_final=psi_final, answered=float(self.answer is not None))
 
     def ground_truth_answer(self) -> str:
         """``w*`` as the answer block's content (``w1,...,wD``, shortest exact decimals)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from verl_selflock.envs import round_prompts as rp
+
 __all__ = [
     "FEEDBACK_PREFIX",
     "action_block",
@@ -54,23 +56,19 @@ def action_instruction(variant: str, S: int | None, D: int, n_movies: int) -> st
         fields = f"Focus: {S} different attributes from 1 to {D}; Pair: two different movies from 1 to {n_movies}"
     else:
         fields = f"Pair: two different movies from 1 to {n_movies}"
-    return (
-        f"<scratch>...</scratch> then one new query\n{action_block(variant, S)}\n({fields}; nothing else in the "
-        "block; do not repeat an earlier query)."
+    return rp.action_instruction(
+        "query", action_block(variant, S), f"{fields}; nothing else in the block; do not repeat an earlier query"
     )
 
 
 def update_instruction(D: int) -> str:
     """What to write in an Update round."""
-    return f"<scratch>...</scratch> then <interact>Guess: ...</interact> with {_vector_format(D)}."
+    return rp.update_instruction(_vector_format(D))
 
 
 def answer_instruction(D: int) -> str:
     """What to write in the Answer round (the tag pair encloses no number)."""
-    return (
-        "<scratch>...</scratch> then your final estimate between the tags <answer> and </answer>: "
-        f"{_vector_format(D)}."
-    )
+    return rp.answer_instruction("estimate", _vector_format(D))
 
 
 # --- the first messages of a row ---------------------------------------------------------------
@@ -93,8 +91,6 @@ def pe_system_prompt(spec: Mapping[str, Any]) -> str:
     S = spec.get("S")
     movies = spec["movies"]
     n_movies = len(movies)
-    actions = ", ".join(map(str, range(1, max_turns, 2)))
-    updates = ", ".join(map(str, range(2, max_turns, 2)))
     if variant == "gated":
         query = (
             f"Each query names a focus of {S} different attributes and a pair of two different movies. The user "
@@ -127,18 +123,16 @@ def pe_system_prompt(spec: Mapping[str, Any]) -> str:
             "is the same for all possible weights (one movie is higher on every compared attribute) teaches you "
             f"nothing. Do not repeat a question ({repeat}): repeated or invalid queries get no feedback.",
             "",
-            f"Rounds: {max_turns} in total. Rounds {actions} are Action rounds (ask one query). Rounds {updates} "
-            f"are Update rounds (state your current estimate). Round {max_turns} is the Answer round (your final "
-            "estimate). Before any query, your estimate weighs every attribute equally.",
+            rp.rounds_paragraph(max_turns, "ask one query", "state your current estimate", " (your final estimate)")
+            + " Before any query, your estimate weighs every attribute equally.",
             "",
-            "Formats (always think briefly inside <scratch> and </scratch> first):",
-            f"- Action round: one block\n{action_block(variant, S)}\n{fields}, and nothing else in the block.",
-            "- Update round: <interact>Guess: ...</interact> where ... is "
-            f"{D} non-negative numbers separated by commas, one per attribute in order.",
-            "- Answer round: your final estimate in the same form, but between the tags <answer> and </answer>.",
-            "Only the proportions between the weights matter, so make clear distinctions. A turn ends at the first "
-            "</interact> or </answer> you write; anything after it is ignored. The answer tags end the game in any "
-            "round. Your answer is correct if it points in nearly the same direction as the user's weights.",
+            rp.FORMATS_HEADER,
+            rp.action_format(action_block(variant, S), fields),
+            rp.update_format(_vector_format(D)),
+            rp.answer_format("estimate"),
+            "Only the proportions between the weights matter, so make clear distinctions. "
+            + rp.turn_rules("game")
+            + " Your answer is correct if it points in nearly the same direction as the user's weights.",
         ]
     )
 
@@ -146,15 +140,10 @@ def pe_system_prompt(spec: Mapping[str, Any]) -> str:
 def pe_user_prompt(spec: Mapping[str, Any]) -> str:
     """First user message: start the episode with round 1 (an Action round)."""
     max_turns = int(spec["max_turns"])
-    return (
-        f"Let's start: you have {max_turns // 2} queries. Round 1 of {max_turns} is an Action round: "
-        + action_instruction(spec["variant"], spec.get("S"), int(spec["D"]), len(spec["movies"]))
-    )
+    action = action_instruction(spec["variant"], spec.get("S"), int(spec["D"]), len(spec["movies"]))
+    return rp.opening(f"you have {max_turns // 2} queries", max_turns, action)
 
 
 def pe_messages(spec: Mapping[str, Any]) -> list[dict[str, str]]:
     """The chat ``prompt`` column of one PE row."""
-    return [
-        {"role": "system", "content": pe_system_prompt(spec)},
-        {"role": "user", "content": pe_user_prompt(spec)},
-    ]
+    return rp.chat_prompt(pe_system_prompt(spec), pe_user_prompt(spec))

@@ -62,17 +62,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from verl_selflock.contracts.critique import CHANNEL_AS, FallbackRole, TurnLabel
-from verl_selflock.envs.base import (
-    NEW_INFORMATION_SIGNAL,
-    ActiveReasoningEnv,
-    EnvContext,
-    EpisodeResult,
-    ProgressSignal,
-    RoundKind,
-    StepResult,
-    ask_simulator,
-    register_env,
-)
+from verl_selflock.envs.base import ActiveReasoningEnv, EnvContext, EpisodeResult, RoundKind, StepResult, register_env
+from verl_selflock.envs.simulated_user import SIMULATOR_COUNTERS, new_information_progress, new_information_signals
 from verl_selflock.envs.tau2.assets import new_environment, require_tau2, telecom_task
 from verl_selflock.envs.tau2.critiques import targeted_critique
 from verl_selflock.envs.tau2.evaluation import Tau2Evaluation, evaluate_transcript
@@ -105,13 +96,11 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
     """One tau2 telecom episode (see the module docstring for the rules)."""
 
     closing_tags = TELECOM_CLOSING_TAGS
-    progress_signals = {
-        # T3 for tau2 (the T3 paper, arXiv 2510.12264): no state change and no new observation for k = 3
-        # turns, from turn 6.
-        NEW_INFORMATION_SIGNAL: ProgressSignal(
-            k=3, delta_min=0.0, min_turn=6, description="1 if any positive signal fired (new read output, state change, ...)"
-        ),
-    }
+    # T3 for tau2 (the T3 paper, arXiv 2510.12264): no state change and no new observation for k = 3
+    # turns, from turn 6.
+    progress_signals = new_information_signals(
+        "1 if any positive signal fired (new read output, state change, ...)", k=3, min_turn=6
+    )
 
     default_max_turns = DEFAULT_MAX_TURNS
     needs_simulator = True
@@ -122,7 +111,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
     counters = (
         "turns", "messages", "tool_calls", "tool_errors", "invalid_actions", "repeats", "wrong_identity",
         "premature_transfers", "user_tool_calls", "fallback_eligible",
-        "sim_calls", "sim_cache_hits", "sim_failures", "user_step_caps", "expected_actions_matched",
+        *SIMULATOR_COUNTERS, "user_step_caps", "expected_actions_matched",
     )
 
     def __init__(
@@ -259,7 +248,7 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
             valid=parsed.ok,
             repeated=repeated,
             info=info,
-            progress={NEW_INFORMATION_SIGNAL: float(bool(signals))},
+            progress=new_information_progress(bool(signals)),
         )
 
     def _agent_tool_turn(self, action: AgentAction, signals: list[str], info: dict[str, Any]) -> tuple[str | None, str]:
