@@ -19,8 +19,7 @@ from collections.abc import Callable
 import torch
 
 from verl_selflock.algorithms.arew import compute_arew_bonus
-from verl_selflock.algorithms.arew_config import ArewConfig
-from verl_selflock.algorithms.arew_config import MODES
+from verl_selflock.algorithms.arew_config import MODES, ArewConfig
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 
 

@@ -97,11 +97,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
     from verl_selflock.algorithms.igpo_config import IgpoConfig
+    from verl_selflock.algorithms.igpo_plan import plan_scoring, score_with_hf_model
     from verl_selflock.contracts import episode as ef
     from verl_selflock.models import smollm2_path
-    from verl_selflock.algorithms.igpo_plan import plan_scoring, score_with_hf_model
+    from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
 
     model_dir = smollm2_path()
     response_length = args.max_turns * (args.turn_tokens + 200)

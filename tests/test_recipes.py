@@ -130,8 +130,8 @@ def test_mediq_recipe_reaches_the_agent_loop(smollm2_dir, monkeypatch):
     counterfactual switch to the agent loop through the YAML file that veRL loads."""
     import yaml
 
-    from verl_selflock.verl_adapter.agent_loop import ActiveReasoningLoopConfig
     from verl_selflock.simulators import SimulatorConfig
+    from verl_selflock.verl_adapter.agent_loop import ActiveReasoningLoopConfig
 
     monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://sim.example:9000/v1")
     monkeypatch.delenv("SELFLOCK_SIMULATOR_MODEL", raising=False)
@@ -160,8 +160,8 @@ TAU2_RECIPES = ["vanilla_ppo", "arew"]
 def test_tau2_recipe_composes_and_validates(name, smollm2_dir):
     """The tau2 telecom recipes: veRL's validation, the paper's settings, and an agent-loop config that
     carries the user endpoint (set on the command line) and the environment's stop tags."""
-    import yaml
     import verl  # noqa: F401
+    import yaml
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from verl_selflock.algorithms.advantage import apply_arew_bonus
 from verl_selflock.algorithms.arew import ArewConfig
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, ResponseLayout, TurnLabel
-from verl_selflock.algorithms.advantage import apply_arew_bonus
 
 LAM = 0.2
 WIDTH = 10

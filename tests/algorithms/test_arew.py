@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from verl_selflock.algorithms.arew import apply_critique_noise, compute_arew_bonus, make_noise_generator
-from verl_selflock.algorithms.arew_config import ArewConfig, MODES, TOKEN_LEVEL_MODES, TURN_LEVEL_MODES
+from verl_selflock.algorithms.arew_config import MODES, TOKEN_LEVEL_MODES, TURN_LEVEL_MODES, ArewConfig
 from verl_selflock.algorithms.critique_batch import CritiqueBatch, collate_critiques
 from verl_selflock.contracts.critique import (
     CHANNEL_AS,

@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from verl_selflock.contracts import episode as ef
 from verl_selflock.algorithms.igpo import (
     IgpoConfig,
     broadcast_turn_values,
@@ -16,8 +15,9 @@ from verl_selflock.algorithms.igpo import (
     dense_turn_index,
     group_ids,
 )
-from verl_selflock.contracts.critique import ResponseLayout, TurnLabel
 from verl_selflock.algorithms.igpo_plan import plan_scoring, scoring_answers, segment_means, turn_starts
+from verl_selflock.contracts import episode as ef
+from verl_selflock.contracts.critique import ResponseLayout, TurnLabel
 from verl_selflock.verl_adapter.igpo_scoring import balance_for_forward, forward_batch_multiple
 from verl_selflock.verl_adapter.igpo_step import compute_igpo_step
 

@@ -13,11 +13,11 @@ import pytest
 from fixtures.flodial_charts import EDGES, FAULTS, QUESTIONS, SEPARATING, laptop_chart, write_charts
 
 from verl_selflock.cli import main as cli_main
+from verl_selflock.contracts.critique import CHANNEL_AS
 from verl_selflock.data.flodial import FloDialDataConfig, build_flodial_rows
 from verl_selflock.data.flodial_charts import load_flowchart, load_flowcharts, separating_questions
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.flodial.parsing import normalise_query
-from verl_selflock.contracts.critique import CHANNEL_AS
 from verl_selflock.simulators import ChatReply
 
 REAL_FLODIAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flodial"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fixtures.mediq_rows import official_row
+
 from verl_selflock.cli import main as cli_main
 from verl_selflock.data import mediq as mediq_data
 from verl_selflock.data.mediq import MediQDataError, build_mediq_dataset, download_official, read_cases

@@ -16,9 +16,9 @@ from verl_selflock.data.pe import (
     COS_THRESHOLD,
     MIN_INFORMATIVE_FRACTION,
     MIN_INFORMATIVE_PAIRS,
-    count_informative_queries,
     add_arguments,
     build_pe_dataset,
+    count_informative_queries,
     run,
 )
 from verl_selflock.envs import make_env

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
 from verl_selflock.contracts.episode import EpisodeStats
 from verl_selflock.diagnostics.metrics import (
     batch_metrics,
@@ -20,7 +21,6 @@ from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor,
 from verl_selflock.diagnostics.training import SELF_LOCKING_KEY, TrainingDiagnostics
 from verl_selflock.envs import StepResult
 from verl_selflock.episode.counting import TurnCounter
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, TurnLabel
 
 
 def _step(z: int, channel: int, valid: bool = True, repeated: bool = False, **info) -> StepResult:

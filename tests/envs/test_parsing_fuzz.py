@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 from verl_selflock.envs import RoundKind, make_env
 from verl_selflock.envs.parsing import (
     cut_after_first_closing_tag,
@@ -20,7 +21,6 @@ from verl_selflock.envs.parsing import (
     parse_query,
     parse_vector,
 )
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 
 # --- cut_after_first_closing_tag -----------------------------------------------------------------------
 

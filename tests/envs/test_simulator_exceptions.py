@@ -10,12 +10,12 @@ import logging
 import pytest
 from fixtures.flodial_charts import laptop_chart
 
+from verl_selflock.contracts.critique import CHANNEL_AS
 from verl_selflock.data.flodial import FloDialDataConfig, make_flodial_spec
 from verl_selflock.data.flodial_charts import load_flowchart
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.base import ask_simulator
 from verl_selflock.envs.mediq.prompts import FIXED_REPLY
-from verl_selflock.contracts.critique import CHANNEL_AS
 from verl_selflock.simulators import ChatReply
 
 

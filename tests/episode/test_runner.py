@@ -20,7 +20,6 @@ from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.parsing import cut_after_first_closing_tag
 from verl_selflock.episode.runner import EpisodeRunner
 
-
 MOVIES = [[3, 1, 2], [1, 2, 0], [0, 0, 1], [4, 3, 3], [2, 4, 1]]
 W_STAR = [1.0, 1.0, 2.0]
 PRIOR_COS = 4 / math.sqrt(18)

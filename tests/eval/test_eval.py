@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fixtures.mediq_rows import official_row
 from fixtures.openai_servers import FaultServer
+
 from verl_selflock.cli import main
 from verl_selflock.data.pe import build_pe_dataset
 from verl_selflock.eval.runner import EvalConfig, evaluate, format_summary

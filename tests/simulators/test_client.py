@@ -9,8 +9,8 @@ import random
 import time
 
 import pytest
-
 from fixtures.openai_servers import FaultServer, completion_body, down_url
+
 from verl_selflock.simulators import ChatClient, SimulatorConfig, SimulatorConfigError, shared_client
 from verl_selflock.simulators.client import backoff_delay, retry_after_seconds
 

@@ -54,9 +54,6 @@ class TurnCounter:
         or ``"answer"``), ``step`` the environment's :class:`~verl_selflock.envs.StepResult` and
         ``closing_tag`` the tag the turn was cut at (``"answer"`` makes it the answer turn, see
         :func:`judged_round`). Returns the kind of turn it was counted as."""
-        # Imported here: contracts.critique imports torch (an environment's StepResult has loaded it already).
-        from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT
-
         stats = self.stats
         kind = judged_round(round_kind, closing_tag)
         stats.judged_turns += 1

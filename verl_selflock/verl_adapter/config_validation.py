@@ -16,7 +16,6 @@ from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 
 
-
 class SelflockConfigError(ValueError):
     """A veRL config asks for one of our features with settings that cannot work."""
 

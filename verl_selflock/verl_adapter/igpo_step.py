@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_selflock.contracts.episode import T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
+from verl_selflock.algorithms.critique_batch import collate_critiques
 from verl_selflock.algorithms.igpo import (
     IgpoTurnTable,
     broadcast_turn_values,
@@ -23,8 +23,8 @@ from verl_selflock.algorithms.igpo import (
     group_ids,
 )
 from verl_selflock.algorithms.igpo_config import IgpoConfig
-from verl_selflock.algorithms.critique_batch import collate_critiques
 from verl_selflock.algorithms.igpo_plan import ScoringPlan, plan_scoring, scoring_answers
+from verl_selflock.contracts.episode import T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
 from verl_selflock.verl_adapter.igpo_scoring import score_with_actor, timed
 from verl_selflock.verl_adapter.jagged import padded, rows
 from verl_selflock.verl_adapter.private_names import generation_seconds, padding_flags, response_to_nested

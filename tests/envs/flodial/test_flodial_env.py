@@ -9,11 +9,11 @@ import pytest
 from fixtures.flodial_charts import laptop_chart
 from fixtures.openai_servers import FaultServer, down_url
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.data.flodial import FloDialDataConfig, make_flodial_spec
 from verl_selflock.data.flodial_charts import load_flowchart
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.flodial.parsing import normalise_query, parse_simulator_reply
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig
 
 # True fault 8 ("Reseat the graphics card."); candidates shown as [3, 5, 8, 6, 10] -> answer_index 2.

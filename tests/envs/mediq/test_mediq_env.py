@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from fixtures.openai_servers import FaultServer, down_url
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.mediq.env import MediQEnv, normalise_query, parse_patient_reply
 from verl_selflock.envs.mediq.prompts import FIXED_REPLY
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, FallbackRole
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig
 
 FACTS = ["The patient is 40 years old.", "She has a fever.", "She has a rash.", "She smokes.", "Her BP is 120/80."]

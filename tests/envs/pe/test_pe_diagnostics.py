@@ -11,8 +11,8 @@ import pytest
 
 from verl_selflock.envs import EnvContext, make_env
 from verl_selflock.envs.pe.geometry import cosine
-from verl_selflock.envs.pe.prompts import FEEDBACK_PREFIX
 from verl_selflock.envs.pe.oracle import PEVersionSpace, oracle_belief, seed_of
+from verl_selflock.envs.pe.prompts import FEEDBACK_PREFIX
 
 MOVIES = [[3, 1, 2], [1, 2, 0], [0, 0, 1], [4, 3, 3], [2, 4, 1]]
 W_STAR = [1.0, 1.0, 2.0]

