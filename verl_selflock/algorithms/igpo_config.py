@@ -22,7 +22,7 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class IgpoConfig:
-    """Validated ``algorithm.igpo`` settings (IGPO, arXiv 2510.14967; see ``igpo_method.md``).
+    """Validated ``algorithm.igpo`` settings (IGPO, arXiv 2510.14967, and its authors' code).
 
     Turn reward: the information gain ``p_t - p_{t-1}`` of the policy's belief in the ground-truth
     answer (``p`` = geometric-mean probability of the answer tokens, teacher-forced after the dialogue
