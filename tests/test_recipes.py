@@ -16,11 +16,25 @@ GPU_RECIPES = sorted(
 LAM = {"pe_g": 0.2, "pe_f": 1.0, "mediq": 1.0, "flodial": 0.5}
 
 
-def compose_recipe(task: str, name: str, model_dir: str, overrides: list[str] | None = None):
-    """A recipe with the paper's 7B model swapped for a local one (veRL's validation reads its config)."""
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory) -> list[str]:
+    """Real data files for the recipes' validation, which opens their parquet footers: a small PE-G set
+    from our builder (the checks read the columns every task's builder writes, not the task)."""
+    from verl_selflock.data.pe import build_pe_dataset
+
+    paths = build_pe_dataset("gated", 3, 4, 2, 0, tmp_path_factory.mktemp("pe"), max_turns=4, progress=False)
+    return [f"data.train_files={paths['train']}", f"data.val_files={paths['test']}"]
+
+
+def compose_recipe(
+    task: str, name: str, model_dir: str, overrides: list[str] | None = None, data: list[str] | None = None
+):
+    """A recipe with the paper's 7B model swapped for a local one (veRL's validation reads its config) and
+    ``data`` (``recipe_data``) for its files; placeholders when the test never validates."""
     from hydra import compose, initialize_config_dir
 
-    local = ["data.train_files=t.parquet", "data.val_files=v.parquet", f"actor_rollout_ref.model.path={model_dir}"]
+    files = data or ["data.train_files=t.parquet", "data.val_files=v.parquet"]
+    local = files + [f"actor_rollout_ref.model.path={model_dir}"]
     with initialize_config_dir(config_dir=str(RECIPES / task), version_base=None):
         return compose(config_name=name, overrides=local + (overrides or []))
 
@@ -35,12 +49,12 @@ def test_every_task_has_the_issue_recipes():
 
 
 @pytest.mark.parametrize("task, name", GPU_RECIPES)
-def test_recipe_composes_and_validates(task, name, smollm2_dir):
+def test_recipe_composes_and_validates(task, name, smollm2_dir, recipe_data):
     import verl  # noqa: F401  (installs our driver-side validation)
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    config = compose_recipe(task, name, smollm2_dir)
+    config = compose_recipe(task, name, smollm2_dir, data=recipe_data)
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
 
     arew = config.algorithm.get("arew")
@@ -157,7 +171,7 @@ TAU2_RECIPES = ["vanilla_ppo", "arew"]
 
 
 @pytest.mark.parametrize("name", TAU2_RECIPES)
-def test_tau2_recipe_composes_and_validates(name, smollm2_dir):
+def test_tau2_recipe_composes_and_validates(name, smollm2_dir, recipe_data):
     """The tau2 telecom recipes: veRL's validation, the paper's settings, and an agent-loop config that
     carries the user endpoint (set on the command line) and the environment's stop tags."""
     import verl  # noqa: F401
@@ -166,7 +180,7 @@ def test_tau2_recipe_composes_and_validates(name, smollm2_dir):
     from verl.utils.config import validate_config
 
     user = ["selflock_agent_loop.simulator.base_url=http://user-sim:9000/v1", "selflock_agent_loop.simulator.model=my-user-model"]
-    config = compose_recipe("tau2_telecom", name, smollm2_dir, user)
+    config = compose_recipe("tau2_telecom", name, smollm2_dir, user, data=recipe_data)
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     assert need_critic(config)
     if name == "arew":
@@ -244,7 +258,7 @@ def _same_node_command(task: str) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("task", ["mediq", "flodial", "tau2_telecom"])
-def test_readme_same_node_command_keeps_training_off_the_simulator_gpu(task, smollm2_dir):
+def test_readme_same_node_command_keeps_training_off_the_simulator_gpu(task, smollm2_dir, recipe_data):
     """The README's command for a simulator on GPU 7 gives training GPUs 0-6 only, and its overrides pass
     veRL's validation with 7 GPUs."""
     import verl  # noqa: F401
@@ -253,6 +267,6 @@ def test_readme_same_node_command_keeps_training_off_the_simulator_gpu(task, smo
 
     name, overrides = _same_node_command(task)
     assert "trainer.n_gpus_per_node=7" in overrides
-    config = compose_recipe(task, name, smollm2_dir, overrides)
+    config = compose_recipe(task, name, smollm2_dir, overrides, data=recipe_data)
     assert config.trainer.n_gpus_per_node == 7
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))

@@ -1,11 +1,31 @@
-"""``verl-selflock``: doctor (is the plugin wired into veRL?), data builders, eval and plots."""
+"""``verl-selflock``: doctor (is the plugin wired into veRL?), data builders, eval and plots.
+
+A user's mistake (a bad argument, a missing or corrupt file: :class:`verl_selflock.errors.UserError`,
+argparse's own errors included) ends the command with one line on stderr and exit code 2; ``--debug``
+(before the subcommand) or ``VERL_SELFLOCK_DEBUG=1`` prints its traceback too. Any other exception is a
+bug of ours and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
+
+from verl_selflock.errors import USER_ERROR_EXIT, UserError, debug_requested, one_line
+
+PROG = "verl-selflock"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises a :class:`UserError` instead of printing its usage block and exiting, so that a
+    bad argument reads like every other user error: one line (with a pointer to ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
 def doctor(args: argparse.Namespace) -> int:
@@ -27,7 +47,7 @@ def run_data_builder(args: argparse.Namespace) -> int:
     """Hand the remaining arguments to the task's own builder (imported only when asked for)."""
     module_name, help_text = _DATA_BUILDERS[args.task]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"verl-selflock data {args.task}", description=help_text)
+    parser = ArgumentParser(prog=f"{PROG} data {args.task}", description=help_text)
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(args.builder_args)) or 0)
 
@@ -47,9 +67,10 @@ def _add_tool(commands: argparse._SubParsersAction, name: str) -> None:
     tool.set_defaults(func=module.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="verl-selflock", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (or VERL_SELFLOCK_DEBUG=1)")
+    commands = parser.add_subparsers(dest="command", required=True)  # subparsers are ArgumentParser too
     doc = commands.add_parser("doctor", help="check that veRL loads the plugin and sees our registrations")
     doc.set_defaults(func=doctor)
 
@@ -67,9 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leading_debug(argv: Sequence[str]) -> bool:
+    """``--debug`` among the global options (before the subcommand), readable even when parsing fails."""
+    for item in argv:
+        if not item.startswith("-"):
+            return False
+        if item == "--debug":
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command; a :class:`UserError` becomes one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = PROG
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"{PROG} {args.command}" + (f" {args.task}" if args.command == "data" else "")
+        return int(args.func(args) or 0)
+    except UserError as err:
+        if _leading_debug(argv) or debug_requested():
+            traceback.print_exc()
+        message = one_line(err) or type(err).__name__
+        # argparse's messages already start with the parser's prog ("verl-selflock data pe: ...").
+        prefix = "" if message.startswith(PROG) else f"{command}: "
+        print(f"{prefix}error: {message}" if prefix else message, file=sys.stderr)
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

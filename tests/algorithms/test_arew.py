@@ -170,14 +170,15 @@ def reference_bonus(batch: CritiqueBatch, mask: torch.Tensor, config: ArewConfig
             values.update({t: neg for t in negative})
         else:
             if config.mode == "step_abs_sum" and config.fallbacks:
-                zero = [t for t in sorted(turns) if turns[t]["z"] == 0]
+                # As the authors' code: the final turn is no candidate for either fallback.
+                final_turn = max(turns, default=-1)
+                zero = [t for t in sorted(turns) if turns[t]["z"] == 0 and t != final_turn]
                 if not positive and negative:
                     promoted = [t for t in zero if turns[t]["role"] == FallbackRole.ELIGIBLE]
                     positive = promoted
                     sums["fallback"] += bool(promoted)
                 elif not negative and positive:
-                    final_turn = max(turns)
-                    negative = [t for t in zero if t != final_turn and turns[t]["role"] != FallbackRole.EXEMPT]
+                    negative = [t for t in zero if turns[t]["role"] != FallbackRole.EXEMPT]
                     sums["fallback"] += bool(negative)
             if config.neg_cap != "none" and len(negative) > len(positive):
                 keep = len(positive)
@@ -481,13 +482,13 @@ def test_negative_cap(neg_cap, expected, mode):
     torch.testing.assert_close(bonus, torch.tensor([expected, [1.0, -1.0, 0.0, 0.0]]))
 
 
-def test_step_abs_sum_fallback_promotes_eligible_zero_turns_to_positive():
+def test_step_abs_sum_fallback_promotes_eligible_zero_turns_to_positive_except_the_final_one():
     # t0 = -1 (2 tok); t1 = 0 eligible (2 tok); t2 = 0 not eligible; t3 = 0 eligible, final turn (1 tok).
     row = [("turn", 2, -1, AS), ("turn", 2, 0, BT, True), ("turn", 1, 0, AS, False), ("turn", 1, 0, BT, True)]
     batch, mask = build_batch([row], width=6)
     bonus, metrics = bonus_of(batch, mask, ArewConfig(lam=2.0, mode="step_abs_sum"))
-    # lam/2 = 1 per side. P = {t1, t3}: +1/2 each -> t1 0.25 per token (2 tok), t3 0.5. N = {t0}: -1 over 2 tok.
-    torch.testing.assert_close(bonus, torch.tensor([[-0.5, -0.5, 0.25, 0.25, 0.0, 0.5]]))
+    # lam/2 = 1 per side. P = {t1} (t3 is final: never promoted): +1 over 2 tok. N = {t0}: -1 over 2 tok.
+    torch.testing.assert_close(bonus, torch.tensor([[-0.5, -0.5, 0.5, 0.5, 0.0, 0.0]]))
     assert metrics["arew/frac_traj_fallback"] == 1.0
     assert metrics["arew/frac_traj_only_neg"] == 1.0  # the metrics describe the critiques, pre-fallback
 
@@ -506,6 +507,9 @@ def test_step_abs_sum_fallback_demotes_zero_turns_except_the_final_one():
     [
         [("turn", 1, 1, AS), ("turn", 1, 0, NONE)],  # the only zero turn is the final one
         [("turn", 1, -1, AS), ("turn", 1, 0, BT, False)],  # no eligible zero turn
+        # negatives only, and the only zero turn is the final one, eligible (tau2 warm-up role): the
+        # authors' code never promotes the final turn, so the row stays one-sided and gets nothing
+        [("turn", 1, -1, AS), ("turn", 1, 0, AS, True)],
     ],
 )
 def test_step_abs_sum_fallback_needs_a_candidate(row):
@@ -514,17 +518,36 @@ def test_step_abs_sum_fallback_needs_a_candidate(row):
     assert torch.equal(bonus, torch.zeros(1, 2)) and metrics["arew/frac_traj_fallback"] == 0.0
 
 
+def test_step_abs_sum_never_promotes_the_final_turn_of_a_negative_only_trajectory():
+    # Row 0: t0 = -1 (2 tok), obs, t1 = 0 eligible and final (2 tok): the final turn is the only zero turn,
+    # so there is no positive candidate and the row gets no bonus (before the fix t1 got +lam/2).
+    # Row 1: t0 = -1 (1 tok), t1 = 0 eligible (1 tok), obs, t2 = 0 eligible and final (2 tok): only t1 is
+    # promoted. lam = 2: each side carries 1.
+    rows = [
+        [("turn", 2, -1, AS), ("obs", 1), ("turn", 2, 0, AS, True)],
+        [("turn", 1, -1, AS), ("turn", 1, 0, AS, True), ("obs", 1), ("turn", 2, 0, BT, True)],
+    ]
+    batch, mask = build_batch(rows, width=6)
+    bonus, metrics = bonus_of(batch, mask, ArewConfig(lam=2.0, mode="step_abs_sum"))
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(bonus, expected)
+    assert metrics["arew/frac_traj_fallback"] == 0.5
+    # With one_sided=clamp row 0 keeps its one-sided negative bonus, and still no positive on its final turn.
+    bonus, _ = bonus_of(batch, mask, ArewConfig(lam=2.0, mode="step_abs_sum", one_sided="clamp"))
+    torch.testing.assert_close(bonus[0], torch.tensor([-0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
+
+
 EXEMPT, ELIGIBLE, ORDINARY = FallbackRole.EXEMPT, FallbackRole.ELIGIBLE, FallbackRole.ORDINARY
 
 
 def test_step_abs_sum_fallbacks_never_promote_exempt_turns():
     # Row 0, positives only: t0 = +1 (1 tok); t1 = 0 EXEMPT (2 tok: the simulated user failed); t2 = 0
     # ordinary (1 tok); t3 = final turn (1 tok). Only t2 becomes negative.
-    # Row 1, negatives only: t0 = -1 (2 tok); t1 = 0 EXEMPT (1 tok); t2 = 0 ELIGIBLE (1 tok). Only t2 becomes
-    # positive.
+    # Row 1, negatives only: t0 = -1 (2 tok); t1 = 0 EXEMPT (1 tok); t2 = 0 ELIGIBLE (1 tok); t3 = final turn
+    # (1 tok). Only t2 becomes positive.
     rows = [
         [("turn", 1, 1, AS), ("turn", 2, 0, AS, EXEMPT), ("turn", 1, 0, AS, ORDINARY), ("turn", 1, 0, NONE)],
-        [("turn", 2, -1, AS), ("turn", 1, 0, AS, EXEMPT), ("turn", 1, 0, AS, ELIGIBLE)],
+        [("turn", 2, -1, AS), ("turn", 1, 0, AS, EXEMPT), ("turn", 1, 0, AS, ELIGIBLE), ("turn", 1, 0, NONE)],
     ]
     batch, mask = build_batch(rows, width=5)
     bonus, metrics = bonus_of(batch, mask, ArewConfig(lam=2.0, mode="step_abs_sum"))
@@ -685,7 +708,15 @@ BAD_VALUES = [
     ("neg_cap", "middle", "algorithm.arew.neg_cap must be one of ['none', 'prefix', 'suffix'], got 'middle'"),
     ("one_sided", "skip", "algorithm.arew.one_sided must be one of ['zero', 'clamp'], got 'skip'"),
     ("base", "", "algorithm.arew.base must be a non-empty estimator name, got ''"),
-    ("base", "arew", "algorithm.arew.base must name the estimator the bonus is added to, not 'arew' itself"),
+    (
+        "base",
+        "arew",
+        (
+            "algorithm.arew.base must name a base advantage estimator that the bonus is added to (e.g. one of "
+            "['gae', 'grpo'], or rloo, reinforce_plus_plus, ...), not 'arew', which is one of our own estimators (arew, igpo)"
+        ),
+    ),
+    ("base", "igpo", "not 'igpo', which is one of our own estimators (arew, igpo)"),
     ("start_step", -1, "algorithm.arew.start_step must be an integer >= 0, got -1"),
     ("start_step", 1.5, "algorithm.arew.start_step must be an integer >= 0, got 1.5"),
     ("end_step", 0, "algorithm.arew.end_step must be -1 (no end) or an integer > start_step=0, got 0"),

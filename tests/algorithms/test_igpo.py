@@ -138,6 +138,40 @@ def test_vectorised_equals_reference(seed):
     assert torch.allclose(table.advantages, ref_adv, atol=1e-4), cfg
 
 
+@pytest.mark.parametrize("norm_mode", ["separate", "joint"])
+def test_nearly_equal_group_keeps_its_digits(norm_mode):
+    """A prompt group whose beliefs and outcomes differ by ~1e-5 around 0.5 / 0.7 (std ~1e-5): z-scores
+    match a float64 numpy reference to float32 precision (in float32 the centred values kept 2-3 digits)."""
+    np = pytest.importorskip("numpy")
+    d = np.array([0.0, 1e-5, -1e-5, 2e-5])  # belief gains of the 4 rollouts
+    e = np.array([1e-5, 0.0, 3e-5, -2e-5])  # outcome offsets
+    p0, p1 = np.full(4, 0.5), 0.5 + d
+    outcome = 0.7 + e
+    logprob = torch.tensor(np.log(np.stack([p0, p1], axis=1)), dtype=torch.float64)
+    cfg = IgpoConfig(norm_mode=norm_mode, gamma=0.9)
+    table = compute_igpo_turn_advantages(
+        logprob, torch.ones(4, dtype=torch.bool), torch.tensor([2, 2, 2, 2]),
+        torch.tensor(outcome, dtype=torch.float64), group_ids(["q"] * 4), cfg,
+    )
+
+    def z(values):
+        return (values - values.mean()) / (values.std() + cfg.epsilon)  # numpy's std is the population std
+
+    gain = np.exp(np.log(p1)) - np.exp(np.log(p0))
+    if norm_mode == "separate":
+        z_ig, z_out = z(gain), z(outcome)
+    else:
+        joint = z(np.concatenate([gain, outcome]))
+        z_ig, z_out = joint[:4], joint[4:]
+    ref_norm = np.stack([z_ig, z_out], axis=1)
+    ref_adv = np.stack([z_ig + cfg.gamma * z_out, z_out], axis=1)
+    if norm_mode == "separate":
+        assert np.abs(ref_norm).max() > 0.5  # the z-scores are O(1): nothing hides behind the tolerance
+    np.testing.assert_allclose(table.normalized.numpy(), ref_norm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table.advantages.numpy(), ref_adv, rtol=1e-5, atol=1e-6)
+    assert table.normalized.dtype == table.advantages.dtype == torch.float32
+
+
 def test_broadcast_puts_turn_values_on_generated_tokens_only():
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     turn_ids = torch.tensor([[0, 0, -1, 1, -1, 2, 2], [0, -1, 1, 1, -1, -1, -1]])
@@ -162,14 +196,19 @@ def test_config_validation_names_the_key():
         IgpoConfig.from_mapping({"lam": 0.2})
 
 
-def test_selflock_validation_of_igpo_runs(verl_config):
+def test_selflock_validation_of_igpo_runs(verl_config, tmp_path):
+    from verl_selflock.data.pe import build_pe_dataset
     from verl_selflock.verl_adapter.config_validation import SelflockConfigError, validate_selflock_config
 
+    # a run of ours has its data files checked on the driver too: real ones, from our builder
+    paths = build_pe_dataset("gated", 3, 4, 2, 0, tmp_path, max_turns=4, progress=False)
     good = [
         "algorithm.adv_estimator=igpo",
         "trainer.v1.trainer_mode=selflock",
         "actor_rollout_ref.rollout.n=4",
         "+algorithm.igpo.norm_mode=separate",
+        f"data.train_files={paths['train']}",
+        f"data.val_files={paths['test']}",
     ]
     validate_selflock_config(verl_config(good))
     with pytest.raises(SelflockConfigError, match=r"algorithm\.igpo\.gamma"):

@@ -221,8 +221,15 @@ def test_u_flo_holds_out_the_test_charts(tmp_path):
     )
     assert {r["env"]["chart"] for r in frames["test"].extra_info} == {"beta"}
     assert {r["env"]["chart"] for r in frames["train"].extra_info} <= {"alpha", "gamma"}
-    with pytest.raises(ValueError, match=r"u-flo test charts \['car_steering', 'laptop_battery'\]"):
-        build_with_cli(tmp_path / "x", source, "--split-scheme", "u-flo")
+
+
+def test_u_flo_with_test_charts_the_input_lacks_is_one_line(tmp_path, capsys):
+    source = write_charts(tmp_path, [laptop_chart("alpha"), laptop_chart("beta")])
+    code = cli_main(["data", "flodial", "--input", str(source), "--out", str(tmp_path / "x"), "--split-scheme", "u-flo"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1
+    assert "--test-charts ['car_steering', 'laptop_battery'] are not among the flowcharts ['alpha', 'beta']" in error
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 # --------------------------------------------------------------------------- the real FloDial files

@@ -104,9 +104,9 @@ def test_cli_and_errors(tmp_path, capsys):
     assert train.iloc[0]["extra_info"]["env"]["max_turns"] == 6
     assert not train.iloc[0]["extra_info"]["env"]["counterfactual_bt"]
 
-    with pytest.raises(SystemExit, match="--input"):
-        cli_main(["data", "mediq", "--out", str(out)])
-    with pytest.raises(MediQDataError, match="does not exist"):
+    assert cli_main(["data", "mediq", "--out", str(out)]) == 2
+    assert "give --input FILE_OR_FOLDER" in capsys.readouterr().err
+    with pytest.raises(MediQDataError, match="no such file"):
         build_mediq_dataset([tmp_path / "missing.jsonl"], out, progress=False)
     (tmp_path / "broken.jsonl").write_text('{"id": 1}\nnot json\n')
     with pytest.raises(MediQDataError, match=r"broken.jsonl:2: not a JSON line"):

@@ -3,6 +3,7 @@ and end to end against a real ``transformers serve`` with SmolLM2-135M-Instruct 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 from fixtures.mediq_rows import official_row
-from fixtures.openai_servers import FaultServer
+from fixtures.openai_servers import FaultServer, error_response
 
 from verl_selflock.cli import main
 from verl_selflock.data.pe import build_pe_dataset
+from verl_selflock.errors import UserError
+from verl_selflock.eval import runner
 from verl_selflock.eval.runner import EvalConfig, evaluate, format_summary
 from verl_selflock.simulators import ChatReply
 
@@ -46,6 +49,14 @@ class ScriptedPolicy:
             i = turn
             return ChatReply(f"<scratch>ask</scratch><interact>\nFocus: 1,2,3\nPair: {i},{i + 1}\n</interact> extra", ok=True)
         return ChatReply("<interact>Guess: 1,1,1,1,1,1</interact>", ok=True)
+
+
+def eval_cli(argv: list[str]) -> int:
+    """``verl-selflock eval ARGV`` through the eval module itself: a user mistake raises its UserError here
+    (the top-level CLI prints it as one line, which is the CLI's own test)."""
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    return runner.run(parser.parse_args(argv))
 
 
 def _ids(path: Path) -> list[str]:
@@ -84,7 +95,8 @@ def test_endpoint_failures_are_retried_on_resume_never_scored(pe_test_file, tmp_
     out = tmp_path / "run"
     args = ["eval", "--data", pe_test_file, "--out", str(out), "--model", "m", "--max-episodes", "4",
             "--retries", "0", "--concurrency", "2", "--no-progress"]
-    with FaultServer("error500") as server:
+    # The endpoint passes the pre-flight call, then fails every turn.
+    with FaultServer("script", handler=lambda body, n: "ok" if n == 1 else error_response(500)) as server:
         assert main([*args, "--base-url", server.base_url]) == 2  # nothing finished: asks for a rerun
     assert not (out / "episodes.jsonl").exists() or _ids(out / "episodes.jsonl") == []
     assert len(_ids(out / "errors.jsonl")) == 4
@@ -97,12 +109,12 @@ def test_endpoint_failures_are_retried_on_resume_never_scored(pe_test_file, tmp_
         ids = _ids(out / "episodes.jsonl")
         assert len(ids) == 4 == len(set(ids))
         assert main([*args, "--base-url", server.base_url]) == 0  # nothing left to do
-        assert len(server.requests) == 4  # one turn per episode, none replayed
+        assert len(server.requests) == 2 + 4  # a pre-flight call per run, one turn per episode, none replayed
     assert _ids(out / "episodes.jsonl") == ids
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 4 and summary["metrics"]["turns"]["value"] == 1.0
-    with pytest.raises(ValueError, match="other settings"):
-        main([*args, "--base-url", "http://127.0.0.1:9/v1", "--feedback", "unknown"])
+    with pytest.raises(UserError, match="other settings"):
+        eval_cli([*args[1:], "--base-url", "http://127.0.0.1:9/v1", "--feedback", "unknown"])
 
 
 def _kill_after_first_episode(command: list[str], episodes, timeout_s: float) -> list[str]:
@@ -214,7 +226,7 @@ def test_feedback_ablation_is_refused_for_tasks_without_an_uninformative_reply(t
     paths = build_tau2_dataset(tmp_path / "tau2", max_rows=1, progress=False)
     config = EvalConfig(data=paths["test"], out=str(tmp_path / "out"), base_url="http://unused/v1", model="m",
                         feedback="unknown", progress=False)
-    with pytest.raises(ValueError, match="'tau2_telecom' does not support --feedback unknown"):
+    with pytest.raises(UserError, match="'tau2_telecom' does not support --feedback unknown"):
         asyncio.run(evaluate(config, policy=MediQPolicy()))
 
 
@@ -254,7 +266,7 @@ def test_an_answered_empty_reply_is_the_models_turn_never_retried(pe_test_file, 
         code = main(["eval", "--data", pe_test_file, "--out", str(out), "--base-url", server.base_url, "--model", "m",
                      "--max-episodes", "2", "--retries", "3", "--no-progress"])
         assert code == 0
-        assert len(server.requests) == 2 * 10  # every turn of both episodes asked once (PE-G: 10 turns)
+        assert len(server.requests) == 1 + 2 * 10  # the pre-flight call; every turn asked once (PE-G: 10 turns)
     assert not (out / "errors.jsonl").exists() or _ids(out / "errors.jsonl") == []
     records = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["turns"] == 10 and r["answered"] is False for r in records)
@@ -269,22 +281,22 @@ def test_a_failed_check_leaves_no_run_json_behind(pe_test_file, tmp_path):
     from verl_selflock.data.mediq import build_mediq_dataset
 
     out = tmp_path / "out"
-    base = ["eval", "--out", str(out), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"]
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        main([*base, "--data", pe_test_file + ".typo"])
+    base = ["--out", str(out), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"]
+    with pytest.raises(UserError, match="no such file"):
+        eval_cli([*base, "--data", pe_test_file + ".typo"])
     assert not (out / "run.json").exists()
-    with pytest.raises(ValueError, match="--base-url|base_url"):
-        main([*base[:4], "localhost:8000", *base[5:], "--data", pe_test_file])
+    with pytest.raises(UserError, match="--base-url: must be an http"):
+        eval_cli([*base[:3], "localhost:8000", *base[4:], "--data", pe_test_file])
     assert not (out / "run.json").exists()
 
     source = tmp_path / "mediq.jsonl"
     source.write_text("".join(json.dumps(official_row(i, answer="B")) + "\n" for i in range(3)))
     paths, _ = build_mediq_dataset([source], tmp_path / "mediq", n_val=2, progress=False)
-    with pytest.raises(ValueError, match="--oracle-bt is available for tasks"):
-        main([*base, "--data", paths["test"], "--oracle-bt"])
+    with pytest.raises(UserError, match="--oracle-bt is available for tasks"):
+        eval_cli([*base, "--data", paths["test"], "--oracle-bt"])
     assert not (out / "run.json").exists()
     config = EvalConfig(data=paths["test"], out=str(out), base_url="http://unused/v1", model="m", progress=False)
-    with pytest.raises(ValueError, match="needs a simulated patient"):
+    with pytest.raises(UserError, match="needs a simulated patient"):
         asyncio.run(evaluate(config, policy=MediQPolicy()))  # forgot --simulator-url
     assert not (out / "run.json").exists()
 

@@ -17,12 +17,22 @@ GOOD = [
 ]
 
 
-def test_good_config_passes(verl_config):
-    validate_selflock_config(verl_config(GOOD))
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory) -> list[str]:
+    """Overrides pointing data.train_files / data.val_files at a real PE-G set built by our builder (a run
+    of ours has its files checked on the driver too)."""
+    from verl_selflock.data.pe import build_pe_dataset
+
+    paths = build_pe_dataset("gated", 3, 4, 2, 0, tmp_path_factory.mktemp("pe"), max_turns=4, progress=False)
+    return [f"data.train_files={paths['train']}", f"data.val_files={paths['test']}"]
 
 
-def test_defaults_without_arew_node(verl_config):
-    validate_selflock_config(verl_config(GOOD[:3]))
+def test_good_config_passes(verl_config, real_data):
+    validate_selflock_config(verl_config(GOOD + real_data))
+
+
+def test_defaults_without_arew_node(verl_config, real_data):
+    validate_selflock_config(verl_config(GOOD[:3] + real_data))
 
 
 def test_other_estimators_untouched(verl_config):
@@ -42,6 +52,8 @@ def test_diagnostics_settings_are_checked_for_any_estimator(verl_config):
         (["+algorithm.arew.mode=bogus"], "algorithm.arew.mode"),
         (["+algorithm.arew.base=nonexistent_estimator"], "algorithm.arew.base"),
         (["+algorithm.arew.base=arew"], "algorithm.arew.base"),
+        # registered in veRL too, but only as algorithm.adv_estimator: as a base it failed in the first step
+        (["+algorithm.arew.base=igpo"], "algorithm.arew.base must name a base advantage estimator"),
         (["+algorithm.arew.channels=xx"], "algorithm.arew.channels"),
         (["+algorithm.arew.noise_alpha=1.5"], "algorithm.arew.noise_alpha"),
         (["+algorithm.arew.lamda=0.3"], "lamda"),
@@ -58,11 +70,24 @@ def test_bad_config_names_the_fix(verl_config, overrides, message):
         validate_selflock_config(config)
 
 
-def test_grpo_base_needs_no_critic(verl_config):
+def test_grpo_base_needs_no_critic(verl_config, real_data):
     config = verl_config(
-        ["algorithm.adv_estimator=arew", "trainer.v1.trainer_mode=selflock", "+algorithm.arew.base=grpo"]
+        ["algorithm.adv_estimator=arew", "trainer.v1.trainer_mode=selflock", "+algorithm.arew.base=grpo"] + real_data
     )
     validate_selflock_config(config)
+
+
+@pytest.mark.parametrize("base", ["rloo", "reinforce_plus_plus"])
+def test_any_verl_base_estimator_is_a_base(verl_config, real_data, base):
+    validate_selflock_config(verl_config(GOOD[:2] + [f"+algorithm.arew.base={base}"] + real_data))
+
+
+def test_the_base_message_lists_veRLs_bases_without_ours(verl_config):
+    with pytest.raises(SelflockConfigError) as caught:
+        validate_selflock_config(verl_config(GOOD[:2] + ["+algorithm.arew.base=grpoo"]))
+    message = str(caught.value)
+    assert "'rloo'" in message and "'gae'" in message
+    assert "'arew'" not in message.split("got")[0] and "'igpo'" not in message
 
 
 def test_main_ppo_sees_the_wrapped_validation():
@@ -88,8 +113,8 @@ IGPO = ["algorithm.adv_estimator=igpo", "trainer.v1.trainer_mode=selflock"]
 
 
 @pytest.mark.parametrize("n", [2, 5])
-def test_igpo_with_a_group_of_rollouts_passes(verl_config, n):
-    validate_selflock_config(verl_config(IGPO + [f"actor_rollout_ref.rollout.n={n}"]))
+def test_igpo_with_a_group_of_rollouts_passes(verl_config, real_data, n):
+    validate_selflock_config(verl_config(IGPO + [f"actor_rollout_ref.rollout.n={n}"] + real_data))
 
 
 @pytest.mark.parametrize("overrides", [[], ["actor_rollout_ref.rollout.n=1"]])
@@ -100,5 +125,5 @@ def test_igpo_with_one_rollout_per_prompt_names_the_key(verl_config, overrides):
         validate_selflock_config(verl_config(IGPO + overrides))
 
 
-def test_rollout_n_is_not_checked_for_arew(verl_config):
-    validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"]))
+def test_rollout_n_is_not_checked_for_arew(verl_config, real_data):
+    validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"] + real_data))

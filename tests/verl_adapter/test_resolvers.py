@@ -72,7 +72,7 @@ def test_agent_loop_yaml_resolver_validates_knobs(tmp_path, monkeypatch):
     entry = OmegaConf.load(path)[0]
     assert entry.max_turn_tokens == 48 and entry.simulator.model == "m"
     assert agent_loop_yaml("max_turn_tokens=48", "simulator={base_url: 'http://localhost:8000/v1', model: m}") == path
-    with pytest.raises(TypeError, match="max_turn_tokenz"):
+    with pytest.raises(ValueError, match="max_turn_tokenz.*did you mean 'max_turn_tokens'"):
         agent_loop_yaml("max_turn_tokenz=48")
     with pytest.raises(ValueError, match="simulator.base_url"):
         agent_loop_yaml("simulator={base_url: localhost, model: m}")

@@ -331,10 +331,12 @@ def _step_abs_sum_fallbacks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Promote zero turns of one-sided trajectories.
 
-    No positive turn but some negative: the ``ELIGIBLE`` zero turns become positive. No negative turn but
-    some positive: the zero turns except the trajectory's final turn (usually the answer turn) and the
-    ``EXEMPT`` ones become negative. ``EXEMPT`` turns are 0 through no fault of the agent (e.g. the
-    simulated user failed), so neither fallback may give them a bonus.
+    Candidates are the zero turns other than the trajectory's final turn (usually the answer turn, whose
+    0 says nothing about information gathering) and other than the ``EXEMPT`` ones (0 through no fault of
+    the agent, e.g. the simulated user failed). No positive turn but some negative: the ``ELIGIBLE``
+    candidates become positive. No negative turn but some positive: every candidate becomes negative.
+    Both fallbacks leave the final turn alone, as the authors' code does (its ``neutral_mask`` drops the
+    final step before either fallback picks from it).
 
     Args:
         pos_turn, neg_turn, turn_exists: (bs, num_turns) bool.
@@ -349,9 +351,9 @@ def _step_abs_sum_fallbacks(
     final_turn = torch.where(turn_exists, turn_index, -1).amax(1)
     eligible = turn_role == FallbackRole.ELIGIBLE
     exempt = turn_role == FallbackRole.EXEMPT
-    promote_pos = zero_turn & eligible & ((pos_count == 0) & (neg_count > 0))[:, None]
-    demotable = zero_turn & ~exempt & (turn_index != final_turn[:, None])
-    promote_neg = demotable & ((neg_count == 0) & (pos_count > 0))[:, None]
+    candidate = zero_turn & ~exempt & (turn_index != final_turn[:, None])
+    promote_pos = candidate & eligible & ((pos_count == 0) & (neg_count > 0))[:, None]
+    promote_neg = candidate & ((neg_count == 0) & (pos_count > 0))[:, None]
     changed = (promote_pos | promote_neg).any(1)
     return pos_turn | promote_pos, neg_turn | promote_neg, changed
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from verl_selflock.algorithms.config_node import checked_kwargs
+from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS
 
 CONFIG_PATH = "algorithm.arew"
 """Where the node lives in veRL's config; every error message names ``CONFIG_PATH.<field>``."""
@@ -70,7 +71,8 @@ class ArewConfig:
 
     base: str = "gae"
     """Name of the base advantage estimator the bonus is added to: ``gae``, ``grpo`` or any other name
-    in veRL's ``ADV_ESTIMATOR_REGISTRY`` (checked by :meth:`validate_base`). Never ``arew`` itself."""
+    in veRL's ``ADV_ESTIMATOR_REGISTRY`` (checked by :meth:`validate_base`). Never one of our own
+    estimators (``arew``, ``igpo``): they are registered too, but only run as ``algorithm.adv_estimator``."""
 
     channels: str = "both"
     """Which critiques count: ``both`` (every critique), ``as`` (Action-round critiques only,
@@ -101,7 +103,8 @@ class ArewConfig:
     fallbacks: bool = True
     """``step_abs_sum`` only (ignored by the other modes). If a trajectory has negative turns but no
     positive one, its ``ELIGIBLE`` zero turns become positive; if it has positive turns but no negative
-    one, its zero turns except its final turn and its ``EXEMPT`` turns become negative (turn roles:
+    one, its zero turns become negative. Neither fallback touches the trajectory's final turn or its
+    ``EXEMPT`` turns (as in the authors' code) (turn roles:
     :class:`verl_selflock.contracts.critique.FallbackRole`; ``EXEMPT`` = 0 through no fault of the agent, e.g. a
     failed simulated user)."""
 
@@ -122,10 +125,13 @@ class ArewConfig:
 
         if not isinstance(self.base, str) or not self.base:
             raise ValueError(f"{CONFIG_PATH}.base must be a non-empty estimator name, got {self.base!r}")
-        if self.base == "arew":
+        if self.base in SELFLOCK_ESTIMATORS:
+            # Our estimators run only as algorithm.adv_estimator (inside our trainer mode); as a base they
+            # would reach veRL's generic estimator call and fail in the first training step.
             raise ValueError(
-                f"{CONFIG_PATH}.base must name the estimator the bonus is added to, not 'arew' itself "
-                f"(e.g. one of {list(BUILTIN_BASES)})"
+                f"{CONFIG_PATH}.base must name a base advantage estimator that the bonus is added to "
+                f"(e.g. one of {list(BUILTIN_BASES)}, or rloo, reinforce_plus_plus, ...), not {self.base!r}, "
+                f"which is one of our own estimators ({', '.join(SELFLOCK_ESTIMATORS)})"
             )
 
         if not _is_int(self.start_step) or self.start_step < 0:
@@ -183,8 +189,8 @@ class ArewConfig:
         Raises:
             ValueError: naming the known estimators.
         """
-        if self.base not in registry:
-            known = sorted(name for name in registry if name != "arew")
+        if self.base not in registry or self.base in SELFLOCK_ESTIMATORS:
+            known = sorted(str(name) for name in registry if name not in SELFLOCK_ESTIMATORS)
             raise ValueError(
                 f"{CONFIG_PATH}.base must be one of veRL's advantage estimators {known}, got {self.base!r}"
             )

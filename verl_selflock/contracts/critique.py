@@ -57,8 +57,8 @@ class FallbackRole(enum.IntEnum):
 
     The fallbacks give one-sided trajectories a bonus by promoting zero turns: with negative turns but no
     positive one, ``ELIGIBLE`` zero turns become positive; with positive turns but no negative one, the
-    ``ORDINARY`` and ``ELIGIBLE`` zero turns except the trajectory's final turn become negative. The role
-    of a turn with a nonzero critique is never read.
+    ``ORDINARY`` and ``ELIGIBLE`` zero turns become negative. Neither fallback touches the trajectory's
+    final turn, whatever its role. The role of a turn with a nonzero critique is never read.
     """
 
     ORDINARY = 0

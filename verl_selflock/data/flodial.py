@@ -51,6 +51,7 @@ import argparse
 import functools
 import itertools
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,9 +67,10 @@ from verl_selflock.data.flodial_charts import (  # load_flowchart: importable fr
     separating_questions,
     split_node,
 )
-from verl_selflock.data.parquet import dataset_row, split_rows, write_splits
+from verl_selflock.data.parquet import check_count, check_out_dir, dataset_row, split_rows, write_splits
 from verl_selflock.envs.flodial.env import BT_VARIANTS, DEFAULT_MAX_TURNS
 from verl_selflock.envs.flodial.prompts import flodial_messages
+from verl_selflock.errors import InvalidInput
 
 __all__ = [
     "DIFFICULTIES",
@@ -91,6 +93,7 @@ SPLIT_SCHEMES = ("s-flo", "u-flo")
 UFLO_TEST_CHARTS = ("car_steering", "laptop_battery")
 DEFAULT_N_CANDIDATES = 5
 _SPLITS = {"train": 0, "test": 1}
+MAX_CANDIDATE_SETS = 100_000  # per (chart, fault); the official charts need at most C(18, 9) = 48,620
 _MAX_REDRAWS = 1000  # attempts to find an episode not drawn before (train, test)
 
 
@@ -105,6 +108,11 @@ def _distractor_sets(chart: Flowchart, fault: str, n_distractors: int, difficult
     texts = chart.faults
     pool = sorted((t for t in chart.faults if t != fault and texts[t] != texts[fault]), key=node_order)
     size = min(n_distractors, len({texts[t] for t in pool}))
+    if math.comb(len(pool), size) > MAX_CANDIDATE_SETS:  # every combination is looked at
+        raise InvalidInput(
+            f"flowchart {chart.name!r}: {math.comb(len(pool), size)} candidate sets for fault {fault!r} with "
+            f"{n_distractors + 1} candidates (at most {MAX_CANDIDATE_SETS}); use a smaller --n-candidates"
+        )
     split = {c: split_node(chart.paths[fault], chart.paths[c]) for c in pool}
     sets = []
     for combo in itertools.combinations(pool, size):
@@ -128,18 +136,23 @@ class FloDialDataConfig:
     bt_variant: str = "v1"
 
     def __post_init__(self) -> None:
+        # InvalidInput is a ValueError: the messages name the CLI option too, as the CLI shows them as they are.
         if self.difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {self.difficulty!r}")
+            raise InvalidInput(f"difficulty (--difficulty) must be one of {DIFFICULTIES}, got {self.difficulty!r}")
         if self.n_candidates < 2:
-            raise ValueError(f"n_candidates must be >= 2, got {self.n_candidates}")
+            raise InvalidInput(f"n_candidates (--n-candidates) must be >= 2, got {self.n_candidates}")
         if self.difficulty == "hard" and self.n_candidates <= EASY_MAX_SEPARATING + 1:
-            raise ValueError(f"hard episodes need >= {EASY_MAX_SEPARATING + 2} candidates, got {self.n_candidates}")
+            raise InvalidInput(
+                f"hard episodes need >= {EASY_MAX_SEPARATING + 2} candidates (--n-candidates), got {self.n_candidates}"
+            )
         if self.split_scheme not in SPLIT_SCHEMES:
-            raise ValueError(f"split_scheme must be one of {SPLIT_SCHEMES}, got {self.split_scheme!r}")
+            raise InvalidInput(f"split_scheme (--split-scheme) must be one of {SPLIT_SCHEMES}, got {self.split_scheme!r}")
+        if self.split_scheme == "u-flo" and not self.test_charts:
+            raise InvalidInput("u-flo needs at least one test chart (--test-charts)")
         if self.max_turns < 2 or self.max_turns % 2:
-            raise ValueError(f"max_turns must be even and >= 2, got {self.max_turns}")
+            raise InvalidInput(f"max_turns (--max-turns) must be even and >= 2, got {self.max_turns}")
         if self.bt_variant not in BT_VARIANTS:
-            raise ValueError(f"bt_variant must be one of {BT_VARIANTS}, got {self.bt_variant!r}")
+            raise InvalidInput(f"bt_variant (--bt-variant) must be one of {BT_VARIANTS}, got {self.bt_variant!r}")
 
     @property
     def data_source(self) -> str:
@@ -151,7 +164,7 @@ class FloDialDataConfig:
             return sorted(charts)
         missing = sorted(set(self.test_charts) - set(charts))
         if missing:
-            raise ValueError(f"u-flo test charts {missing} are not among the flowcharts {sorted(charts)}")
+            raise InvalidInput(f"--test-charts {missing} are not among the flowcharts {sorted(charts)}")
         held_out = set(self.test_charts)
         return sorted(name for name in charts if (name in held_out) == (split == "test"))
 
@@ -167,7 +180,10 @@ def _eligible_faults(
         if _distractor_sets(charts[name], fault, config.n_candidates - 1, config.difficulty)
     ]
     if not pairs:
-        raise ValueError(f"no {config.difficulty} episode can be drawn from the charts {list(names)}")
+        raise InvalidInput(
+            f"no {config.difficulty} episode with {config.n_candidates} candidates can be drawn from the charts "
+            f"{list(names)} (--difficulty, --n-candidates)"
+        )
     return pairs
 
 
@@ -204,12 +220,11 @@ def build_flodial_rows(
     episodes before it; an episode equal to an earlier one (same true fault and candidate set) is redrawn."""
     seen: set[tuple[str, str, tuple[str, ...]]] = set()
     counts = {"train": n_train, "test": n_test}
-    eligible: dict[str, list[tuple[str, str]]] = {}  # split -> its true faults, found at the split's first row
+    # split -> its true faults; found before the first row, so a bad chart choice fails before the progress bar
+    eligible = {split: _eligible_faults(config, charts, config.charts_of(split, charts)) for split, n in counts.items() if n}
     difficulty_code = DIFFICULTIES.index(config.difficulty)
 
     def make_row(split: str, index: int) -> dict[str, Any]:
-        if split not in eligible:
-            eligible[split] = _eligible_faults(config, charts, config.charts_of(split, charts))
         pairs = eligible[split]
         for attempt in range(_MAX_REDRAWS):
             entropy = [seed, difficulty_code, config.n_candidates, _SPLITS[split], index, attempt]
@@ -221,7 +236,7 @@ def build_flodial_rows(
             if key not in seen:
                 break
         else:
-            raise ValueError(
+            raise InvalidInput(
                 f"could not draw {counts[split]} distinct {config.difficulty} {split} episodes from {len(pairs)} true "
                 f"faults (after {_MAX_REDRAWS} redraws for episode {index}): ask for fewer"
             )
@@ -249,10 +264,12 @@ def build_flodial_dataset(
     progress: bool = True,
 ) -> dict[str, str]:
     """Read the flowcharts, write ``train.parquet`` and ``test.parquet`` under ``out_dir``; return their paths."""
-    if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be >= 0")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
+    check_count(n_train, "n_train (--train)", minimum=0)  # one empty split is allowed here (tests, eval sets)
+    check_count(n_test, "n_test (--test)", minimum=0)
+    if n_train + n_test == 0:
+        raise InvalidInput("n_train and n_test (--train, --test) are both 0: nothing to build")
+    check_count(seed, "seed (--seed)", minimum=0)  # numpy's SeedSequence refuses negative entropy
+    check_out_dir(out_dir)  # before reading the charts
     rows = build_flodial_rows(load_flowcharts(input_dir), config, n_train, n_test, seed, progress=progress)
     return write_splits(rows, out_dir)
 
@@ -281,6 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the dataset described by ``args``; print the paths."""
+    check_count(args.train, "--train")  # from the command line both splits are needed (training + validation)
+    check_count(args.test, "--test")
     config = FloDialDataConfig(
         difficulty=args.difficulty,
         n_candidates=args.n_candidates,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from verl_selflock.errors import InvalidInput, MissingInput
+
 __all__ = [
     "ROOT",
     "Flowchart",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 ROOT = "1"
+MAX_NODES = 2000
 
 Path_ = tuple[tuple[str, str], ...]
 """A root path: ((node id, branch taken), ...) from the root down to (not including) a terminal."""
@@ -65,14 +68,18 @@ def load_flowchart(data: Mapping[str, Any], name: str | None = None) -> Flowchar
         ValueError: naming the chart and the problem (no root, dangling edge, cycle, a terminal with
             edges, a question without edges, an unreachable node, an empty utterance).
     """
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"flowchart {name or '?'!r}: expected a JSON object, got {type(data).__name__}")
     name = str(data.get("name") or name or "?")
 
-    def fail(why: str) -> ValueError:
-        return ValueError(f"flowchart {name!r}: {why}")
+    def fail(why: str) -> InvalidInput:  # a ValueError too, as before
+        return InvalidInput(f"flowchart {name!r}: {why}")
 
     nodes, edges = data.get("nodes"), data.get("edges")
     if not isinstance(nodes, Mapping) or not isinstance(edges, Mapping):
         raise fail("needs 'nodes' and 'edges' objects")
+    if len(nodes) > MAX_NODES:  # root paths are copied per node: a huge chain would take quadratic time
+        raise fail(f"has {len(nodes)} nodes (at most {MAX_NODES}; the official charts have 24-37)")
     if ROOT not in nodes:
         raise fail(f"has no root node {ROOT!r}")
     for node_id, node in nodes.items():
@@ -80,6 +87,8 @@ def load_flowchart(data: Mapping[str, Any], name: str | None = None) -> Flowchar
             raise fail(f"node {node_id!r} has no utterance")
         terminal = bool(node.get("terminal"))
         out = edges.get(node_id) or {}
+        if not isinstance(out, Mapping):
+            raise fail(f"the edges of node {node_id!r} are not an object of 'yes'/'no' branches")
         if terminal and out:
             raise fail(f"terminal node {node_id!r} has outgoing edges")
         if not terminal and not out:
@@ -122,7 +131,7 @@ def knowledge_sources_dir(path: str | os.PathLike) -> Path:
     if (folder / "knowledge-sources").is_dir():
         folder = folder / "knowledge-sources"
     if not folder.is_dir():
-        raise FileNotFoundError(f"FloDial knowledge sources: {folder} is not a folder")
+        raise MissingInput(f"--input {folder}: not a folder (give FloDial's knowledge-sources folder)")
     return folder
 
 
@@ -131,14 +140,36 @@ def load_flowcharts(path: str | os.PathLike) -> dict[str, Flowchart]:
     folder = knowledge_sources_dir(path)
     charts: dict[str, Flowchart] = {}
     for file in sorted(folder.glob("*.json")):
-        with open(file, encoding="utf-8") as handle:
-            chart = load_flowchart(json.load(handle), name=file.stem)
+        try:
+            chart = load_flowchart(_read_json(file), name=file.stem)
+        except InvalidInput as err:
+            raise InvalidInput(f"{file}: {err}") from err
         if chart.name in charts:
-            raise ValueError(f"two flowcharts are named {chart.name!r}")
+            raise InvalidInput(f"{file}: a second flowchart named {chart.name!r}")
         charts[chart.name] = chart
     if not charts:
-        raise FileNotFoundError(f"no FloDial flowcharts (*.json) in {folder}")
+        raise MissingInput(f"--input {folder}: no FloDial flowcharts (*.json) in this folder")
     return charts
+
+
+def _read_json(file: Path) -> Any:
+    """A chart file's JSON; a file that is not readable, not UTF-8 or not JSON is an error naming it (and
+    the line, for JSON)."""
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"cannot read it ({err.strerror or err})") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InvalidInput(f"line {line}: not UTF-8 text (is this a FloDial knowledge-source file?)") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from err
+    except RecursionError as err:
+        raise InvalidInput("not usable JSON (nested too deeply)") from err
 
 
 def split_node(a: Path_, b: Path_) -> str:

@@ -36,16 +36,17 @@ import re
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from verl_selflock.data.parquet import dataset_row, write_splits
+from verl_selflock.data.parquet import check_count, check_out_dir, dataset_row, write_splits
 from verl_selflock.envs.mediq.env import DEFAULT_MAX_TURNS
 from verl_selflock.envs.mediq.prompts import OPTION_LETTERS, mediq_messages
+from verl_selflock.errors import InvalidInput
 
 __all__ = [
     "OFFICIAL_URLS",
@@ -71,8 +72,9 @@ _FACT_PREFIX_RE = re.compile(r"^\s*(?:\d+[.)]\s+|[-*\u2022]\s*)")
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
 
 
-class MediQDataError(ValueError):
-    """An input file or row cannot be used (the message names the file and line)."""
+class MediQDataError(InvalidInput):
+    """An input file or row cannot be used, or a parameter is impossible (the message names the file and
+    line, or the option). A :class:`~verl_selflock.errors.UserError` and a ValueError."""
 
 
 @dataclass(frozen=True)
@@ -166,13 +168,32 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             found = sorted(path.glob("*.jsonl"))
             if not found:
-                raise MediQDataError(f"no *.jsonl files in {path}")
+                raise MediQDataError(f"--input {path}: no *.jsonl files in this folder")
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
         else:
-            raise MediQDataError(f"input {path} does not exist")
+            raise MediQDataError(f"--input {path}: no such file or folder")
     return sorted(dict.fromkeys(p.resolve() for p in paths))
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file; a line that is not UTF-8 (a binary or
+    mis-encoded file) is an error naming the file and line."""
+    try:
+        data = path.read_bytes()  # bytes: a decoding error is then one line's, with its number
+    except OSError as err:
+        raise MediQDataError(f"--input {path}: cannot read it ({err.strerror or err})") from err
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MediQDataError(
+                f"{path}:{line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                "is this the MediQ jsonl file?"
+            ) from err
+        if line.strip():
+            yield line_no, line
 
 
 def read_cases(paths: Iterable[Path]) -> tuple[list[MediQCase], Counter[str]]:
@@ -181,24 +202,23 @@ def read_cases(paths: Iterable[Path]) -> tuple[list[MediQCase], Counter[str]]:
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MediQDataError(f"{path}:{line_no}: not a JSON line ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise MediQDataError(f"{path}:{line_no}: expected a JSON object")
-                case, reason = parse_case(row, path.stem, line_no)
-                if case is None:
-                    skipped[str(reason)] += 1
-                elif case.case_id in seen:
-                    skipped["duplicate_id"] += 1
-                else:
-                    seen.add(case.case_id)
-                    cases.append(case)
+        for line_no, line in _jsonl_lines(path):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MediQDataError(f"{path}:{line_no}: not a JSON line ({err.msg}, column {err.colno})") from err
+            except RecursionError as err:  # nesting deeper than Python's parser goes
+                raise MediQDataError(f"{path}:{line_no}: not a usable JSON line (nested too deeply)") from err
+            if not isinstance(row, dict):
+                raise MediQDataError(f"{path}:{line_no}: expected a JSON object")
+            case, reason = parse_case(row, path.stem, line_no)
+            if case is None:
+                skipped[str(reason)] += 1
+            elif case.case_id in seen:
+                skipped["duplicate_id"] += 1
+            else:
+                seen.add(case.case_id)
+                cases.append(case)
     return cases, skipped
 
 
@@ -243,13 +263,20 @@ def make_mediq_spec(case: MediQCase, split: str, max_turns: int, counterfactual_
 
 
 def _n_val(total: int, n_val: int | None, val_fraction: float) -> int:
+    """Validation cases; both splits must keep at least one case (an empty parquet fails late, in training)."""
     if n_val is not None:
-        if not 0 <= n_val <= total:
-            raise ValueError(f"--n-val must be in 0..{total} (usable cases), got {n_val}")
-        return n_val
-    if not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1], got {val_fraction}")
-    return int(round(total * val_fraction))
+        if isinstance(n_val, bool) or int(n_val) != n_val or not 1 <= n_val <= total - 1:
+            raise MediQDataError(f"--n-val must be in 1..{total - 1} ({total} usable cases, both splits non-empty), got {n_val}")
+        return int(n_val)
+    if not 0.0 < val_fraction < 1.0:  # also refuses NaN
+        raise MediQDataError(f"--val-fraction must be strictly between 0 and 1, got {val_fraction}")
+    count = int(round(total * val_fraction))
+    if not 1 <= count <= total - 1:
+        raise MediQDataError(
+            f"--val-fraction {val_fraction} of {total} usable cases leaves {count} validation and {total - count} "
+            "training cases; both splits need at least one (use --n-val)"
+        )
+    return count
 
 
 def build_mediq_rows(
@@ -264,10 +291,9 @@ def build_mediq_rows(
     """Rows of both splits (``train`` and ``test`` = validation), split by a seeded shuffle."""
     from tqdm import tqdm
 
-    if max_turns < 2 or max_turns % 2:
-        raise ValueError(f"max_turns must be even and >= 2, got {max_turns}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    if isinstance(max_turns, bool) or int(max_turns) != max_turns or max_turns < 2 or max_turns % 2:
+        raise MediQDataError(f"max_turns (--max-turns) must be even and >= 2, got {max_turns}")
+    check_count(seed, "seed (--seed)", minimum=0)
     order = np.random.default_rng(seed).permutation(len(cases))
     n_test = _n_val(len(cases), n_val, val_fraction)
     split_of = {int(i): ("test" if rank < n_test else "train") for rank, i in enumerate(order)}
@@ -297,6 +323,7 @@ def build_mediq_dataset(
     progress: bool = True,
 ) -> tuple[dict[str, str], Counter[str]]:
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; return their paths and the skip counts."""
+    check_out_dir(out_dir)  # before reading anything: a bad --out is refused at once
     cases, skipped = read_cases(resolve_inputs(inputs))
     if not cases:
         raise MediQDataError(f"no usable MediQ case in {list(map(str, inputs))} (skipped: {dict(skipped)})")
@@ -329,9 +356,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the dataset described by ``args``; print the paths and what was skipped."""
     inputs = args.input
+    check_out_dir(args.out)
     if not inputs:
         if not args.download:
-            raise SystemExit("verl-selflock data mediq: give --input FILE_OR_FOLDER, or --download")
+            raise MediQDataError("give --input FILE_OR_FOLDER (the MediQ jsonl files), or --download")
         inputs = [str(p) for p in download_official(Path(args.out) / "raw")]
     paths, skipped = build_mediq_dataset(
         inputs,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from verl_selflock.contracts.names import AGENT_NAME
+from verl_selflock.errors import InvalidInput
 
-__all__ = ["dataset_row", "split_rows", "write_splits"]
+__all__ = ["dataset_row", "split_rows", "check_out_dir", "check_count", "write_splits"]
 
 
 def dataset_row(
@@ -35,6 +39,17 @@ def dataset_row(
     }
 
 
+def check_count(value: int, option: str, minimum: int = 1) -> int:
+    """``value`` if it is at least ``minimum``; otherwise an error naming the option (``--train``)."""
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):  # NaN, inf, not a number at all
+        whole = False
+    if not whole or value < minimum:
+        raise InvalidInput(f"{option} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def split_rows(
     counts: Mapping[str, int], make_row: Callable[[str, int], dict[str, Any]], desc: str, progress: bool = True
 ) -> dict[str, list[dict[str, Any]]]:
@@ -51,14 +66,55 @@ def split_rows(
     return rows
 
 
+def check_out_dir(out_dir: str | os.PathLike, splits: Iterable[str] = ("train", "test")) -> Path:
+    """Refuse an output folder that cannot take ``<split>.parquet`` files, before anything is built or
+    written: a path that is a file, or a ``<split>.parquet`` that is a folder (named with ``--out``)."""
+    folder = Path(out_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInput(f"--out {folder}: is a file, not a folder")
+    for parent in folder.parents:  # a file in the middle of the path: makedirs would fail later
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInput(f"--out {folder}: {parent} is a file, not a folder")
+            break
+    for split in splits:
+        target = folder / f"{split}.parquet"
+        if target.is_dir():
+            raise InvalidInput(f"--out {folder}: {target} is a folder; remove it or choose another --out")
+    return folder
+
+
 def write_splits(rows: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``<out_dir>/<split>.parquet`` per split (folder created); returns ``{split: path}``."""
+    """Write ``<out_dir>/<split>.parquet`` per split (folder created); returns ``{split: path}``.
+
+    Atomic per file and all-or-nothing across splits: every split is first written to a temporary file in
+    the same folder, and only when all are written are they renamed into place (``os.replace``), so a
+    failure (disk full, no permission, Ctrl-C) leaves neither a partial file nor a new file of one split
+    beside an old one of the other. A folder this call created is removed again on failure."""
     import pandas as pd
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, str] = {}
-    for split, split_rows in rows.items():
-        path = os.path.join(os.fspath(out_dir), f"{split}.parquet")
-        pd.DataFrame(list(split_rows)).to_parquet(path, index=False)
-        paths[split] = path
+    folder = check_out_dir(out_dir, rows)
+    created = not folder.exists()
+    temps: dict[str, str] = {}
+    paths = {split: str(folder / f"{split}.parquet") for split in rows}
+    done = False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, split_rows in rows.items():
+            # A fresh name, not mkstemp: mkstemp's file is private (0600), the parquet should get the umask's mode.
+            temps[split] = str(folder / f".{split}.parquet.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            pd.DataFrame(list(split_rows)).to_parquet(temps[split], index=False)
+        for split, temp in temps.items():
+            os.replace(temp, paths[split])
+        done = True
+    except OSError as err:  # the user's disk or permissions, not our bug
+        raise InvalidInput(f"--out {folder}: cannot write there ({err.strerror or err})") from err
+    finally:
+        if not done:
+            for temp in temps.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
     return paths

@@ -35,16 +35,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from verl_selflock.data.parquet import dataset_row, split_rows, write_splits
+from verl_selflock.data.parquet import check_count, check_out_dir, dataset_row, split_rows, write_splits
 from verl_selflock.envs.pe.env import DEFAULT_MAX_TURNS, PE_VARIANTS
 from verl_selflock.envs.pe.geometry import COS_THRESHOLD, DOMINANCE_TOL
 from verl_selflock.envs.pe.prompts import pe_messages
+from verl_selflock.errors import InvalidInput
 
 __all__ = [
     "PEDataConfig",
@@ -65,6 +67,11 @@ DIRICHLET_ALPHA = 1.0
 WEIGHT_DECIMALS = 4
 MIN_INFORMATIVE_PAIRS = 20  # PE-F: of C(10, 2) = 45
 MIN_INFORMATIVE_FRACTION = 0.25  # PE-G: of all (pair, focus) combinations
+MAX_DIM = 32  # attributes; far above the paper's 6 / 8, and a table a model can still read
+MAX_FOCUS_SETS = 5000  # C(D, S) focus sets checked per drawn table (C(6, 3) = 20 in the paper)
+MAX_DRAWS = 1000
+"""Draws of one instance before giving up. Valid parameters need a handful (the rejection rules drop a
+minority of draws); the bound turns parameters that make nearly every draw degenerate into an error."""
 _SPLITS = {"train": 0, "test": 1}
 
 
@@ -83,16 +90,25 @@ class PEDataConfig:
     n_movies: int = N_MOVIES
 
     def __post_init__(self) -> None:
+        # InvalidInput is a ValueError: the messages name the CLI option too, as the CLI shows them as they are.
         if self.variant not in PE_VARIANTS:
-            raise ValueError(f"variant must be one of {PE_VARIANTS}, got {self.variant!r}")
-        if self.D < 2:
-            raise ValueError(f"D must be >= 2, got {self.D}")
-        if self.variant == "gated" and (self.S is None or not 1 <= self.S < self.D):
-            raise ValueError(f"gated PE needs a focus size 1 <= S < D={self.D}, got {self.S}")
+            raise InvalidInput(f"--variant must be one of {PE_VARIANTS}, got {self.variant!r}")
+        if not 2 <= self.D <= MAX_DIM:
+            raise InvalidInput(f"the number of attributes D (--D) must be in 2..{MAX_DIM}, got {self.D}")
+        if self.variant == "gated":
+            # S = 1: every one-attribute comparison is dominated (values are distinct), so no query is
+            # informative and no instance could ever be drawn.
+            if self.S is None or not 2 <= self.S < self.D:
+                raise InvalidInput(f"gated PE needs a focus size S (--S) in 2..{self.D - 1} (< D={self.D}), got {self.S}")
+            if math.comb(self.D, self.S) > MAX_FOCUS_SETS:
+                raise InvalidInput(
+                    f"gated PE with D={self.D}, S={self.S} has {math.comb(self.D, self.S)} focus sets (at most "
+                    f"{MAX_FOCUS_SETS}: each instance checks them all); use a smaller --D or --S"
+                )
         if self.max_turns < 2 or self.max_turns % 2:
-            raise ValueError(f"max_turns must be even and >= 2, got {self.max_turns}")
+            raise InvalidInput(f"max_turns (--max-turns) must be even and >= 2, got {self.max_turns}")
         if not 2 <= self.n_movies <= VALUE_RANGE:
-            raise ValueError(f"n_movies must be in 2..{VALUE_RANGE}, got {self.n_movies}")
+            raise InvalidInput(f"n_movies (--movies) must be in 2..{VALUE_RANGE}, got {self.n_movies}")
 
     @property
     def data_source(self) -> str:
@@ -126,7 +142,7 @@ def count_informative_queries(movies: np.ndarray, S: int | None) -> tuple[int, i
 def sample_pe_instance(rng: np.random.Generator, config: PEDataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Draw one non-degenerate (movies, w*) pair; see the module docstring for the rules."""
     S = config.S if config.variant == "gated" else None
-    while True:
+    for _ in range(MAX_DRAWS):
         movies = np.stack(
             [rng.choice(VALUE_RANGE, size=config.n_movies, replace=False) for _ in range(config.D)], axis=1
         ).astype(np.float64)
@@ -142,6 +158,10 @@ def sample_pe_instance(rng: np.random.Generator, config: PEDataConfig) -> tuple[
         if prior_cos > COS_THRESHOLD:
             continue  # the equal-weights prior would already be rewarded: no need to ask anything
         return movies, w_star
+    raise InvalidInput(
+        f"no usable {config.data_source} instance in {MAX_DRAWS} draws (D={config.D}, S={config.S}, "
+        f"movies={config.n_movies}): nearly every table is degenerate; change --D, --S or --movies"
+    )
 
 
 def make_pe_spec(
@@ -177,14 +197,17 @@ def build_pe_rows(
     seen: set[bytes] = set()
 
     def make_row(split: str, index: int) -> dict[str, Any]:
-        attempt = 0
-        while True:
+        for attempt in range(MAX_DRAWS):
             entropy = [seed, variant_code, config.D, config.S or 0, config.n_movies, _SPLITS[split], index, attempt]
             movies, w_star = sample_pe_instance(np.random.default_rng(entropy), config)
             key = _fingerprint(movies, w_star)
             if key not in seen:
                 break
-            attempt += 1
+        else:
+            raise InvalidInput(
+                f"could not draw {split} instance {index} distinct from the {len(seen)} before it in {MAX_DRAWS} "
+                f"draws: {config.data_source} with {config.n_movies} movies has too few distinct instances; ask for fewer"
+            )
         seen.add(key)
         spec = make_pe_spec(config, movies, w_star, seed, f"{config.data_source}-{split}-{index:05d}")
         ground_truth = json.dumps(spec["w_star"])
@@ -224,11 +247,13 @@ def build_pe_dataset(
         ``{"train": path, "test": path}``.
     """
     if variant not in PE_VARIANTS:
-        raise ValueError(f"variant must be one of {PE_VARIANTS}, got {variant!r}")
-    if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be >= 0")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
+        raise InvalidInput(f"--variant must be one of {PE_VARIANTS}, got {variant!r}")
+    check_count(n_train, "n_train (--train)", minimum=0)  # one empty split is allowed here (eval builds test only)
+    check_count(n_test, "n_test (--test)", minimum=0)
+    if n_train + n_test == 0:
+        raise InvalidInput("n_train and n_test (--train, --test) are both 0: nothing to build")
+    check_count(seed, "seed (--seed)", minimum=0)  # numpy's SeedSequence refuses negative entropy
+    check_out_dir(out_dir)
     turns = int(max_turns) if max_turns is not None else DEFAULT_MAX_TURNS[variant]
     if variant == "gated":
         config = PEDataConfig(variant, gated_dim, int(size_param), turns, n_movies)
@@ -256,6 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the dataset described by ``args``; print the paths."""
+    check_count(args.train, "--train")  # from the command line both splits are needed (training + validation)
+    check_count(args.test, "--test")
     if args.variant == "gated":
         size_param, gated_dim = args.S, args.D if args.D is not None else GATED_DIM
     else:

@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.data.parquet import dataset_row, split_rows, write_splits
+from verl_selflock.data.parquet import check_count, check_out_dir, dataset_row, split_rows, write_splits
 from verl_selflock.envs.tau2.assets import require_tau2, telecom_task, telecom_task_splits
 from verl_selflock.envs.tau2.env import DEFAULT_MAX_TURNS, DEFAULT_MIN_TURN, TASK_NAME
 from verl_selflock.envs.tau2.prompts import tau2_messages, tau2_system_prompt
+from verl_selflock.errors import InvalidInput, UserError
 
 __all__ = [
     "SPLIT_SCHEMES",
@@ -73,11 +74,10 @@ def task_fingerprint(task_id: str) -> str:
 def split_task_ids(scheme: str, seed: int, test_size: int = 40, task_set: str = "base") -> dict[str, list[str]]:
     """Task ids per split (``train``/``test``) for a split scheme and training task set, shuffled by ``seed``."""
     if scheme not in SPLIT_SCHEMES:
-        raise ValueError(f"split scheme must be one of {SPLIT_SCHEMES}, got {scheme!r}")
+        raise InvalidInput(f"split scheme (--split-scheme) must be one of {SPLIT_SCHEMES}, got {scheme!r}")
     if task_set not in TASK_SETS:
-        raise ValueError(f"task set must be one of {TASK_SETS}, got {task_set!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InvalidInput(f"task set (--task-set) must be one of {TASK_SETS}, got {task_set!r}")
+    check_count(seed, "seed (--seed)", minimum=0)  # numpy's SeedSequence refuses negative entropy
     splits = telecom_task_splits()
     rng = np.random.default_rng([seed, SPLIT_SCHEMES.index(scheme)])
     base = sorted(set(splits["train"]) | set(splits["test"]))
@@ -85,7 +85,7 @@ def split_task_ids(scheme: str, seed: int, test_size: int = 40, task_set: str = 
         test = [splits["test"][i] for i in rng.permutation(len(splits["test"]))]
     else:
         if not 0 < test_size < len(base):
-            raise ValueError(f"test size must be in 1..{len(base) - 1}, got {test_size}")
+            raise InvalidInput(f"test size (--test-size) must be in 1..{len(base) - 1}, got {test_size}")
         test = [base[i] for i in rng.permutation(len(base))[:test_size]]
     held_out = set(test)
     test_fingerprints = {task_fingerprint(task_id) for task_id in test}
@@ -94,13 +94,20 @@ def split_task_ids(scheme: str, seed: int, test_size: int = 40, task_set: str = 
     return {"train": [train[i] for i in rng.permutation(len(train))], "test": test}
 
 
+def check_turns(max_turns: int, min_turn: int) -> None:
+    """An even turn budget >= 2, and the first turn judged unproductive within it (0..max_turns)."""
+    if isinstance(max_turns, bool) or int(max_turns) != max_turns or max_turns < 2 or max_turns % 2:
+        raise InvalidInput(f"max_turns (--max-turns) must be an even number >= 2, got {max_turns}")
+    if isinstance(min_turn, bool) or int(min_turn) != min_turn or not 0 <= min_turn <= max_turns:
+        raise InvalidInput(f"min_turn (--min-turn) must be in 0..{max_turns} (--max-turns), got {min_turn}")
+
+
 def build_tau2_rows(
     task_ids: dict[str, list[str]], max_turns: int = DEFAULT_MAX_TURNS, min_turn: int = DEFAULT_MIN_TURN,
     progress: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows of each split, in the order of ``task_ids``."""
-    if max_turns < 2 or max_turns % 2:
-        raise ValueError(f"max_turns must be an even number >= 2, got {max_turns}")
+    check_turns(max_turns, min_turn)
     prompt = tau2_messages()
 
     def make_row(split: str, index: int) -> dict[str, Any]:
@@ -133,7 +140,14 @@ def build_tau2_dataset(
 ) -> dict[str, str]:
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; ``max_rows`` > 0 keeps the first rows
     of each split (small sets for smoke runs). Returns ``{"train": path, "test": path}``."""
-    require_tau2()
+    check_turns(max_turns, min_turn)
+    check_count(max_rows, "max_rows (--max-rows)", minimum=0)
+    check_count(test_size, "test_size (--test-size)", minimum=1)
+    check_out_dir(out_dir)
+    try:
+        require_tau2()
+    except ImportError as err:  # the user's installation: says what to install
+        raise UserError(str(err)) from err
     task_ids = split_task_ids(scheme, seed, test_size, task_set)
     if max_rows > 0:
         task_ids = {split: ids[:max_rows] for split, ids in task_ids.items()}

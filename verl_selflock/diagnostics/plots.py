@@ -13,16 +13,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from verl_selflock.diagnostics.logs import REWARD_KEYS, metric_series, read_training_logs
+from verl_selflock.diagnostics.logs import MAX_VALUE, REWARD_KEYS, SkipReport, metric_series, read_training_logs
+from verl_selflock.errors import InvalidInput, MissingInput
 
 __all__ = ["TRAIN_PANELS", "plot_training", "plot_eval", "parse_runs", "add_arguments", "run"]
 
@@ -58,9 +62,10 @@ def parse_runs(items: Sequence[str]) -> list[tuple[str, list[str]]]:
     runs = []
     for item in items:
         name, sep, paths = item.partition("=")
-        if not sep or not name or not paths:
-            raise ValueError(f"--runs items look like name=path (got {item!r})")
-        runs.append((name, [p for p in paths.split(",") if p]))
+        files = [p for p in paths.split(",") if p]
+        if not sep or not name or not files:
+            raise InvalidInput(f"--runs items look like name=path (got {item!r})")
+        runs.append((name, files))
     return runs
 
 
@@ -122,12 +127,43 @@ def plot_training(runs: Sequence[tuple[str, Mapping[str, Mapping[int, float]]]],
 
 
 def load_eval_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """``summary.json`` of an eval output folder (or the file itself)."""
-    path = Path(path)
+    """``summary.json`` of an eval output folder (or the file itself), checked: an object whose plotted
+    metrics are objects of numbers. NaN (or null) is an undefined estimate, drawn as "n/a"; an infinite
+    value cannot be a rate or a mean of turns and is refused, naming the file and the key."""
+    path = Path(path).expanduser()
     file = path / "summary.json" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist (run `verl-selflock eval --out {path}` first)")
-    return json.loads(file.read_text())
+        raise MissingInput(f"{file} does not exist (run `verl-selflock eval --out {path}` first)")
+    try:
+        summary = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise InvalidInput(f"{file}: cannot read it ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"{file}: not UTF-8 text (not a summary.json of `verl-selflock eval`?)") from err
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"{file}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from err
+    except RecursionError as err:
+        raise InvalidInput(f"{file}: not usable JSON (nested too deeply)") from err
+    if not isinstance(summary, dict):
+        raise InvalidInput(f"{file}: expected a JSON object (a summary.json of `verl-selflock eval`), got {type(summary).__name__}")
+    metrics = summary.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise InvalidInput(f"{file}: 'metrics' must be an object, got {type(metrics).__name__}")
+    for key in [key for key, _ in EVAL_RATES] + ["turns"]:
+        entry = metrics.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise InvalidInput(f"{file}: metrics.{key} must be an object with value, ci_low, ci_high")
+        for field in ("value", "ci_low", "ci_high"):
+            value = entry.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInput(f"{file}: metrics.{key}.{field} is not a number ({str(value)[:40]!r})")
+            if math.isinf(value) or abs(value) > MAX_VALUE:
+                raise InvalidInput(f"{file}: metrics.{key}.{field} is {value:g} (not a finite number of plottable size)")
+    return summary
 
 
 def _error_bar(value: float, low: float, high: float) -> tuple[float, float]:
@@ -154,6 +190,7 @@ def plot_eval(runs: Sequence[tuple[str, Mapping[str, Any]]], out: str | os.PathL
             errors[1].append(above)
         offset = (number - (len(runs) - 1) / 2) * width
         episodes = summary.get("episodes", "?")
+        episodes = episodes if isinstance(episodes, int) and not isinstance(episodes, bool) else "?"
         bars = ax_rates.bar(positions + offset, np.nan_to_num(values), width, yerr=errors, capsize=3,
                             label=f"{name} (n={episodes})")
         for bar, value in zip(bars, values, strict=True):
@@ -192,13 +229,44 @@ def _estimate(entry: Mapping[str, Any] | None) -> tuple[float, float, float]:
     return number("value"), number("ci_low"), number("ci_high")
 
 
+def output_path(out: str | os.PathLike) -> tuple[Path, str]:
+    """(file, format) for ``--out``: the format from the suffix (PNG when there is none, and ``.png`` is
+    appended); refused before any plotting: an unknown suffix, a folder, a parent that is a file."""
+    from matplotlib.figure import Figure
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise InvalidInput(f"--out {path}: is a folder; give a file name such as {path / 'plot.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    kind = path.suffix[1:].lower()
+    supported = Figure().canvas.get_supported_filetypes()
+    if kind not in supported:
+        raise InvalidInput(f"--out {path}: unknown image format {path.suffix!r} (use one of {', '.join(sorted(supported))})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInput(f"--out {path}: {parent} is a file, not a folder")
+            break
+    return path, kind
+
+
 def _save(fig: Any, out: str | os.PathLike) -> Path:
+    """Write the figure atomically: a temporary file in the same folder, renamed over ``out`` when complete."""
     import matplotlib.pyplot as plt
 
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path, kind = output_path(out)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(temp, dpi=120, format=kind)
+        os.replace(temp, path)
+    except OSError as err:
+        raise InvalidInput(f"--out {path}: cannot write there ({err.strerror or err})") from err
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            temp.unlink()
     return path
 
 
@@ -207,17 +275,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=("train", "eval"), help="train: curves from training logs; eval: bar charts")
     parser.add_argument("--runs", nargs="+", required=True,
                         help="name=path items: train: log file(s), comma-separated; eval: `verl-selflock eval` --out folders")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True, help="image file to write (PNG unless the suffix names another format)")
     parser.add_argument("--smooth", type=int, default=5, help="train: moving-average window in steps (1 = none)")
     parser.add_argument("--title", default=None, help="figure title")
 
 
 def run(args: argparse.Namespace) -> int:
     runs = parse_runs(args.runs)
+    if args.smooth < 1:
+        raise InvalidInput(f"--smooth must be >= 1 (1 = no smoothing), got {args.smooth}")
+    output_path(args.out)  # a bad --out is refused before the logs are read
     if args.kind == "train":
-        path = plot_training([(name, read_training_logs(paths)) for name, paths in runs], args.out,
-                             smooth=args.smooth, title=args.title)
+        series = []
+        for name, paths in runs:
+            report = SkipReport()
+            series.append((name, read_training_logs(paths, report)))
+            if report.summary():
+                print(f"run {name!r}: {report.summary()}", file=sys.stderr)
+        path = plot_training(series, args.out, smooth=args.smooth, title=args.title)
     else:
+        several = [name for name, paths in runs if len(paths) > 1]
+        if several:
+            raise InvalidInput(f"--runs {several[0]}=...: plot eval takes one eval folder per run, got several")
         path = plot_eval([(name, load_eval_summary(paths[0])) for name, paths in runs], args.out, title=args.title)
     print(f"wrote {os.path.abspath(path)}")
     return 0

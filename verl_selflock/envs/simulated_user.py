@@ -28,10 +28,11 @@ from verl_selflock.envs.base import (
     StepResult,
     ask_simulator,
 )
-from verl_selflock.envs.parsing import Parsed
+from verl_selflock.envs.parsing import MAX_QUERY_CHARS, TOO_LONG, Parsed, parse_query_block
 from verl_selflock.simulators.client import ChatReply
 
 __all__ = [
+    "QUERY_COUNTERS",
     "ROUND_COUNTERS",
     "SIMULATOR_COUNTERS",
     "SimulatedUserEnv",
@@ -41,6 +42,10 @@ __all__ = [
 
 SIMULATOR_COUNTERS = ("sim_calls", "sim_cache_hits", "sim_failures")
 """Counters of this episode's simulator calls (the client counts its own, across episodes)."""
+
+QUERY_COUNTERS = ("overlong_queries",)
+"""Counters of :meth:`SimulatedUserEnv.parse_query`: Action rounds whose question was over the length
+cap (also counted in ``invalid_actions``; this one tells garbage floods from format slips)."""
 
 
 def new_information_signals(description: str, *, k: int = 2, min_turn: int = 0) -> dict[str, ProgressSignal]:
@@ -78,6 +83,17 @@ class SimulatedUserEnv(RoundBasedEnv):
     def _update_info(self) -> dict[str, Any]:
         """Task-specific ``info`` entries of every Update round, before the guess's."""
         return {}
+
+    def parse_query(self, block: str | None, max_chars: int = MAX_QUERY_CHARS) -> Parsed[str]:
+        """An Action round's question (:func:`~verl_selflock.envs.parsing.parse_query_block`: one
+        ``Query:`` line, nothing else, at most ``max_chars`` characters), counted when invalid: an
+        invalid question is the agent's turn (AS -1) and never reaches the simulator. The task must
+        list :data:`QUERY_COUNTERS` in its ``counters``."""
+        parsed = parse_query_block(block, "query", max_chars)
+        if not parsed.ok:
+            self.count("invalid_actions")
+            self.count("overlong_queries", int(parsed.code == TOO_LONG))
+        return parsed
 
     def parse_answer(self, block: str | None) -> Parsed[np.ndarray]:
         """A final answer: the same form as a guess (:meth:`parse_belief`)."""

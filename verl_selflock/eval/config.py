@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from verl_selflock.errors import UserError
+
 __all__ = [
-    "EvalConfig", "EpisodeRow", "load_rows", "FEEDBACK_MODES", "EPISODES_FILE", "ERRORS_FILE", "RUN_FILE", "SUMMARY_FILE"
+    "EPISODES_FILE", "ERRORS_FILE", "FEEDBACK_MODES", "RUN_FILE", "SUMMARY_FILE", "EpisodeRow", "EvalConfig", "load_rows",
 ]
 
 EPISODES_FILE = "episodes.jsonl"
@@ -45,25 +47,36 @@ class EvalConfig:
     oracle_bt: bool = False
     simulator_url: str | None = None
     simulator_model: str | None = None
+    simulator_timeout_s: float = 30.0
+    simulator_retries: int = 2
+    max_sim_failure_rate: float = 0.05
+    """Share of simulator calls that may fail (after all retries) in a valid run; above it the summary is
+    marked invalid: those episodes were played against a user who could not answer."""
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.feedback not in FEEDBACK_MODES:
-            raise ValueError(f"--feedback must be one of {FEEDBACK_MODES}, got {self.feedback!r}")
+            raise UserError(f"--feedback must be one of {FEEDBACK_MODES}, got {self.feedback!r}")
         if self.concurrency < 1:
-            raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+            raise UserError(f"--concurrency must be >= 1, got {self.concurrency}")
         if self.max_episodes is not None and self.max_episodes < 1:
-            raise ValueError(f"--max-episodes must be >= 1, got {self.max_episodes}")
+            raise UserError(f"--max-episodes must be >= 1, got {self.max_episodes}")
         if (self.simulator_url is None) != (self.simulator_model is None):
-            raise ValueError("--simulator-url and --simulator-model go together")
+            raise UserError("--simulator-url and --simulator-model go together")
         if self.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+            raise UserError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"--temperature must be in [0, 2], got {self.temperature}")
+            raise UserError(f"--temperature must be in [0, 2], got {self.temperature}")
         if not self.timeout_s > 0:
-            raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
+            raise UserError(f"--timeout must be > 0, got {self.timeout_s}")
         if self.max_retries < 0:
-            raise ValueError(f"--retries must be >= 0, got {self.max_retries}")
+            raise UserError(f"--retries must be >= 0, got {self.max_retries}")
+        if not self.simulator_timeout_s > 0:
+            raise UserError(f"--simulator-timeout must be > 0, got {self.simulator_timeout_s}")
+        if self.simulator_retries < 0:
+            raise UserError(f"--simulator-retries must be >= 0, got {self.simulator_retries}")
+        if not 0.0 <= self.max_sim_failure_rate <= 1.0:
+            raise UserError(f"--max-sim-failure-rate must be in [0, 1], got {self.max_sim_failure_rate}")
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -90,15 +103,22 @@ class EpisodeRow:
 
 
 def load_rows(path: str | os.PathLike, max_episodes: int | None = None) -> list[EpisodeRow]:
-    """The first ``max_episodes`` rows of a parquet written by our builders (clear error otherwise)."""
+    """The first ``max_episodes`` rows of a parquet written by our builders; a missing, unreadable or
+    empty file, or rows our builders would not write, raise :class:`UserError` naming the file and row."""
     import pandas as pd
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--data {path}: no such file (build a test split with `verl-selflock data`)")
-    frame = pd.read_parquet(path)
+        raise UserError(f"--data {path}: no such file (build a test split with `verl-selflock data`)")
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"--data {path}: not a readable parquet file ({' '.join(str(err).split())[:200]})") from err
     missing = [column for column in ("prompt", "extra_info") if column not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: not a verl-selflock dataset (no column(s) {missing}); build one with `verl-selflock data`")
+        raise UserError(f"--data {path}: not a verl-selflock dataset (no column(s) {missing}); build one with `verl-selflock data`")
+    if frame.empty:
+        # Nothing to play: a run would report "0 of 0 episodes" and exit 0, as if it had passed.
+        raise UserError(f"--data {path}: the test set has no rows; build it again with `verl-selflock data`")
     if max_episodes is not None:
         frame = frame.iloc[:max_episodes]
     rows = []
@@ -107,14 +127,16 @@ def load_rows(path: str | os.PathLike, max_episodes: int | None = None) -> list[
         extra = record["extra_info"] or {}
         spec = extra.get("env") if isinstance(extra, Mapping) else None
         if not isinstance(spec, Mapping):
-            raise ValueError(f"{path}: row {number} has no extra_info['env'] spec")
+            raise UserError(f"--data {path}: row {number} has no extra_info['env'] spec")
         episode_id = str(spec.get("id") or f"{record.get('data_source', 'row')}-{extra.get('index', number)}")
         if episode_id in seen:
-            raise ValueError(f"{path}: episode id {episode_id!r} occurs twice; ids must be unique to resume safely")
+            raise UserError(f"--data {path}: episode id {episode_id!r} occurs twice (row {number}); ids must be unique to resume safely")
         seen.add(episode_id)
-        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in record["prompt"]]
+        try:
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in record["prompt"]]
+        except (KeyError, TypeError) as err:
+            raise UserError(f"--data {path}: row {number} has a prompt that is not a list of chat messages ({err!r})") from err
         rows.append(
             EpisodeRow(episode_id, int(extra.get("index", number)), str(record.get("data_source", "")), messages, dict(spec))
         )
     return rows
-

@@ -20,8 +20,18 @@ Output folder (``--out``):
 * ``run.json``: the settings, written once every check passed (data, options per task, endpoints); a
   resume with different settings (model, data, feedback ...) is refused.
 * ``summary.json``: success rate, AS/BT proxies, information gain, turns, finish/invalid/repeat
-  ratios with 95% confidence intervals (:func:`verl_selflock.diagnostics.metrics.summarize`), also
+  ratios with 95% confidence intervals (:func:`verl_selflock.diagnostics.metrics.summarize`), the
+  simulated user's calls and failures, and ``valid`` (false, with ``invalid_reason``, when more than
+  ``--max-sim-failure-rate`` of the simulator's calls failed: :mod:`verl_selflock.eval.summary`); also
   printed as a table.
+* ``.eval.lock`` / ``.eval.owner.json``: one process per folder (:mod:`verl_selflock.eval.preflight`).
+
+Before any episode the run checks its data (a missing, unreadable or empty file), its options per
+task, the records it resumes (a line that is not one of ours is refused, naming the file and line),
+and sends one chat completion to each endpoint it opened (a dead, non-OpenAI or garbage server is
+refused naming the URL and what came back). User mistakes raise :class:`~verl_selflock.errors.UserError`.
+Exit codes of :func:`run`: 0 every episode finished, 2 some must be retried (or a user error), 3 the
+summary is invalid (:data:`~verl_selflock.eval.summary.INVALID_RUN_EXIT`).
 
 Ablations:
 
@@ -44,6 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from verl_selflock.errors import UserError
 from verl_selflock.eval.config import (
     EPISODES_FILE,
     ERRORS_FILE,
@@ -56,14 +67,22 @@ from verl_selflock.eval.config import (
 )
 from verl_selflock.eval.episode import EndpointError, run_episode
 from verl_selflock.eval.oracle import ORACLE_BT
+from verl_selflock.eval.preflight import OutLock, check_endpoint
 from verl_selflock.eval.store import EpisodeStore, to_jsonable
-from verl_selflock.eval.summary import format_summary, summarize_run
+from verl_selflock.eval.summary import INVALID_RUN_EXIT, format_summary, judge_validity, summarize_run
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EvalConfig", "EpisodeRow", "load_rows", "run_episode", "evaluate", "summarize_run", "format_summary",
-    "add_arguments", "run",
+    "EpisodeRow",
+    "EvalConfig",
+    "add_arguments",
+    "evaluate",
+    "format_summary",
+    "load_rows",
+    "run",
+    "run_episode",
+    "summarize_run",
 ]
 
 # Settings that change the results: a resume must use the same ones.
@@ -76,11 +95,16 @@ def _check_resume(out: Path, config: EvalConfig) -> None:
     if not run_path.exists():
         return
     settings = config.settings()
-    previous = json.loads(run_path.read_text())
+    try:
+        previous = json.loads(run_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise UserError(f"{run_path}: not the JSON object of a run's settings; use another --out to start a new run")
     changed = {key: (previous.get(key), settings[key]) for key in _RESUME_KEYS if previous.get(key) != settings[key]}
     if changed:
         detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise ValueError(f"{out} holds a run with other settings ({detail}); use another --out to start a new run")
+        raise UserError(f"{out} holds a run with other settings ({detail}); use another --out to start a new run")
 
 
 def _start_run(out: Path, config: EvalConfig) -> None:
@@ -98,13 +122,13 @@ def _check_tasks(rows: Sequence[EpisodeRow], config: EvalConfig) -> None:
     if config.oracle_bt:
         unsupported = [task for task in tasks if task not in ORACLE_BT]
         if unsupported:
-            raise ValueError(f"--oracle-bt is available for tasks {sorted(ORACLE_BT)}, not {unsupported}")
+            raise UserError(f"--oracle-bt is available for tasks {sorted(ORACLE_BT)}, not {unsupported}")
     if config.feedback == "unknown":
         from verl_selflock.envs.base import env_class
 
         for task in tasks:
             if env_class(task).uninformative_feedback is None:
-                raise ValueError(f"task {task!r} does not support --feedback unknown (no uninformative_feedback)")
+                raise UserError(f"task {task!r} does not support --feedback unknown (no uninformative_feedback)")
 
 
 def _check_envs_build(rows: Sequence[EpisodeRow], config: EvalConfig, simulator: Any) -> None:
@@ -120,7 +144,7 @@ def _check_envs_build(rows: Sequence[EpisodeRow], config: EvalConfig, simulator:
         try:
             make_env(row.spec, context=context)
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"episode {row.id!r} (task {task!r}) cannot start: {err}") from err
+            raise UserError(f"episode {row.id!r} (task {task!r}) cannot start: {err}") from err
 
 
 def _policy_client(config: EvalConfig) -> Any:
@@ -145,15 +169,40 @@ def _policy_client(config: EvalConfig) -> Any:
 def _open_clients(config: EvalConfig, policy: Any, simulator: Any, owned: list[Any]) -> tuple[Any, Any]:
     """The policy and simulator clients, defaulting to ``config``'s endpoints; those opened here are
     appended to ``owned`` (bad endpoint settings raise here, before the run starts)."""
-    from verl_selflock.simulators import ChatClient, SimulatorConfig
+    from verl_selflock.simulators import ChatClient, SimulatorConfig, SimulatorConfigError
 
     if policy is None:
-        policy = _policy_client(config)
+        try:
+            policy = _policy_client(config)
+        except SimulatorConfigError as err:
+            raise _option_error(err, "--base-url", "--model") from err
         owned.append(policy)
     if simulator is None and config.simulator_url:
-        simulator = ChatClient(SimulatorConfig(base_url=config.simulator_url, model=str(config.simulator_model)))
+        try:
+            simulator = ChatClient(SimulatorConfig(
+                base_url=config.simulator_url, model=str(config.simulator_model),
+                timeout_s=config.simulator_timeout_s, max_retries=config.simulator_retries,
+            ))
+        except SimulatorConfigError as err:
+            raise _option_error(err, "--simulator-url", "--simulator-model") from err
         owned.append(simulator)
     return policy, simulator
+
+
+def _option_error(err: Exception, url_option: str, model_option: str) -> UserError:
+    """A client setting's error (``simulator.<key>: why``) under the name of the CLI option that set it."""
+    key, _, why = str(err).partition(": ")
+    option = {"simulator.base_url": url_option, "simulator.model": model_option}.get(key)
+    return UserError(f"{option}: {why}" if option else f"{url_option}: {err}")
+
+
+async def _preflight(policy: Any, simulator: Any, owned: Sequence[Any]) -> None:
+    """One chat completion to each endpoint this run opened (a caller's own client is its business)."""
+    for client, option in ((policy, "--base-url"), (simulator, "--simulator-url")):
+        if client is not None and client in owned:
+            settings = client.config
+            await check_endpoint(option, settings.base_url, settings.model, settings.api_key(),
+                                 float(settings.timeout_s), float(settings.temperature))
 
 
 async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None) -> dict[str, Any]:
@@ -161,26 +210,33 @@ async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None
 
     ``policy`` defaults to a :class:`~verl_selflock.eval.policy.PolicyClient` and ``simulator`` to a
     :class:`ChatClient` for ``config``'s endpoints. Everything is validated (data, options per task,
-    endpoints, resume settings) before ``run.json`` is written.
+    the records resumed, endpoints, resume settings) before ``run.json`` is written; the output folder
+    is locked for the whole run. User mistakes raise :class:`UserError`.
     """
+    rows = load_rows(config.data, config.max_episodes)
+    _check_tasks(rows, config)
+    with OutLock(config.out):
+        return await _evaluate_locked(config, rows, policy, simulator)
+
+
+async def _evaluate_locked(config: EvalConfig, rows: list[EpisodeRow], policy: Any, simulator: Any) -> dict[str, Any]:
     from tqdm import tqdm
 
     out = Path(config.out)
-    rows = load_rows(config.data, config.max_episodes)
-    _check_tasks(rows, config)
     _check_resume(out, config)
+    store, errors = EpisodeStore(out / EPISODES_FILE), EpisodeStore(out / ERRORS_FILE)
+    store.repair()
+    errors.repair()
+    done = store.ids(strict=True)  # a line that is not ours stops the run here, naming file and line
     owned: list[Any] = []  # clients this call opened (and closes)
     try:
         policy, simulator = _open_clients(config, policy, simulator, owned)
         _check_envs_build(rows, config, simulator)
+        await _preflight(policy, simulator, owned)
     except BaseException:
         await _close(owned)
         raise
     _start_run(out, config)
-    store, errors = EpisodeStore(out / EPISODES_FILE), EpisodeStore(out / ERRORS_FILE)
-    store.repair()
-    errors.repair()
-    done = store.ids()
     pending = [row for row in rows if row.id not in done]
 
     semaphore = asyncio.Semaphore(config.concurrency)
@@ -205,7 +261,7 @@ async def evaluate(config: EvalConfig, policy: Any = None, simulator: Any = None
     finally:
         bar.close()
         await _close(owned)
-    summary = summarize_run(out, [row.id for row in rows])
+    summary = judge_validity(summarize_run(out, [row.id for row in rows]), config.max_sim_failure_rate)
     summary["errored_this_run"] = failed
     (out / SUMMARY_FILE).write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
     return summary
@@ -234,18 +290,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle-bt", action="store_true", help="PE: masking analysis with oracle belief tracking")
     parser.add_argument("--simulator-url", default=None, help="simulated user endpoint for tasks that need one")
     parser.add_argument("--simulator-model", default=None, help="simulated user model name")
+    parser.add_argument("--simulator-timeout", type=float, default=30.0, help="seconds per simulator request attempt")
+    parser.add_argument("--simulator-retries", type=int, default=2, help="retries per simulator request")
+    parser.add_argument("--max-sim-failure-rate", type=float, default=0.05,
+                        help="share of simulator calls that may fail after all retries; above it the summary is "
+                        "marked invalid and the command exits 3 (default 0.05)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI entry: 0 when every selected episode is finished, 2 when some must be retried."""
+    """CLI entry: 0 when every selected episode is finished, 2 when some must be retried, 3 when the
+    summary is invalid (too many simulator failures). User mistakes raise :class:`UserError`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = EvalConfig(
         data=args.data, out=args.out, base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
         max_episodes=args.max_episodes, concurrency=args.concurrency, max_tokens=args.max_tokens,
         temperature=args.temperature, timeout_s=args.timeout, max_retries=args.retries, feedback=args.feedback,
         oracle_bt=args.oracle_bt, simulator_url=args.simulator_url, simulator_model=args.simulator_model,
-        progress=not args.no_progress,
+        simulator_timeout_s=args.simulator_timeout, simulator_retries=args.simulator_retries,
+        max_sim_failure_rate=args.max_sim_failure_rate, progress=not args.no_progress,
     )
     try:
         summary = asyncio.run(evaluate(config))
@@ -256,4 +319,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(summary))
     print(f"summary: {os.path.abspath(os.path.join(config.out, SUMMARY_FILE))}", file=sys.stderr)
+    if not summary["valid"]:
+        print(f"invalid run: {summary['invalid_reason']}", file=sys.stderr)
+        return INVALID_RUN_EXIT
     return 2 if summary["missing"] else 0

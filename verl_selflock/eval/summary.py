@@ -1,5 +1,13 @@
 """The summary of a ``verl-selflock eval`` run: metrics with confidence intervals, the oracle-BT
-masking analysis, and the table printed on the terminal."""
+masking analysis, the simulated user's failures, and the table printed on the terminal.
+
+Validity. Tasks with a simulated user (MediQ, FloDial, tau2) degrade a simulator call that failed
+after all retries into the task's "cannot answer" feedback and go on; each episode counts its calls
+and failures (``EpisodeResult.metrics``, :data:`~verl_selflock.diagnostics.metrics.SIMULATOR_METRICS`).
+A run whose simulator failed on more than ``max_sim_failure_rate`` of its calls measured the model
+against a user who could not answer: :func:`judge_validity` marks its summary ``"valid": false`` with
+the reason, and the CLI exits with :data:`INVALID_RUN_EXIT`.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +18,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from verl_selflock.contracts.episode import EpisodeStats
-from verl_selflock.diagnostics.metrics import counts_of, pearson, summarize, wilson_interval
+from verl_selflock.contracts.episode import ENV_METRICS, EpisodeStats
+from verl_selflock.diagnostics.metrics import SIMULATOR_METRICS, counts_of, pearson, summarize, wilson_interval
 from verl_selflock.eval.config import EPISODES_FILE, RUN_FILE
 from verl_selflock.eval.store import EpisodeStore
 
-__all__ = ["summarize_run", "format_summary"]
+__all__ = ["INVALID_RUN_EXIT", "format_summary", "judge_validity", "simulator_counts", "summarize_run"]
+
+INVALID_RUN_EXIT = 3
+"""Exit code of an eval whose summary is invalid (2 is taken: user errors, episodes left to retry)."""
 
 
 def summarize_run(out: str | os.PathLike, selected_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """Summary of the finished episodes in ``out/episodes.jsonl`` (restricted to ``selected_ids``)."""
     out = Path(out)
-    records = {str(r["id"]): r for r in EpisodeStore(out / EPISODES_FILE).records()}
+    records = {str(r["id"]): r for r in EpisodeStore(out / EPISODES_FILE).records(strict=True)}
     if selected_ids is not None:
         wanted = set(selected_ids)
         records = {key: value for key, value in records.items() if key in wanted}
@@ -34,9 +45,39 @@ def summarize_run(out: str | os.PathLike, selected_ids: Sequence[str] | None = N
         "metrics": {name: estimate.as_dict() for name, estimate in summarize(counts).items()},
     }
     summary["missing"] = summary["selected"] - summary["episodes"]
+    summary["simulator"] = simulator_counts(records.values())
     oracle = [r for r in records.values() if isinstance(r.get("oracle_bt"), Mapping)]
     if oracle:
         summary["oracle_bt"] = _masking(oracle)
+    return summary
+
+
+def simulator_counts(records: Any) -> dict[str, Any]:
+    """Simulator calls and failures summed over episode records (``stats[selflock_env_metrics]``)."""
+    calls, hits, failures, episodes = 0, 0, 0, 0
+    key_calls, key_hits, key_failures = SIMULATOR_METRICS
+    for record in records:
+        metrics = (record.get("stats") or {}).get(ENV_METRICS) or {}
+        failed = int(metrics.get(key_failures, 0) or 0)
+        calls += int(metrics.get(key_calls, 0) or 0)
+        hits += int(metrics.get(key_hits, 0) or 0)
+        failures += failed
+        episodes += int(failed > 0)
+    return {"calls": calls, "cache_hits": hits, "failures": failures, "episodes_with_failures": episodes,
+            "failure_rate": failures / calls if calls else 0.0}
+
+
+def judge_validity(summary: dict[str, Any], max_sim_failure_rate: float) -> dict[str, Any]:
+    """Set ``summary["valid"]`` (and ``invalid_reason`` when False) from its simulator failure rate."""
+    sim = summary["simulator"]
+    sim["max_failure_rate"] = max_sim_failure_rate
+    valid = sim["failure_rate"] <= max_sim_failure_rate
+    summary["valid"] = valid
+    summary["invalid_reason"] = None if valid else (
+        f"the simulated user failed {sim['failures']} of {sim['calls']} calls ({sim['failure_rate']:.1%}) after all "
+        f"retries, above --max-sim-failure-rate {max_sim_failure_rate:.1%}: these episodes were played against a user "
+        "who could not answer (check the simulator server and its log, then run again into a new --out)"
+    )
     return summary
 
 
@@ -69,8 +110,16 @@ def _masking(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The summary as a table for the terminal."""
-    lines = [f"episodes: {summary['episodes']} of {summary['selected']} selected"
-             + (f" ({summary['missing']} not finished: run the command again to retry them)" if summary.get("missing") else "")]
+    lines = []
+    if summary.get("valid") is False:
+        lines.append(f"INVALID RUN: {summary.get('invalid_reason')}")
+    lines.append(f"episodes: {summary['episodes']} of {summary['selected']} selected"
+                 + (f" ({summary['missing']} not finished: run the command again to retry them)" if summary.get("missing") else ""))
+    sim = summary.get("simulator")
+    if sim and sim.get("calls"):
+        allowed = f", at most {sim['max_failure_rate']:.1%} allowed" if "max_failure_rate" in sim else ""
+        lines.append(f"simulator: {sim['failures']} of {sim['calls']} calls failed ({sim['failure_rate']:.1%}{allowed}) "
+                     f"in {sim['episodes_with_failures']} episode(s)")
     lines.append(f"{'metric':<22}{'value':>9}   95% CI")
     for name, est in summary["metrics"].items():
         lines.append(f"{name:<22}{est['value']:>9.4f}   [{_num(est['ci_low'])}, {_num(est['ci_high'])}] ({est['ci']})")

@@ -1,9 +1,10 @@
-"""Start-up validation of a veRL config that uses our estimators (runs on the driver, before Ray).
+"""Start-up validation of a veRL config that uses our components (runs on the driver, before Ray).
 
 veRL does not validate ``algorithm.adv_estimator`` until the first advantage step inside the
 TaskRunner, and it silently drops the critic unless the estimator is literally ``gae``. A run that
 asks for ``arew`` without the data AREW needs must not train silently without critiques: every such
-misconfiguration fails here with a message that says exactly what to set.
+misconfiguration fails here with a message that says exactly what to set. The files such a run reads
+(datasets, agent-loop YAML) are checked here too (:mod:`verl_selflock.verl_adapter.data_checks`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from verl_selflock.algorithms.arew import ArewConfig
 from verl_selflock.algorithms.arew_config import BUILTIN_BASES
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
+from verl_selflock.errors import UserError
+from verl_selflock.verl_adapter.data_checks import DataCheckError, check_selflock_inputs
 
 
-class SelflockConfigError(ValueError):
-    """A veRL config asks for one of our features with settings that cannot work."""
+class SelflockConfigError(UserError, ValueError):
+    """A veRL config asks for one of our features with settings (or files) that cannot work."""
 
 
 def _get(node: Any, dotted: str, default: Any = None) -> Any:
@@ -43,11 +46,24 @@ def igpo_config_of(config: Any) -> IgpoConfig:
 
 
 def validate_selflock_config(config: Any) -> None:
-    """Raise :class:`SelflockConfigError` if ``config`` asks for ``arew``/``igpo`` with settings that cannot work.
+    """Raise :class:`SelflockConfigError` if ``config`` asks for our components with settings or files
+    that cannot work.
+
+    Settings come first (they open no file and resolve nothing expensive); then, for runs that use our
+    agent loop, reward manager or estimators, the agent-loop YAML and the dataset files
+    (:func:`~verl_selflock.verl_adapter.data_checks.check_selflock_inputs`).
 
     Args:
-        config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides).
+        config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides), unresolved.
     """
+    _check_settings(config)
+    try:
+        check_selflock_inputs(config)
+    except DataCheckError as err:
+        raise SelflockConfigError(str(err)) from None
+
+
+def _check_settings(config: Any) -> None:
     diagnostics = _get(config, "selflock_diagnostics")
     if diagnostics is not None:
         from verl_selflock.diagnostics.monitor import MonitorConfig

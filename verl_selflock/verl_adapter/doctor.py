@@ -7,6 +7,8 @@ import importlib.metadata
 import os
 import sys
 
+from verl_selflock.errors import one_line
+
 ENTRY_POINT_GROUP = "verl.plugins"
 ENTRY_POINT_NAME = "verl_selflock"
 
@@ -35,7 +37,12 @@ def doctor(_: argparse.Namespace) -> int:
     line(bool(eps), f"entry point {ENTRY_POINT_GROUP}:{ENTRY_POINT_NAME} -> {eps[0].value if eps else 'not installed'}")
     policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto")
 
-    import verl  # loads the plugins, as in every veRL process
+    try:
+        import verl  # loads the plugins, as in every veRL process
+    except Exception as err:  # noqa: BLE001 - a broken or missing veRL is what doctor is asked to report
+        line(False, f"import verl failed: {one_line(err)} (install veRL 0.9.1: see the README's Install section)")
+        print(f"\n{len(failures)} problem(s)")
+        return 1
 
     print(f"veRL {verl.__version__} ({os.path.dirname(verl.__file__)})")
     loaded = "verl_selflock.verl_adapter.plugin" in sys.modules

@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from verl_selflock.cache import build_once, cache_dir
+from verl_selflock.contracts.names import AGENT_NAME
 from verl_selflock.models.smollm2 import smollm2_path
 
 RESOLVERS = ("selflock.smollm2", "selflock.pe_data", "selflock.agent_loop_yaml")
@@ -58,9 +59,10 @@ def agent_loop_yaml(*knobs: Any) -> str:
 
     import yaml
 
-    from verl_selflock.verl_adapter.agent_loop import ActiveReasoningAgentLoop, ActiveReasoningLoopConfig
+    from verl_selflock.verl_adapter.agent_loop import ActiveReasoningAgentLoop
+    from verl_selflock.verl_adapter.data_checks import check_loop_knobs
 
-    entry: dict = {"name": "active_reasoning", "_target_": f"{ActiveReasoningAgentLoop.__module__}.ActiveReasoningAgentLoop"}
+    entry: dict = {"name": AGENT_NAME, "_target_": f"{ActiveReasoningAgentLoop.__module__}.ActiveReasoningAgentLoop"}
     for knob in knobs:
         if isinstance(knob, DictConfig | Mapping):
             node = OmegaConf.to_container(knob, resolve=True) if isinstance(knob, DictConfig) else dict(knob)
@@ -76,7 +78,7 @@ def agent_loop_yaml(*knobs: Any) -> str:
         else:
             entry[key] = parsed
     # Fail here, on the driver, on a misspelt knob rather than in an agent-loop worker.
-    ActiveReasoningLoopConfig(**{k: v for k, v in entry.items() if k not in ("name", "_target_")})
+    check_loop_knobs(entry, "selflock.agent_loop_yaml")
     text = yaml.safe_dump([entry], sort_keys=True)
     path = cache_dir() / "agent_loops" / f"active_reasoning-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
     if not path.exists():

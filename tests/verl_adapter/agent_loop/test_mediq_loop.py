@@ -4,6 +4,7 @@ but its tokens never enter the response, and an episode runs against a real pati
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from fixtures.harness import SAMPLING, Expected, build_loop, run_episode
@@ -34,7 +35,9 @@ ANSWER = "<answer>4,1,1,1</answer>"
 
 
 def mediq_row(split: str = "train", max_turns: int = 4) -> dict:
-    rows = build_mediq_rows([CASE], seed=0, n_val=int(split == "test"), max_turns=max_turns, progress=False)
+    # The builder keeps both splits non-empty: a twin case (same content, other id) fills the other one.
+    twin = dataclasses.replace(CASE, case_id="fixture-2")
+    rows = build_mediq_rows([CASE, twin], seed=0, n_val=1, max_turns=max_turns, progress=False)
     row = rows[split][0]
     return {
         "raw_prompt": row["prompt"],

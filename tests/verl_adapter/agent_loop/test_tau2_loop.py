@@ -69,3 +69,38 @@ def test_tau2_episode_through_the_agent_loop(make_config, chatml_tokenizer):
     assert fields[ef.REWARD] == metrics["reward_fractional"] == 0.0 and fields[ef.ANSWERED]
     # The user model saw the agent's message, not its tool call.
     assert user_requests[0]["messages"][-1] == {"role": "user", "content": "Your account is active."}
+
+
+def test_over_cap_message_through_the_agent_loop_is_the_agents_invalid_turn(make_config, chatml_tokenizer):
+    """A message over ``MAX_ACTION_CHARS`` (5,000 spaces: a few dozen tokens) is -1 and never reaches
+    the user server; the next, normal message does. The training row is paid the default
+    ``fractional_gain`` reward: nothing was fixed, so 0."""
+    from verl_selflock.envs.tau2.parsing import MAX_ACTION_CHARS
+
+    tok = chatml_tokenizer
+    row = build_tau2_rows({"train": [TASK_ID]}, progress=False)["train"][0]
+    row = {**row, "raw_prompt": row["prompt"], "index": 0}
+    huge = "<message>hi" + " " * (MAX_ACTION_CHARS + 1000) + "there</message>"
+    script = [f"<think>pad</think>{huge}<|im_end|>", "<think>ok</think><message>Is it working now?</message><|im_end|>"]
+    server = ScriptedServer(tok, script, stop_ids={tok.convert_tokens_to_ids("<|im_end|>")})
+    with FaultServer("ok", reply="Thanks, that is all. ###STOP###") as user_server:
+        knobs = {
+            "max_turn_tokens": 512,
+            "max_obs_tokens": 512,
+            "stop_on_closing_tag": True,
+            "simulator": {"base_url": user_server.base_url, "model": "user", "max_retries": 0},
+        }
+        _, out = run_episode(make_config(), server, tok, row, knobs=knobs)
+        user_requests = list(user_server.requests)
+
+    fields = out.extra_fields
+    assert " " * MAX_ACTION_CHARS in tok.decode(out.response_ids)  # the loop kept the whole over-cap turn
+    labels = dict(iter_turn_labels(fields))
+    assert (labels[0].critique, labels[0].fallback_eligible) == (-1, False)
+    assert labels[1].critique in (0, 1) and fields[ef.TURNS] == 2
+    assert len(user_requests) == 1
+    assert all(len(m["content"]) <= MAX_ACTION_CHARS for m in user_requests[0]["messages"][1:])
+    assert user_requests[0]["messages"][-1] == {"role": "user", "content": "Is it working now?"}
+    metrics = fields[ef.ENV_METRICS]
+    assert metrics["invalid_actions"] == metrics["overlong_actions"] == 1 and metrics["sim_failures"] == 0
+    assert fields[ef.REWARD] == metrics["reward_fractional_gain"] == 0.0

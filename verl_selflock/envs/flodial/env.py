@@ -42,8 +42,9 @@ Directional critiques (AREW):
 
 Parsing (see :mod:`verl_selflock.envs.parsing` and :mod:`verl_selflock.envs.flodial.parsing`): the
 turn is cut after its first ``</interact>`` or ``</answer>``. An Action block must hold exactly one
-``Query: ...`` line (at most ``MAX_QUERY_CHARS`` characters) and nothing else. A guess/answer is exactly ``K`` finite
-non-negative numbers, not all zero.
+``Query: ...`` line (at most ``MAX_QUERY_CHARS`` = 300 characters) and nothing else; a longer
+question is an invalid action (AS -1, also counted in ``overlong_queries``), never sent to the
+simulator. A guess/answer is exactly ``K`` finite non-negative numbers, not all zero.
 
 ``StepResult.info`` keys: ``round``, ``turn``; action: ``query``, ``feedback`` ("yes" | "no" |
 "unknown"), ``row`` (the table row the simulator named, or None), ``new_information`` (a yes/no to a
@@ -55,7 +56,8 @@ answer), ``candidates_left``, ``simulator_failed``, ``simulator_reply`` or ``err
 ``EpisodeResult.metrics``: ``turns``, ``action_rounds``, ``update_rounds``, ``invalid_actions``,
 ``invalid_guesses``, ``repeats``, ``answers_yes``/``_no``/``_unknown``,
 ``sim_calls``/``sim_cache_hits``/``sim_failures`` (this episode's calls),
-``sim_unparsable``, ``sim_answer_mismatch``, ``candidates_left``, ``psi_final``, ``answered``.
+``sim_unparsable``, ``sim_answer_mismatch``, ``overlong_queries``, ``candidates_left``, ``psi_final``,
+``answered``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import numpy as np
 
 from verl_selflock.envs.base import EnvContext, EpisodeResult, RoundKind, StepResult, register_env
 from verl_selflock.envs.flodial.parsing import (
+    MAX_QUERY_CHARS,
     SimulatorVerdict,
     normalise_query,
     parse_flodial_action,
@@ -82,6 +85,7 @@ from verl_selflock.envs.flodial.prompts import (
 )
 from verl_selflock.envs.parsing import Parsed, parse_weights
 from verl_selflock.envs.simulated_user import (
+    QUERY_COUNTERS,
     ROUND_COUNTERS,
     SIMULATOR_COUNTERS,
     SimulatedUserEnv,
@@ -127,7 +131,7 @@ class FloDialEnv(SimulatedUserEnv):
     )
     counters = (
         *ROUND_COUNTERS, "answers_yes", "answers_no", "answers_unknown", *SIMULATOR_COUNTERS, "sim_unparsable",
-        "sim_answer_mismatch",
+        "sim_answer_mismatch", *QUERY_COUNTERS,
     )
 
     def __init__(
@@ -195,7 +199,7 @@ class FloDialEnv(SimulatedUserEnv):
 
     @staticmethod
     def parse_action(block: str | None) -> Parsed[str]:
-        """An Action block: exactly one non-empty ``Query:`` line and nothing else."""
+        """An Action block: exactly one non-empty ``Query:`` line and nothing else (not counted)."""
         return parse_flodial_action(block)
 
     def parse_belief(self, block: str | None) -> Parsed[np.ndarray]:
@@ -225,7 +229,7 @@ class FloDialEnv(SimulatedUserEnv):
 
     async def _action_turn(self, block: str | None) -> StepResult:
         self.count("action_rounds")
-        parsed = self.parse_action(block)
+        parsed = self.parse_query(block, MAX_QUERY_CHARS)  # counts invalid_actions / overlong_queries
         info: dict[str, Any] = {
             "round": RoundKind.ACTION.value,
             "turn": self.turn,
@@ -238,7 +242,6 @@ class FloDialEnv(SimulatedUserEnv):
         repeated = False
         note = ""
         if not parsed.ok:
-            self.count("invalid_actions")
             critique = -1
             info["error"] = parsed.error
             feedback_line = f"Invalid query: {parsed.error}. No feedback this round."

@@ -1,8 +1,9 @@
 """Parsing of FloDial turns and replies: the agent's query block and the simulated user's verdict.
 
 An Action block must hold exactly one ``Query: ...`` line (at most :data:`MAX_QUERY_CHARS`
-characters) and nothing else. The user simulator answers ``Yes, <ID>`` / ``No, <ID>`` / ``Unknown``
-(:func:`verl_selflock.envs.flodial.prompts.simulator_messages`), read robustly by
+characters) and nothing else: the shared rule :func:`verl_selflock.envs.parsing.parse_query_block`
+(MediQ's too), with FloDial's tighter cap. The user simulator answers ``Yes, <ID>`` / ``No, <ID>`` /
+``Unknown`` (:func:`verl_selflock.envs.flodial.prompts.simulator_messages`), read robustly by
 :func:`parse_simulator_reply`.
 """
 
@@ -11,26 +12,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from verl_selflock.envs.parsing import Parsed, find_keyed_lines
+from verl_selflock.envs.parsing import Parsed, parse_query_block
 
 __all__ = ["MAX_QUERY_CHARS", "SimulatorVerdict", "normalise_query", "parse_flodial_action", "parse_simulator_reply"]
 
-MAX_QUERY_CHARS = 300  # one atomic question; longer blocks are invalid (and would bloat the simulator prompt)
+# One atomic question: FloDial's own cap, tighter than the shared parsing.MAX_QUERY_CHARS (which
+# parse_query_block enforces as the upper bound of any task's cap).
+MAX_QUERY_CHARS = 300
 
 
 def parse_flodial_action(block: str | None) -> Parsed[str]:
-    """An Action block: exactly one non-empty ``Query:`` line and nothing else."""
-    if block is None:
-        return Parsed.fail("no <interact>...</interact> block")
-    keyed, others = find_keyed_lines(block)
-    if others or set(keyed) != {"query"} or len(keyed["query"]) != 1:
-        return Parsed.fail("the block must contain exactly one 'Query:' line and nothing else")
-    query = keyed["query"][0].strip()
-    if not query:
-        return Parsed.fail("empty 'Query:' line")
-    if len(query) > MAX_QUERY_CHARS:
-        return Parsed.fail(f"the question is longer than {MAX_QUERY_CHARS} characters; ask one short question")
-    return Parsed(query)
+    """An Action block: exactly one non-empty ``Query:`` line of at most :data:`MAX_QUERY_CHARS`
+    characters and nothing else (``code`` :data:`~verl_selflock.envs.parsing.TOO_LONG` when only the
+    length is wrong)."""
+    return parse_query_block(block, "query", MAX_QUERY_CHARS)
 
 
 def normalise_query(query: str) -> str:
@@ -65,7 +60,10 @@ def parse_simulator_reply(text: str) -> SimulatorVerdict:
     lines = [line for line in str(text).splitlines() if line.strip()]
     if not lines:
         return SimulatorVerdict(None, None, False)
-    first = lines[0].translate(_MARKUP).strip().lower()
+    # Whitespace runs collapse to one space: every whitespace in the patterns sits in a starred class
+    # that contains \s, so the verdict is unchanged, and the starred classes that follow one another
+    # can no longer split a long run between them (quadratic backtracking on "yes" + 10,000 spaces).
+    first = " ".join(lines[0].translate(_MARKUP).lower().split())
     match = _VERDICT_RE.match(first)
     if match is not None:
         return SimulatorVerdict(int(match.group(2)), match.group(1), True)

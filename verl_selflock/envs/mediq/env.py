@@ -19,6 +19,13 @@ them that were **not revealed before** in this episode are shown; if none are ne
 lower-casing, collapsing spaces and trimming end punctuation) gets the fixed reply without asking the
 simulator. A simulator failure (after the client's retries) gets the fixed reply too.
 
+Parsing (:mod:`verl_selflock.envs.parsing`): the turn is cut after its first ``</interact>`` or
+``</answer>``. An Action block must hold exactly one ``Query: ...`` line and nothing else, as in FloDial
+(:func:`~verl_selflock.envs.parsing.parse_query_block`: text injected after the question, a second
+question or reasoning inside the block make the action invalid), and the question is at most
+:data:`~verl_selflock.envs.parsing.MAX_QUERY_CHARS` (1,000) characters: a longer one is the agent's
+invalid action (AS -1, counted in ``overlong_queries`` too), never sent to the patient.
+
 Critiques (AREW):
 
 * Action round (AS): -1 for an invalid block, an exact (normalised) repeat, or a fixed/empty reply;
@@ -39,7 +46,8 @@ Critiques (AREW):
 ``info_gain`` (new facts), ``facts`` (new 1-based fact numbers), ``sim_ok``/``sim_cached``/``sim_error``
 or ``error``; update: ``guess``, ``psi``, ``psi_prev``, ``bt_rule`` or ``error``; answer: ``answer``,
 ``correct``, ``answer_psi`` (the answer's weight on the truth) or ``error``. Episode metrics add
-``sim_calls``, ``sim_cache_hits``, ``sim_failures``, ``facts_revealed``, ``cf_branches``, ``cf_invalid``.
+``sim_calls``, ``sim_cache_hits``, ``sim_failures``, ``facts_revealed``, ``cf_branches``, ``cf_invalid``,
+``overlong_queries``.
 """
 
 from __future__ import annotations
@@ -60,8 +68,9 @@ from verl_selflock.envs.mediq.prompts import (
     patient_messages,
     update_instruction,
 )
-from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_query, parse_weights
+from verl_selflock.envs.parsing import Parsed, cut_after_first_closing_tag, extract_block, parse_weights
 from verl_selflock.envs.simulated_user import (
+    QUERY_COUNTERS,
     ROUND_COUNTERS,
     SIMULATOR_COUNTERS,
     SimulatedUserEnv,
@@ -139,7 +148,7 @@ class MediQEnv(SimulatedUserEnv):
         "MediQ needs a simulated patient: set the active_reasoning agent loop's `simulator:` knob "
         "(base_url and model of an OpenAI-compatible endpoint, see recipes/mediq/README.md)"
     )
-    counters = (*ROUND_COUNTERS, "unknown_replies", *SIMULATOR_COUNTERS, "cf_branches", "cf_invalid")
+    counters = (*ROUND_COUNTERS, "unknown_replies", *SIMULATOR_COUNTERS, "cf_branches", "cf_invalid", *QUERY_COUNTERS)
 
     def __init__(
         self, spec: Mapping[str, Any], max_turns: int | None = None, context: EnvContext | None = None
@@ -214,11 +223,10 @@ class MediQEnv(SimulatedUserEnv):
         self.count("action_rounds")
         self.cf_requested, self.cf_belief = False, None
         info: dict[str, Any] = {"round": RoundKind.ACTION.value, "turn": self.turn}
-        parsed = parse_query(block) if block is not None else Parsed.fail("no <interact>...</interact> block")
+        parsed = self.parse_query(block)  # counts invalid_actions / overlong_queries
         new_facts: list[int] = []
         repeated = False
         if not parsed.ok:
-            self.count("invalid_actions")
             info["error"] = parsed.error
             feedback = f"Invalid query: {parsed.error}. The patient did not hear a question."
             critique = -1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from verl_selflock.envs.parsing import Parsed, find_keyed_lines, parse_focus, parse_pair
+from verl_selflock.envs.parsing import Parsed, find_action_lines, parse_focus, parse_pair
 
 __all__ = ["PEAction", "parse_pe_action"]
 
@@ -39,8 +39,8 @@ def parse_pe_action(block: str | None, variant: str, S: int | None, D: int, n_mo
     """
     if block is None:
         return Parsed.fail("no <interact>...</interact> block")
-    keyed, others = find_keyed_lines(block)
     expected = ("focus", "pair") if variant == "gated" else ("pair",)
+    keyed, others = find_action_lines(block, expected)
     if others:
         return Parsed.fail(f"unexpected text in the block: {others[0].strip()[:40]!r}")
     if set(keyed) != set(expected) or any(len(values) != 1 for values in keyed.values()):

@@ -5,12 +5,13 @@ the interaction shows is used. Every agent turn is an Action turn (channel AS). 
 applies decides the turn's critique:
 
 1. ``invalid``: no well-formed ``<message>``/``<tool_call>`` block, an empty message, tool-call JSON
-   that is not ``{"name": str, "arguments": object}``                                         -> -1
+   that is not strict JSON of ``{"name": str, "arguments": object}`` (no ``NaN``/``Infinity``), a
+   message or tool call over ``MAX_ACTION_CHARS`` (:mod:`verl_selflock.envs.tau2.parsing`)       -> -1
 2. ``wrong_identity``: a tool call whose arguments name a customer, line, bill or phone number
    that belongs to another customer than the user's (the user's identity: tau2's user device
    phone number -> its customer record)                                                      -> -1
 3. ``tool_error``: tau2 returned an error for the tool call (unknown tool, bad arguments,
-   failed precondition)                                                                      -> -1
+   failed precondition), or its arguments do not fit the tool's schema and it was not run     -> -1
 4. ``premature_transfer``: ``transfer_to_human_agents`` when the task does not expect a transfer,
    or the user left with ``###TRANSFER###`` in such a task                                     -> -1
 5. positive signals, any of:                                                                -> +1

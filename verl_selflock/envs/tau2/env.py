@@ -34,9 +34,12 @@ may promote it), and it is counted (``sim_failures`` / ``user_step_caps``).
 ``MAX_CONSECUTIVE_SIM_FAILURES`` failures in a row end the episode without a stop token (tau2's
 ``user_error``: official reward 0), so a dead endpoint cannot stall a rollout for 22 turns.
 
-Outcome (tau2's evaluators, :mod:`verl_selflock.envs.tau2.evaluation`): **official** (validation
-rows, ``split: test``) or **fractional** (training rows), on the final state, whatever ended the
-episode (official is 0 unless the user ended the conversation with a stop token).
+Outcome (tau2's evaluators, :mod:`verl_selflock.envs.tau2.evaluation`), on the final state, whatever
+ended the episode: **official** on validation rows (``split: test``; 0 unless the user ended the
+conversation with a stop token); on training rows the spec's ``training_reward``: ``fractional_gain``
+(default: the fractional check mean's gain over the task's do-nothing state, so checks already true
+before the agent acts pay nothing), ``fractional`` (the paper's plain mean of the atomic checks) or
+``official``.
 
 ``EpisodeResult.success`` is official == 1 either way; ``answered`` = the user ended the conversation.
 
@@ -49,9 +52,16 @@ the interaction shows), each turn's critique decided by the first rule that appl
 change), plus ``tool``/``tool_error``/``user_tool_calls``/``sim_failed``/``stop_token``/``error``
 where they apply. ``info_gain`` = the number of positive signals.
 
+Refused turns (invalid, -1, never sent to the user or a tool): a message or tool call over
+``MAX_ACTION_CHARS`` characters, tool-call JSON that is not strict RFC 8259 (``NaN``, ``Infinity``,
+duplicate keys, ...; :mod:`verl_selflock.envs.tau2.parsing`). A tool call whose arguments do not fit
+the tool's schema is a ``tool_error`` (-1) that never reaches tau2
+(:mod:`verl_selflock.envs.tau2.tool_arguments`).
+
 Spec keys: ``task`` ("tau2_telecom"), ``task_id`` (an id from tau2's telecom ``tasks.json``),
-``split``, ``max_turns`` (even, default 22), optional ``min_turn`` (default 6) and
-``max_user_tool_steps`` (default ``MAX_USER_TOOL_STEPS`` = 5).
+``split``, ``max_turns`` (even, default 22), optional ``min_turn`` (default 6),
+``max_user_tool_steps`` (default ``MAX_USER_TOOL_STEPS`` = 5) and ``training_reward`` (one of
+``TRAINING_REWARDS``, default ``"fractional_gain"``).
 """
 
 from __future__ import annotations
@@ -63,13 +73,21 @@ from typing import Any
 
 from verl_selflock.contracts.critique import CHANNEL_AS, FallbackRole, TurnLabel
 from verl_selflock.envs.base import ActiveReasoningEnv, EnvContext, EpisodeResult, RoundKind, StepResult, register_env
+from verl_selflock.envs.parsing import TOO_LONG
 from verl_selflock.envs.simulated_user import SIMULATOR_COUNTERS, new_information_progress, new_information_signals
 from verl_selflock.envs.tau2.assets import new_environment, require_tau2, telecom_task
 from verl_selflock.envs.tau2.critiques import targeted_critique
-from verl_selflock.envs.tau2.evaluation import Tau2Evaluation, evaluate_transcript
+from verl_selflock.envs.tau2.evaluation import (
+    DEFAULT_TRAINING_REWARD,
+    TRAINING_REWARDS,
+    Tau2Evaluation,
+    evaluate_transcript,
+    training_reward,
+)
 from verl_selflock.envs.tau2.identity import CustomerIdentity
 from verl_selflock.envs.tau2.parsing import TELECOM_CLOSING_TAGS, AgentAction, parse_agent_turn
 from verl_selflock.envs.tau2.prompts import agent_turn_format, user_system_prompt
+from verl_selflock.envs.tau2.tool_arguments import argument_error
 from verl_selflock.envs.tau2.user import DEGRADED_USER_REPLY, MAX_USER_TOOL_STEPS, SimulatedUser
 
 logger = logging.getLogger(__name__)
@@ -109,8 +127,8 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         "`simulator:` knob (base_url, model of an OpenAI-compatible endpoint)"
     )
     counters = (
-        "turns", "messages", "tool_calls", "tool_errors", "invalid_actions", "repeats", "wrong_identity",
-        "premature_transfers", "user_tool_calls", "fallback_eligible",
+        "turns", "messages", "tool_calls", "tool_errors", "invalid_actions", "overlong_actions", "repeats",
+        "wrong_identity", "premature_transfers", "user_tool_calls", "fallback_eligible",
         *SIMULATOR_COUNTERS, "user_step_caps", "expected_actions_matched",
     )
 
@@ -127,6 +145,11 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         self.tau2_task = telecom_task(self.task_id)
         self.min_turn = int(spec.get("min_turn", DEFAULT_MIN_TURN))
         self.max_user_tool_steps = int(spec.get("max_user_tool_steps", MAX_USER_TOOL_STEPS))
+        self.training_reward = str(spec.get("training_reward", DEFAULT_TRAINING_REWARD))
+        if self.training_reward not in TRAINING_REWARDS:
+            raise ValueError(
+                f"tau2 spec 'training_reward' must be one of {TRAINING_REWARDS}, got {self.training_reward!r}"
+            )
         criteria = self.tau2_task.evaluation_criteria
         if criteria is not None and RewardType.NL_ASSERTION in criteria.reward_basis:
             raise ValueError(f"task {self.task_id}: NL assertions need an LLM judge, not supported")
@@ -169,8 +192,15 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
 
     def _run_tool(self, name: str, arguments: dict[str, Any], requestor: str) -> tuple[Any, bool, bool]:
         """Run a tool call in tau2's environment and record it. Returns (tool message, new output, state changed)."""
-        from tau2.data_model.message import AssistantMessage, ToolCall, UserMessage
+        from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 
+        refused = argument_error(name, arguments, requestor)
+        if refused is not None:
+            # Not run and not recorded: tau2's evaluator replays the transcript against real tools.
+            message = ToolMessage(
+                id="refused", role="tool", content=f"Error: {refused}", requestor=requestor, error=True
+            )
+            return message, False, False
         call = ToolCall(id=f"{requestor}_{len(self.trajectory)}", name=name, arguments=arguments, requestor=requestor)
         before = self._db_hashes()
         response = self.environment.get_response(call)
@@ -185,6 +215,8 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
     def _newly_matched(self, name: str, arguments: dict[str, Any], requestor: str) -> bool:
         from tau2.data_model.message import ToolCall
 
+        if argument_error(name, arguments, requestor) is not None:
+            return False  # a refused call did not run: it matches nothing
         call = ToolCall(name=name, arguments=arguments, requestor=requestor)
         hit = False
         for index, action in enumerate(self.expected_actions):
@@ -221,6 +253,8 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         if not parsed.ok:
             info.update(kind="invalid", error=parsed.error)
             self.count("invalid_actions")
+            # Also counted apart: a flood of over-cap turns is garbage, not a format slip.
+            self.count("overlong_actions", int(parsed.code == TOO_LONG))
             negative = "invalid"
             observation = f"Invalid turn: {parsed.error}.\n{agent_turn_format()}"
         else:
@@ -322,14 +356,25 @@ class Tau2TelecomEnv(ActiveReasoningEnv):
         self._evaluation = (len(self.trajectory), evaluation)
         return evaluation
 
+    def _training_reward(self, evaluation: Tau2Evaluation, kind: str) -> float:
+        try:
+            return float(training_reward(evaluation, self.task_id, kind))
+        except Exception as err:  # noqa: BLE001  (the do-nothing baseline's replay failed: pay nothing)
+            logger.warning("tau2 %s reward of task %s failed: %r", kind, self.task_id, err)
+            return 0.0
+
     def result(self) -> EpisodeResult:
         evaluation = self.evaluation()
-        reward = evaluation.fractional if self.context.training else evaluation.official
+        gain = self._training_reward(evaluation, "fractional_gain")
+        reward = evaluation.official
+        if self.context.training:
+            reward = self._training_reward(evaluation, self.training_reward)
         metrics = self.counter_metrics()
         metrics.update({f"check_{name}": value for name, value in evaluation.families.items()})
         metrics.update(
             reward_official=evaluation.official,
             reward_fractional=evaluation.fractional,
+            reward_fractional_gain=gain,
             num_checks=float(evaluation.num_checks),
             eval_errors=float(evaluation.error is not None),
             user_stopped=float(self.termination == "user_stop"),
