@@ -79,3 +79,14 @@ def test_cli_full_task_set_with_max_rows(tmp_path):
     assert (len(train), len(test)) == (6, 6)
     train_ids = set(train.reward_model.map(lambda r: r["ground_truth"]))
     assert not train_ids & set(telecom_task_splits()["test"])
+
+
+@pytest.mark.parametrize("choice", ["fractional_gain", "fractional", "official"])
+def test_training_reward_choice_reaches_the_environment(tmp_path, choice):
+    assert main(["data", "tau2", "--out", str(tmp_path), "--max-rows", "2", "--training-reward", choice,
+                 "--no-progress"]) == 0
+    for split in ("train", "test"):
+        spec = pd.read_parquet(tmp_path / f"{split}.parquet").iloc[0].extra_info["env"]
+        assert spec["training_reward"] == choice
+        env = make_env(spec, context=EnvContext(simulator=object(), training=split == "train"))
+        assert env.training_reward == choice

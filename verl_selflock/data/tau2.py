@@ -23,8 +23,11 @@ its solution are never in the prompt: the environment spec carries only the task
 environment loads the task from tau2 (:mod:`verl_selflock.envs.tau2.env`). Row layout as in
 :mod:`verl_selflock.data.pe`: ``data_source`` ``tau2_telecom``, ``agent_name`` ``active_reasoning``,
 ``reward_model`` ``{"style": "rule", "ground_truth": task_id}``, ``extra_info`` ``{"index", "split",
-"env": {"task", "id", "task_id", "split", "max_turns", "min_turn"}}``. Training rows (``split: train``)
-are scored with tau2's fractional check mean, validation rows with its official all-or-nothing reward.
+"env": {"task", "id", "task_id", "split", "max_turns", "min_turn", "training_reward"}}``. Validation rows are
+scored with tau2's official all-or-nothing reward; training rows by ``--training-reward``: by default
+``fractional_gain``, the share of tau2's checks the agent made true that were not true at the start (a
+check that holds before the agent acts pays nothing), or ``fractional``, the paper's plain mean of the
+checks (:mod:`verl_selflock.envs.tau2.evaluation`; ``recipes/tau2_telecom/README.md`` says why).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 from verl_selflock.data.parquet import check_count, check_out_dir, dataset_row, split_rows, write_splits
 from verl_selflock.envs.tau2.assets import require_tau2, telecom_task, telecom_task_splits
 from verl_selflock.envs.tau2.env import DEFAULT_MAX_TURNS, DEFAULT_MIN_TURN, TASK_NAME
+from verl_selflock.envs.tau2.evaluation import DEFAULT_TRAINING_REWARD, TRAINING_REWARDS
 from verl_selflock.envs.tau2.prompts import tau2_messages, tau2_system_prompt
 from verl_selflock.errors import InvalidInput, UserError
 
@@ -102,12 +106,18 @@ def check_turns(max_turns: int, min_turn: int) -> None:
         raise InvalidInput(f"min_turn (--min-turn) must be in 0..{max_turns} (--max-turns), got {min_turn}")
 
 
+def check_training_reward(training_reward: str) -> None:
+    if training_reward not in TRAINING_REWARDS:
+        raise InvalidInput(f"training_reward (--training-reward) must be one of {TRAINING_REWARDS}, got {training_reward!r}")
+
+
 def build_tau2_rows(
     task_ids: dict[str, list[str]], max_turns: int = DEFAULT_MAX_TURNS, min_turn: int = DEFAULT_MIN_TURN,
-    progress: bool = True,
+    progress: bool = True, training_reward: str = DEFAULT_TRAINING_REWARD,
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows of each split, in the order of ``task_ids``."""
     check_turns(max_turns, min_turn)
+    check_training_reward(training_reward)
     prompt = tau2_messages()
 
     def make_row(split: str, index: int) -> dict[str, Any]:
@@ -119,6 +129,7 @@ def build_tau2_rows(
             "split": split,
             "max_turns": int(max_turns),
             "min_turn": int(min_turn),
+            "training_reward": training_reward,
         }
         return dataset_row(DATA_SOURCE, prompt, "customer_service", task_id, index=index, split=split, spec=spec)
 
@@ -137,10 +148,12 @@ def build_tau2_dataset(
     min_turn: int = DEFAULT_MIN_TURN,
     max_rows: int = 0,
     progress: bool = True,
+    training_reward: str = DEFAULT_TRAINING_REWARD,
 ) -> dict[str, str]:
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; ``max_rows`` > 0 keeps the first rows
     of each split (small sets for smoke runs). Returns ``{"train": path, "test": path}``."""
     check_turns(max_turns, min_turn)
+    check_training_reward(training_reward)
     check_count(max_rows, "max_rows (--max-rows)", minimum=0)
     check_count(test_size, "test_size (--test-size)", minimum=1)
     check_out_dir(out_dir)
@@ -151,7 +164,7 @@ def build_tau2_dataset(
     task_ids = split_task_ids(scheme, seed, test_size, task_set)
     if max_rows > 0:
         task_ids = {split: ids[:max_rows] for split, ids in task_ids.items()}
-    rows = build_tau2_rows(task_ids, max_turns, min_turn, progress=progress)
+    rows = build_tau2_rows(task_ids, max_turns, min_turn, progress=progress, training_reward=training_reward)
     return write_splits(rows, out_dir)
 
 
@@ -172,6 +185,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-turns", type=int, default=DEFAULT_MAX_TURNS, help="even turn budget (paper: 22)")
     parser.add_argument("--min-turn", type=int, default=DEFAULT_MIN_TURN, help="first turn an unproductive turn is -1")
     parser.add_argument("--max-rows", type=int, default=0, help="keep at most this many rows per split (0: all)")
+    parser.add_argument(
+        "--training-reward", choices=TRAINING_REWARDS, default=DEFAULT_TRAINING_REWARD,
+        help="reward of training rows: fractional_gain (default: checks the agent made true that were not true "
+        "at the start), fractional (the paper's plain mean of tau2's checks) or official (all or nothing)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -180,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     paths = build_tau2_dataset(
         args.out, args.split_scheme, args.seed, task_set=args.task_set, test_size=args.test_size, max_turns=args.max_turns,
         min_turn=args.min_turn, max_rows=args.max_rows, progress=not args.no_progress,
+        training_reward=args.training_reward,
     )
     for split, path in paths.items():
         print(f"{split}: {path}")
