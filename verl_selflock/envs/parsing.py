@@ -184,16 +184,7 @@ def find_keyed_lines(block: str) -> tuple[dict[str, list[str]], list[str]]:
         ``(keyed, others)``: ``keyed`` maps the lower-cased key to the values of every line with
         that key (in order); ``others`` are the non-blank lines that are not ``Key: value`` lines.
     """
-    keyed: dict[str, list[str]] = {}
-    others: list[str] = []
-    # filter(str.strip, ...) drops blank lines in C: a million empty lines cost no Python steps.
-    for line in filter(str.strip, block.splitlines()):
-        pair = keyed_line(line)
-        if pair is None:
-            others.append(line)
-            continue
-        keyed.setdefault(pair[0].lower(), []).append(pair[1])
-    return keyed, others
+    return _scan_keyed_lines(block, None)
 
 
 def find_action_lines(block: str, keys: Collection[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -203,16 +194,24 @@ def find_action_lines(block: str, keys: Collection[str]) -> tuple[dict[str, list
     which is then the last entry of the result. So every caller rejects exactly the blocks that
     ``find_keyed_lines`` makes it reject, in time independent of how many lines follow (100,000
     ``Pair:`` lines cost two)."""
+    return _scan_keyed_lines(block, keys)
+
+
+def _scan_keyed_lines(block: str, keys: Collection[str] | None) -> tuple[dict[str, list[str]], list[str]]:
+    """The one scan behind both: every line, or (``keys`` given) up to the first line breaking the rule."""
     keyed: dict[str, list[str]] = {}
     others: list[str] = []
+    # filter(str.strip, ...) drops blank lines in C: a million empty lines cost no Python steps.
     for line in filter(str.strip, block.splitlines()):
         pair = keyed_line(line)
         if pair is None:
             others.append(line)
-            break
+            if keys is not None:
+                break
+            continue
         key = pair[0].lower()
         keyed.setdefault(key, []).append(pair[1])
-        if key not in keys or len(keyed[key]) > 1:
+        if keys is not None and (key not in keys or len(keyed[key]) > 1):
             break
     return keyed, others
 
