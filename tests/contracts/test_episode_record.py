@@ -17,7 +17,7 @@ def _filled() -> EpisodeStats:
         as_pos=2, as_neg=1, bt_pos=1, bt_neg=1, action_rounds=3, update_rounds=2, judged_turns=6,
         info_gain_sum=1.5, info_gain_count=3, psi_delta_sum=-0.25, psi_delta_count=2, truncated=True,
         obs_truncated=1, stop_reason=ef.STOP_ANSWER, task="pe", env_metrics={"sim_calls": 3.0},
-        t3_enabled=True, t3_truncated=True, t3_turn=4, t3_budget_saved=80,
+        t3_enabled=True, t3_truncated=True, t3_turn=4, t3_budget_saved=80, aborted_generations=1,
     )
 
 

@@ -283,6 +283,11 @@ def test_training_diagnostics_record_step_metrics_and_the_lock_flag():
     fields = [_episode_a().as_extra_fields(), _episode_b().as_extra_fields(), {"other_loop": 1}, None]
     diagnostics.record(fields, metrics, step=1)
     assert metrics["selflock/as_proxy"] == pytest.approx(1 / 3) and metrics[SELF_LOCKING_KEY] == 0.0
+    assert metrics["selflock/aborted_generations"] == 0.0
+    aborted = EpisodeStats(turns=1, judged_turns=1, action_rounds=1, aborted_generations=1, stop_reason="aborted")
+    counted: dict = {}
+    TrainingDiagnostics().record([aborted.as_extra_fields(), _episode_a().as_extra_fields()], counted, step=1)
+    assert counted["selflock/aborted_generations"] == 1.0
     # Reward rises (0 -> 1) while the AS proxy falls (1 -> 0): the third step fires.
     for step, (reward, as_pos) in enumerate([(0.0, 1), (0.5, 1), (1.0, 0)], start=2):
         stats = EpisodeStats(reward=reward, turns=2, action_rounds=1, as_pos=as_pos, update_rounds=1, bt_pos=0)

@@ -32,6 +32,8 @@ STOP_DONE = "done"
 STOP_MAX_TURNS = "max_turns"
 STOP_RESPONSE_LENGTH = "response_length"
 STOP_T3 = "t3"
+STOP_ABORTED = "aborted"
+"""The rollout server aborted the turn's generation (vLLM on a pause or weight sync): the episode ends there."""
 
 @dataclass
 class EpisodeStats:
@@ -83,7 +85,8 @@ class EpisodeStats:
     obs_truncated: int = 0
     """Observations whose text was capped at ``max_obs_tokens``."""
     stop_reason: str = ""
-    """``answer`` | ``done`` | ``max_turns`` | ``response_length`` | ``t3`` (the ``STOP_*`` constants)."""
+    """``answer`` | ``done`` | ``max_turns`` | ``response_length`` | ``t3`` | ``aborted`` (the ``STOP_*``
+    constants)."""
     task: str = ""
     """The environment's task name."""
     env_metrics: dict[str, float] = field(default_factory=dict)
@@ -98,6 +101,10 @@ class EpisodeStats:
     """Generation budget T3 left unused: min(tokens left in ``response_length``, turns left x
     ``max_turn_tokens``). An upper bound on the tokens saved (the episode might have ended earlier or
     used shorter turns), not a count of tokens saved."""
+    aborted_generations: int = 0
+    """Generations the rollout server aborted (vLLM returns no tokens, or a cut turn, with stop reason
+    ``aborted``, when it pauses for a weight sync): an aborted real turn ends the episode unjudged
+    (stop reason ``aborted``); an aborted counterfactual branch is dropped."""
 
     def as_extra_fields(self) -> dict[str, Any]:
         """The record as ``extra_fields`` entries: ``selflock_<field>`` -> plain Python value."""
@@ -163,6 +170,7 @@ T3_ENABLED = KEYS["t3_enabled"]
 T3_TRUNCATED = KEYS["t3_truncated"]
 T3_TURN = KEYS["t3_turn"]
 T3_BUDGET_SAVED = KEYS["t3_budget_saved"]
+ABORTED_GENERATIONS = KEYS["aborted_generations"]
 
 
 def _legacy_judged_turns(fields: Mapping[str, Any]) -> int:

@@ -57,6 +57,8 @@ class TrainingDiagnostics:
         step_metrics = batch_metrics([counts_of(item) for item in stats])
         metrics.update(step_metrics)
         metrics.update(simulator_metrics(stats))
+        # Generations the rollout server aborted (vLLM pauses for weight syncs): those episodes ended early.
+        metrics[METRIC_PREFIX + "aborted_generations"] = float(sum(item.aborted_generations for item in stats))
         verdict = self.monitor.update(
             step,
             step_metrics.get(METRIC_PREFIX + "reward"),

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from verl_selflock.algorithms.t3 import T3Config, T3Monitor, T3Rule
 from verl_selflock.contracts.episode import (
+    STOP_ABORTED,
     STOP_ANSWER,
     STOP_DONE,
     STOP_MAX_TURNS,
@@ -143,6 +144,16 @@ class EpisodeRunner:
         environment (critique 0); it still counts as a turn."""
         self.stats.turns += int(unjudged_turn)
         self.stats.truncated, self.stats.stop_reason = True, STOP_RESPONSE_LENGTH
+
+    def stop_for_abort(self) -> None:
+        """The episode ends because the rollout server aborted the next turn's generation: nothing of that
+        turn is kept or judged (the turns before it are), and the record counts the abort."""
+        self.stats.aborted_generations += 1
+        self.stats.stop_reason = STOP_ABORTED
+
+    def branch_aborted(self) -> None:
+        """A side generation (a counterfactual branch) was aborted by the server and dropped."""
+        self.stats.aborted_generations += 1
 
     def finish(self) -> EpisodeStats:
         """Score the episode as it stands (``env.result()``: reward, success, answered, task metrics) into

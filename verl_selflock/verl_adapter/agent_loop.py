@@ -87,7 +87,7 @@ from verl_selflock.episode.runner import EpisodeRunner
 from verl_selflock.episode.token_cut import ENDED_BY_LENGTH, TurnCut, cap_text_tokens, cut_turn, end_of_turn_ids
 from verl_selflock.simulators import shared_client
 from verl_selflock.verl_adapter.agent_loop_config import ActiveReasoningLoopConfig, plain
-from verl_selflock.verl_adapter.rollout import Rollout
+from verl_selflock.verl_adapter.rollout import Rollout, is_aborted
 
 __all__ = ["AGENT_LOOP_CONFIG_PATH", "ActiveReasoningAgentLoop", "ActiveReasoningLoopConfig"]
 
@@ -157,7 +157,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         while True:
             # 2. generate one turn, cut it after its first closing tag, append it and close the message
             cut = await self._generate_turn(ep)
-            if cut is None:  # cut by the response budget: not judged
+            if cut is None:  # cut by the response budget or aborted by the server: not judged
                 break
             # 3. the environment judges the turn; the runner counts it and says whether the episode stops
             step = await self._judge_turn(ep, cut)
@@ -195,7 +195,8 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
     async def _generate_turn(self, ep: Rollout) -> TurnCut | None:
         """Generate one turn within the per-turn cap and what is left of the response budget, cut it after
         the first closing tag, append the model's kept tokens (mask 1, their log-probs) and the template's
-        closing tokens (mask 0). None when the turn was cut by the response budget (the episode ends)."""
+        closing tokens (mask 0). None when the turn was cut by the response budget or aborted by the
+        server (the episode ends)."""
         cfg = self.loop_config
         max_tokens = min(cfg.max_turn_tokens, self.response_length - len(ep.response_mask) - len(self.eot_ids))
         params = self._turn_params(ep.sampling_params, max_tokens, ep.env)
@@ -203,7 +204,11 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         output: TokenOutput = await self.server_manager.generate(
             request_id=ep.request_id, prompt_ids=ep.runtime_ids, sampling_params=params, priority=ep.priority
         )
-        gen_ids, gen_logprobs = ep.take_generation(output, max_tokens, time.perf_counter() - start)
+        taken = ep.take_generation(output, max_tokens, time.perf_counter() - start)
+        if taken is None:  # aborted by the server: the episode ends before this turn
+            ep.runner.stop_for_abort()
+            return None
+        gen_ids, gen_logprobs = taken
 
         cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids, tags=ep.env.closing_tags)
         kept_logprobs = gen_logprobs[: len(cut.kept_ids)] if ep.want_logprobs else None
@@ -286,6 +291,9 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         output: TokenOutput = await self.server_manager.generate(
             request_id=ep.request_id, prompt_ids=list(merge.token_ids), sampling_params=params, priority=ep.priority
         )
+        if is_aborted(output):  # nothing to judge: an empty text would read as the agent's own turn
+            ep.runner.branch_aborted()
+            return 0
         gen_ids = list(output.token_ids)[:max_tokens]
         cut = cut_turn(self.tokenizer, gen_ids, self.eot_ids, self.stop_ids, tags=ep.env.closing_tags)
         ep.env.observe_counterfactual(cut.text)

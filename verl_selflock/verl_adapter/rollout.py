@@ -73,14 +73,18 @@ class Rollout:
     def want_logprobs(self) -> bool:
         return bool(self.sampling_params.get("logprobs", False))
 
-    def take_generation(self, output: Any, max_tokens: int, seconds: float) -> tuple[list[int], list[float]]:
+    def take_generation(
+        self, output: Any, max_tokens: int, seconds: float
+    ) -> tuple[list[int], list[float]] | None:
         """Book one server call (time, per-sample tags, preemptions) and return its tokens and log-probs,
-        validated: a server fault is an error, not a bad action of the model. ``output`` is veRL's
-        ``TokenOutput``."""
+        validated: a server fault is an error, not a bad action of the model. None when the server
+        aborted the request (:func:`is_aborted`). ``output`` is veRL's ``TokenOutput``."""
         self.timing["generate_sequences"] += seconds
         _merge_tags(self.tags, output.extra_fields or {})
         if output.num_preempted is not None:
             self.num_preempted = (self.num_preempted or 0) + output.num_preempted
+        if is_aborted(output):
+            return None
         gen_ids = list(output.token_ids)
         gen_logprobs = list(output.log_probs) if output.log_probs is not None else []
         if self.want_logprobs:
@@ -136,6 +140,13 @@ class Rollout:
         self.layout.truncate(max_length)
         kept_logprobs = None if logprobs is None else list(logprobs[:max_length])
         return list(ids[:max_length]), list(mask[:max_length]), kept_logprobs, True
+
+
+def is_aborted(output: Any) -> bool:
+    """veRL's vLLM server marks a request it aborted (``pause_generation`` before a weight sync) with stop
+    reason ``aborted``, with no tokens and no log-probs or with the tokens generated so far
+    (``vllm_async_server.py``, 0.9.1, ``generate``). Either way the reply is not a turn of the model."""
+    return getattr(output, "stop_reason", None) == "aborted"
 
 
 def _merge_tags(tags: dict[str, Any], fields: Mapping[str, Any]) -> None:

@@ -22,7 +22,7 @@ from fixtures.harness import (
     scripted_row,
 )
 from fixtures.scripted_env import ScriptedEnv
-from fixtures.servers import ScriptedServer, scripted_logprob
+from fixtures.servers import ABORTED, ScriptedServer, scripted_logprob
 
 from verl_selflock.contracts import episode as ef
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, CRITIQUE_FIELDS, iter_turn_labels
@@ -428,6 +428,25 @@ def test_server_without_logprobs_is_an_error(make_config, chatml_tokenizer):
     server = NoLogprobs(chatml_tokenizer, ["<answer>1,2</answer>"])
     with pytest.raises(RuntimeError, match="log-probs"):
         run_episode(make_config(), server, chatml_tokenizer, scripted_row())
+
+
+def test_an_aborted_generation_ends_the_episode_cleanly(make_config, chatml_tokenizer):
+    """veRL's vLLM server answers a request it aborted (a pause before a weight sync) with no tokens and no
+    log-probs: the episode ends there, the turns before it stay as they were, and the abort is counted."""
+    tok = chatml_tokenizer
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    script = ["<interact>Pair: 1,2</interact><|im_end|>", ABORTED]
+    server = ScriptedServer(tok, script, stop_ids={im_end})
+    _, out = run_episode(make_config(), server, tok, scripted_row())
+    f = out.extra_fields
+    assert f[ef.STOP_REASON] == ef.STOP_ABORTED and f[ef.ABORTED_GENERATIONS] == 1
+    assert (f[ef.TURNS], f[ef.JUDGED_TURNS]) == (1, 1)  # the aborted turn is neither played nor judged
+    assert [label.critique for _, label in iter_turn_labels(f)] == [1]
+    assert f[ef.REWARD] == 0.0 and f[ef.ANSWERED] is False
+    # Nothing of the aborted call entered the response: it ends with the observation after turn 1.
+    first = server.calls[0].token_ids
+    assert out.response_ids[: len(first)] == first and sum(out.response_mask) == len(first)
+    assert len(out.response_ids) == len(out.response_mask) == len(out.response_logprobs)
 
 
 def test_logprobs_off(make_config, chatml_tokenizer):

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 from fixtures.harness import SAMPLING, Expected, build_loop, run_episode
 from fixtures.openai_servers import FaultServer
-from fixtures.servers import ScriptedServer, scripted_logprob
+from fixtures.servers import ABORTED, ScriptedServer, scripted_logprob
 
 from verl_selflock.contracts import episode as ef
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, CRITIQUE_FIELDS
@@ -139,6 +139,24 @@ def test_counterfactual_branch_is_judged_but_never_trained_on(make_config, chatm
     env_metrics = fields[ef.ENV_METRICS]
     assert env_metrics["cf_branches"] == 1 and env_metrics["sim_calls"] == 2 and env_metrics["sim_failures"] == 0
     assert fields[ef.REWARD] == 1.0 and fields[ef.TURNS] == 4
+
+
+def test_an_aborted_counterfactual_branch_is_dropped(make_config, chatml_tokenizer):
+    """The server aborts the branch (no tokens, stop reason ``aborted``): no empty text reaches the
+    environment as the agent's branch turn; the Update round falls back to the Psi_hat rule, the abort is
+    counted and the episode goes on to its answer."""
+    tok = chatml_tokenizer
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    script = [Q1 + IM_END, ABORTED, REAL_GUESS + IM_END, Q2 + IM_END, ANSWER + IM_END]
+    server = ScriptedServer(tok, script, stop_ids={im_end})
+    with FaultServer("ok", reply="1") as patient:
+        _, out = run_episode(
+            make_config(), server, tok, mediq_row(), knobs={"simulator": simulator_knob(patient.base_url)}
+        )
+    fields = out.extra_fields
+    assert len(server.calls) == 5 and fields[CF_BRANCHES] == 0 and fields[ef.ABORTED_GENERATIONS] == 1
+    assert fields[ef.BT_POS] == 1  # the Psi_hat rule (0.25 -> 4/7), as without a branch
+    assert fields[ef.STOP_REASON] == ef.STOP_ANSWER and fields[ef.REWARD] == 1.0 and fields[ef.TURNS] == 4
 
 
 @pytest.mark.parametrize(("split", "knob"), [("test", True), ("train", False)])
