@@ -104,6 +104,25 @@ def test_inactive_window_and_missing_fields_leave_advantages_alone():
     assert metrics["arew/samples_without_critique"] == 4.0
 
 
+def test_padding_rows_are_left_out_of_the_metrics():
+    """veRL pads a batch to a multiple of its data-parallel size with rows that are not episodes (copies
+    of real rows, or rows without critiques): they get no say in ``arew/*``, and the real rows' bonus is
+    the same as without them."""
+    extra_fields, response_mask, _ = _batch()
+    cfg = ArewConfig.from_mapping({"lam": LAM})
+    base = torch.randn(response_mask.shape)
+    plain, plain_metrics = apply_arew_bonus(base, response_mask, extra_fields, cfg, global_step=1)
+    padded_fields = extra_fields + [extra_fields[0], None]
+    padded_mask = torch.cat([response_mask, response_mask[:1], response_mask[:1]])
+    padded_base = torch.cat([base, base[:1], base[:1]])
+    padding = [False] * len(extra_fields) + [True, True]
+    advantages, metrics = apply_arew_bonus(padded_base, padded_mask, padded_fields, cfg, 1, is_padding=padding)
+    torch.testing.assert_close(advantages[: len(extra_fields)], plain)
+    assert metrics == pytest.approx(plain_metrics)
+    _, unmasked = apply_arew_bonus(padded_base, padded_mask, padded_fields, cfg, 1)
+    assert unmasked["arew/frac_samples_without_critique"] != plain_metrics["arew/frac_samples_without_critique"]
+
+
 def test_gspo_policy_loss_accepts_arew_on_grpo_base():
     """GSPO = GRPO base + veRL's GSPO policy loss: the AREW advantages feed it like any other."""
     import numpy as np

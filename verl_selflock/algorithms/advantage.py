@@ -22,6 +22,7 @@ def apply_arew_bonus(
     extra_fields: Sequence[Mapping[str, Any] | None],
     config: ArewConfig,
     global_step: int,
+    is_padding: Sequence[bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_hat = A_base + response_mask * bonus.
 
@@ -34,6 +35,8 @@ def apply_arew_bonus(
         config: validated ``algorithm.arew`` settings.
         global_step: veRL's global step (1 for the first training step), for the active window and
             the critique-noise seed.
+        is_padding: per sample, True for the rows veRL added to pad the batch to a multiple of its
+            data-parallel size (not episodes): left out of every ``arew/*`` metric. None: no padding.
 
     Returns:
         (advantages with the bonus added, ``arew/*`` metrics). ``advantages`` is returned unchanged
@@ -41,6 +44,8 @@ def apply_arew_bonus(
     """
     bs, width = advantages.shape
     critiques = collate_critiques(extra_fields, width)
+    padding = torch.as_tensor([False] * bs if is_padding is None else list(is_padding), dtype=torch.bool)
+    counted = ~padding
     bonus, metrics = compute_arew_bonus(
         critiques.critique,
         critiques.channel,
@@ -49,11 +54,13 @@ def apply_arew_bonus(
         response_mask,
         config,
         global_step,
+        counted_rows=None if is_padding is None else counted,
     )
-    missing = int((~critiques.has_critique).sum())
+    missing_rows = ~critiques.has_critique
+    missing = int((missing_rows & counted).sum())
     metrics["arew/samples_without_critique"] = float(missing)
-    metrics["arew/frac_samples_without_critique"] = missing / max(bs, 1)
-    if config.lam == 0 or not metrics.get("arew/active", 0.0) or missing == bs:
+    metrics["arew/frac_samples_without_critique"] = missing / max(int(counted.sum()), 1)
+    if config.lam == 0 or not metrics.get("arew/active", 0.0) or bool(missing_rows.all()):
         return advantages, metrics
     # compute_arew_bonus already returns exactly 0.0 where response_mask is 0 (A + mask * bonus).
     return advantages + bonus.to(advantages.dtype), metrics

@@ -9,8 +9,9 @@ turns of a trajectory; the trajectory's direction still comes from the outcome a
 Inputs are the per-token tensors of :class:`verl_selflock.contracts.critique.CritiqueBatch`. The computation
 works on a small per-turn table: one ``scatter`` collects each turn's label and token count, the
 normalisation runs on (bs, num_turns) tensors, and one ``gather`` spreads the values back onto tokens.
-It relies on the layout of the critique fields (:mod:`verl_selflock.contracts.critique`): a turn's critique, channel and fallback role are the same on all its
-tokens, and tokens outside turns (turn id -1) carry no critique (they never get a bonus).
+It relies on the layout of the critique fields (:mod:`verl_selflock.contracts.critique`): a turn's
+critique, channel and fallback role are the same on all its tokens, and tokens outside turns (turn id
+-1) carry no critique (they never get a bonus).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def compute_arew_bonus(
     response_mask: torch.Tensor,
     config: ArewConfig,
     global_step: int,
+    counted_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The per-token AREW bonus of a batch (to be added to the base advantages).
 
@@ -112,6 +114,9 @@ def compute_arew_bonus(
             and padding tokens. Only nonzero tokens count and only they get a bonus.
         config: validated AREW settings.
         global_step: veRL's global step, for the active window and the noise seed.
+        counted_rows: (bs,) bool, the trajectories the metrics describe (None: all). veRL pads a batch to
+            a multiple of its data-parallel size with rows that are not episodes; they must not dilute
+            the means. The bonus itself is computed for every row.
 
     Returns:
         ``(bonus, metrics)``. ``bonus`` is (bs, L) float32 on the input device, exactly 0.0 where
@@ -172,6 +177,12 @@ def compute_arew_bonus(
     table = torch.cat([torch.zeros_like(per_token[:, :1]), per_token], dim=1)
     bonus = table.gather(1, index)
 
+    if counted_rows is not None:
+        keep = torch.as_tensor(counted_rows, dtype=torch.bool, device=device)
+        tables = (pos_turn, neg_turn, raw_z, turn_channel, turn_tokens, per_token, noise_flipped, fallback_rows)
+        pos_turn, neg_turn, raw_z, turn_channel, turn_tokens, per_token, noise_flipped, fallback_rows = (
+            table[keep] for table in tables
+        )
     metrics = _metrics(
         config, pos_turn, neg_turn, raw_z, turn_channel, turn_tokens, per_token, noise_flipped, fallback_rows
     )

@@ -108,8 +108,9 @@ class SelflockTrainer(PPOTrainerSync):
         advantages = padded(data["advantages"], 0.0)
         padded_mask = padded(response_mask, 0)
         extra_fields = list(data["extra_fields"])
+        step = int(self.global_steps)
         advantages, arew_metrics = apply_arew_bonus(
-            advantages, padded_mask, extra_fields, arew, global_step=int(self.global_steps)
+            advantages, padded_mask, extra_fields, arew, global_step=step, is_padding=padding_flags(batch)
         )
         metrics.update(arew_metrics)
         output = TensorDict({"advantages": response_to_nested(advantages, response_mask)}, batch_size=len(batch))
