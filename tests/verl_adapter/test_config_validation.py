@@ -125,5 +125,17 @@ def test_igpo_with_one_rollout_per_prompt_names_the_key(verl_config, overrides):
         validate_selflock_config(verl_config(IGPO + overrides))
 
 
+@pytest.mark.parametrize("correction", ["rollout_is=token", "rollout_rs=token"])
+def test_igpo_refuses_a_rollout_correction_it_would_skip(verl_config, real_data, correction):
+    """veRL applies IS weights / rejection sampling inside the advantage step IGPO replaces."""
+    overrides = IGPO + ["actor_rollout_ref.rollout.n=2", f"algorithm.rollout_correction.{correction}"] + real_data
+    with pytest.raises(SelflockConfigError, match="rollout_correction.bypass_mode=true"):
+        validate_selflock_config(verl_config(overrides))
+    # In bypass mode the actor's loss applies the correction: nothing is skipped.
+    validate_selflock_config(verl_config(overrides + ["algorithm.rollout_correction.bypass_mode=true"]))
+    # AREW keeps veRL's own advantage step, correction included.
+    validate_selflock_config(verl_config(GOOD + [f"algorithm.rollout_correction.{correction}"] + real_data))
+
+
 def test_rollout_n_is_not_checked_for_arew(verl_config, real_data):
     validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"] + real_data))

@@ -118,6 +118,18 @@ def _check_settings(config: Any) -> None:
             "algorithm.adv_estimator=igpo normalises rewards within each prompt's group of rollouts: set "
             f"actor_rollout_ref.rollout.n to 2 or more (got actor_rollout_ref.rollout.n={rollout_n})"
         )
+    correction = _get(config, "algorithm.rollout_correction")
+    corrects = correction is not None and any(_get(correction, key) is not None for key in ("rollout_is", "rollout_rs"))
+    if estimator == "igpo" and corrects and not bool(_get(correction, "bypass_mode", False)):
+        # veRL applies IS weights and rejection sampling inside the advantage step (trainer_base.py, 0.9.1,
+        # PPOTrainer._compute_advantage, step 2) that IGPO replaces: they would silently not happen.
+        raise SelflockConfigError(
+            "algorithm.adv_estimator=igpo replaces veRL's advantage step, where veRL applies "
+            "algorithm.rollout_correction in its default (decoupled) mode: set "
+            "algorithm.rollout_correction.bypass_mode=true (the actor's loss then applies the correction), or "
+            "rollout_is=null and rollout_rs=null "
+            f"(got rollout_is={_get(correction, 'rollout_is')}, rollout_rs={_get(correction, 'rollout_rs')})"
+        )
     critic_enable = _get(config, "critic.enable")
     if estimator == "arew" and arew.base == "gae" and not critic_enable:
         raise SelflockConfigError(
