@@ -216,6 +216,18 @@ def test_a_bad_knob_value_is_named(verl_config, pe_files, tmp_path, knobs, fragm
     refuse(verl_config(AREW + data(pe_files["train"], pe_files["test"]) + [f"{LOOP_KEY}={path}"]), str(path), fragment)
 
 
+def test_stop_strings_are_refused_on_sglang(verl_config, pe_files, tmp_path):
+    """SGLang (run by veRL with skip_tokenizer_init) never matches stop strings and rejects vLLM's keys."""
+    path = loop_yaml(tmp_path, stop_on_closing_tag=True)
+    base = AREW + data(pe_files["train"], pe_files["test"]) + [f"{LOOP_KEY}={path}"]
+    refuse(verl_config(base + ["actor_rollout_ref.rollout.name=sglang"]), "stop_on_closing_tag=false", "sglang")
+    validate_selflock_config(verl_config(base + ["actor_rollout_ref.rollout.name=vllm"]))
+    (tmp_path / "off").mkdir()
+    off = loop_yaml(tmp_path / "off", stop_on_closing_tag=False)
+    validate_selflock_config(verl_config(AREW + data(pe_files["train"], pe_files["test"]) + [
+        f"{LOOP_KEY}={off}", "actor_rollout_ref.rollout.name=sglang"]))
+
+
 def test_a_yaml_that_declares_our_loop_makes_the_run_ours(verl_config, tmp_path):
     path = loop_yaml(tmp_path, max_turn_tokens=40)
     config = verl_config(["algorithm.adv_estimator=grpo", f"{LOOP_KEY}={path}", "data.train_files=/no/train.parquet"])

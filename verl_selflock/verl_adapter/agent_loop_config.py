@@ -31,7 +31,9 @@ class ActiveReasoningLoopConfig:
     stop_on_closing_tag: bool = False
     """Also ask the server to stop on the environment's closing tags (``</interact>`` / ``</answer>``; ``stop`` and
     ``include_stop_str_in_output`` sampling params: vLLM understands them; our token-level cut stays
-    the authority). Saves generating past the tag; leave off for servers that reject unknown keys."""
+    the authority). Saves generating past the tag; leave off for servers that reject unknown keys.
+    Refused with ``rollout.name=sglang`` (veRL runs SGLang without its tokenizer, so stop strings never
+    match there)."""
     obs_truncation_marker: str = " ...(truncated)"
     """Appended to a capped observation (counted inside ``max_obs_tokens``)."""
     simulator: dict[str, Any] | None = None

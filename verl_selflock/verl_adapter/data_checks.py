@@ -198,8 +198,17 @@ def check_selflock_inputs(config: Any) -> None:
         reasons.append(f"{AGENT_LOOP_KEY} declares the {AGENT_NAME} agent loop")
     if not reasons:
         return
+    rollout = str(_get(config, "actor_rollout_ref.rollout.name", ""))
     for entry in ours:
         check_loop_knobs(entry, f"{AGENT_LOOP_KEY}={loop_path}")
+        if rollout == "sglang" and bool(entry.get("stop_on_closing_tag", False)):
+            # veRL runs SGLang with skip_tokenizer_init, so stop strings never match there, and SGLang
+            # rejects vLLM's include_stop_str_in_output; our token-level cut is the authority anyway.
+            raise DataCheckError(
+                f"{AGENT_LOOP_KEY}={loop_path}: stop_on_closing_tag=true needs a rollout that matches stop "
+                "strings (vLLM, our CPU 'hf'); actor_rollout_ref.rollout.name=sglang does not: set "
+                "stop_on_closing_tag=false (turns are still cut at the first closing tag)"
+            )
 
     because = f" (checked before training because {reasons[0]})"
     needs_agent_name = str(_get(config, DEFAULT_LOOP_KEY, "")) != AGENT_NAME
