@@ -137,5 +137,11 @@ def test_igpo_refuses_a_rollout_correction_it_would_skip(verl_config, real_data,
     validate_selflock_config(verl_config(GOOD + [f"algorithm.rollout_correction.{correction}"] + real_data))
 
 
+def test_igpo_refuses_routing_replay(verl_config, real_data):
+    overrides = IGPO + ["actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.enable_rollout_routing_replay=true"]
+    with pytest.raises(SelflockConfigError, match="enable_rollout_routing_replay=false"):
+        validate_selflock_config(verl_config(overrides + real_data))
+
+
 def test_rollout_n_is_not_checked_for_arew(verl_config, real_data):
     validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"] + real_data))

@@ -321,6 +321,12 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
             response_logprobs=response_logprobs,
             num_turns=1 + stats.turns + ep.runner.observations,
             metrics=metrics,
+            # As veRL's ToolAgentLoop does: veRL aligns them to prompt + response and pads the rest.
+            routed_experts=(
+                None
+                if ep.routed_experts is None
+                else ep.routed_experts[: len(ep.prompt_ids) + self.response_length]
+            ),
             extra_fields=extra_fields,
         )
 

@@ -198,7 +198,10 @@ def check_selflock_inputs(config: Any) -> None:
         reasons.append(f"{AGENT_LOOP_KEY} declares the {AGENT_NAME} agent loop")
     if not reasons:
         return
-    rollout = str(_get(config, "actor_rollout_ref.rollout.name", ""))
+    try:
+        rollout = str(_get(config, "actor_rollout_ref.rollout.name", ""))
+    except DataCheckError:  # not set: veRL's own validation names it
+        rollout = ""
     for entry in ours:
         check_loop_knobs(entry, f"{AGENT_LOOP_KEY}={loop_path}")
         if rollout == "sglang" and bool(entry.get("stop_on_closing_tag", False)):

@@ -63,6 +63,10 @@ class Rollout:
     cf_branches: int = 0
     """Counterfactual side branches generated (training only; their tokens are never trained on)."""
     cf_time_s: float = 0.0
+    routed_experts: Any = None
+    """The MoE experts the rollout routed each token through, from the latest real turn's generation (it
+    covers that call's prompt, i.e. the whole dialogue so far, plus its tokens): what Megatron's routing
+    replay (``rollout.enable_rollout_routing_replay``) needs; None when the server does not report it."""
 
     def __post_init__(self) -> None:
         self.prompt_ids = list(self.prompt_ids)
@@ -85,6 +89,8 @@ class Rollout:
             self.num_preempted = (self.num_preempted or 0) + output.num_preempted
         if is_aborted(output):
             return None
+        if getattr(output, "routed_experts", None) is not None:
+            self.routed_experts = output.routed_experts
         gen_ids = list(output.token_ids)
         gen_logprobs = list(output.log_probs) if output.log_probs is not None else []
         if self.want_logprobs:

@@ -449,6 +449,26 @@ def test_an_aborted_generation_ends_the_episode_cleanly(make_config, chatml_toke
     assert len(out.response_ids) == len(out.response_mask) == len(out.response_logprobs)
 
 
+def test_routed_experts_of_the_last_turn_reach_the_output(make_config, chatml_tokenizer):
+    """MoE routing replay: like veRL's ToolAgentLoop, the output carries the routed experts of the latest
+    generation (they cover its prompt, the whole dialogue so far, and its tokens), cut to prompt + budget."""
+
+    class Routed(ScriptedServer):
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            out = await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+            experts = [[len(self.calls), position] for position in range(len(prompt_ids) + len(out.token_ids))]
+            return out.model_copy(update={"routed_experts": experts})
+
+    tok = chatml_tokenizer
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    server = Routed(tok, ["<interact>Pair: 1,2</interact><|im_end|>", "<answer>1,2</answer><|im_end|>"], {im_end})
+    _, out = run_episode(make_config(), server, tok, scripted_row())
+    last = server.calls[-1]
+    assert out.routed_experts == [[2, p] for p in range(len(last.prompt_ids) + len(last.token_ids))]
+    _, plain = run_episode(make_config(), ScriptedServer(tok, ["<answer>1,2</answer>"]), tok, scripted_row())
+    assert plain.routed_experts is None
+
+
 def test_logprobs_off(make_config, chatml_tokenizer):
     server = ScriptedServer(chatml_tokenizer, ["<answer>1,2</answer>"])
     sampling = {"temperature": 1.0, "logprobs": False}
