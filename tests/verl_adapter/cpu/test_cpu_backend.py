@@ -199,6 +199,35 @@ def test_stops_at_eos_and_keeps_it(tiny_lm):
     assert full.token_ids == probe.token_ids
 
 
+def _bracketed(ids: list[int]) -> str:
+    """A decoding where every token is its own text, so a stop string's first complete match is known."""
+    return "".join(f"<{token}>" for token in ids)
+
+
+def test_stop_strings_end_the_generation_as_vllm_does(tiny_lm):
+    """The ids end with the token whose text completes the stop string (no eos after it); a stop string
+    spanning two tokens completes at the second; the server reads ``stop`` from the sampling params."""
+    (probe,) = generate_batch(tiny_lm, [GenerationRequest([5, 6, 7], max_tokens=12, temperature=0.0)], [], 0)
+    ids = probe.token_ids
+    single = f"<{ids[4]}>"
+    spanning = f"{ids[3]}><{ids[4]}"  # the tail of token 4's text and the head of token 5's
+    for stop in (single, spanning):
+        request = GenerationRequest([5, 6, 7], max_tokens=12, temperature=0.0, stop=(stop,))
+        (result,) = generate_batch(tiny_lm, [request], [], 0, decode=_bracketed)
+        end = _bracketed(ids).index(stop) + len(stop)
+        expected = next(n for n in range(1, len(ids) + 1) if len(_bracketed(ids[:n])) >= end)
+        assert result.token_ids == ids[:expected] and result.stop_reason == "completed"
+        assert result.log_probs == pytest.approx(probe.log_probs[:expected])
+    with pytest.raises(ValueError, match="decode"):
+        generate_batch(tiny_lm, [GenerationRequest([5], max_tokens=2, stop=("x",))], [], 0)
+
+    server = _server_on(tiny_lm, tokenizer_eos=63, response_length=12)
+    server.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: _bracketed(ids))
+    greedy = {"temperature": 0.0, "stop": [single], "include_stop_str_in_output": True}
+    out = asyncio.run(server.generate(request_id="s", prompt_ids=[5, 6, 7], sampling_params=greedy))
+    assert out.token_ids == ids[: ids.index(ids[4]) + 1] and out.stop_reason == "completed"
+
+
 def test_top_k_one_is_greedy_and_top_p_keeps_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0]])
     kept = filter_top_k_top_p(logits, torch.tensor([1, -1]), torch.tensor([1.0, 1.0]))
@@ -335,6 +364,22 @@ def test_smollm2_generation_log_probs_match_forward_and_stop_at_eos(smollm2):
         assert (got - expected).abs().max() < 1e-3
         if len(got) > 2 and expected.std() > 0:
             assert torch.corrcoef(torch.stack([got, expected]))[0, 1] > 0.99
+
+
+@pytest.mark.slow
+def test_smollm2_stop_string_ends_at_the_same_tokens(smollm2):
+    """With the real tokenizer: a stop string taken from the greedy reply ends the generation at the token
+    that completes it, the tokens before it unchanged (what vLLM returns with ``stop``)."""
+    model, tokenizer, eos = smollm2
+    prompt = _chat(tokenizer, "Write one sentence about the sea.")
+    (full,) = generate_batch(model, [GenerationRequest(prompt, max_tokens=20, temperature=0.0)], eos, 0)
+    stop = tokenizer.decode(full.token_ids[6:8])
+    assert stop.strip(), stop
+    request = GenerationRequest(prompt, max_tokens=20, temperature=0.0, stop=(stop,))
+    (cut,) = generate_batch(model, [request], eos, 0, decode=tokenizer.decode)
+    n = len(cut.token_ids)
+    assert cut.token_ids == full.token_ids[:n] and stop in tokenizer.decode(cut.token_ids)
+    assert stop not in tokenizer.decode(cut.token_ids[:-1]) and cut.stop_reason == "completed"
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ class HFGenerationServer:
         trust = bool(getattr(model_config, "trust_remote_code", False))
         self.model = load_causal_lm(path, self.dtype, trust)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids_of(tokenizer, getattr(self.model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
@@ -100,6 +101,7 @@ class HFGenerationServer:
         if getattr(cfg, "max_model_len", None):
             max_tokens = min(max_tokens, int(cfg.max_model_len) - len(prompt_ids))
         top_k = params.get("top_k", -1)
+        stop = params.get("stop") or ()
         return GenerationRequest(
             prompt_ids=[int(t) for t in prompt_ids],
             max_tokens=max(1, int(max_tokens)),
@@ -108,6 +110,7 @@ class HFGenerationServer:
             top_k=int(top_k if top_k is not None else -1),
             repetition_penalty=float(params.get("repetition_penalty", getattr(cfg, "repetition_penalty", 1.0))),
             ignore_eos=bool(params.get("ignore_eos", getattr(cfg, "ignore_eos", False))),
+            stop=(stop,) if isinstance(stop, str) else tuple(str(text) for text in stop if text),
         )
 
     def _ensure_loop_objects(self) -> None:
@@ -171,7 +174,12 @@ class HFGenerationServer:
                         future.set_result(result)
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        return generate_batch(self.model, requests, self.eos_token_ids, self.pad_token_id, self.generator)
+        return generate_batch(
+            self.model, requests, self.eos_token_ids, self.pad_token_id, self.generator, decode=self._decode
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # -- weights --------------------------------------------------------------------------------
     async def load_weights(

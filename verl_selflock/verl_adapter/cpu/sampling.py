@@ -5,12 +5,14 @@ Semantics match the actor's ``old_log_prob`` so that rollout-correction metrics 
 log-probs are ``log_softmax(logits / temperature)`` of the sampled token, before top-k/top-p filtering
 (vLLM's ``processed_logprobs``, veRL's default ``logprobs_mode``); ``temperature == 0`` means greedy
 with log-probs of the raw logits. Generation stops at the eos tokens (kept in the output, as vLLM does)
-unless ``ignore_eos``, and after ``max_tokens`` tokens.
+unless ``ignore_eos``, after ``max_tokens`` tokens, and, as vLLM does with ``stop`` strings, at the
+token whose text completes one of them (kept in ``token_ids``: vLLM trims a stop string from the
+reply's *text* only, and ``include_stop_str_in_output`` keeps it there; the ids are the same).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ class GenerationRequest:
         top_k: keep the k most likely tokens; <= 0 disables.
         repetition_penalty: HF-style penalty (1 disables) over prompt and generated tokens.
         ignore_eos: keep generating past eos until ``max_tokens``.
+        stop: strings that end the generation once the generated text contains one (vLLM's ``stop``).
     """
 
     prompt_ids: list[int]
@@ -38,6 +41,7 @@ class GenerationRequest:
     top_k: int = -1
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -47,7 +51,7 @@ class GenerationResult:
     Attributes:
         token_ids: generated ids, (num_generated,), ending with the eos token when one was hit.
         log_probs: log-prob of each generated token, (num_generated,), see module docstring.
-        stop_reason: ``"completed"`` (eos) or ``"length"`` (hit ``max_tokens``).
+        stop_reason: ``"completed"`` (eos or a stop string) or ``"length"`` (hit ``max_tokens``).
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -84,6 +88,7 @@ def generate_batch(
     eos_token_ids: Iterable[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[GenerationResult]:
     """Decode several prompts together: left padding, one KV cache, per-row sampling settings.
 
@@ -93,6 +98,7 @@ def generate_batch(
         eos_token_ids: ids that end a sequence (kept in the output).
         pad_token_id: id used to pad prompts on the left and finished rows.
         generator: RNG for sampling (None: torch's default generator).
+        decode: token ids -> text, for requests with ``stop`` strings (required when any has them).
 
     Returns:
         One :class:`GenerationResult` per request, in order.
@@ -121,6 +127,10 @@ def generate_batch(
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
 
     results = [GenerationResult() for _ in requests]
+    if any(r.stop for r in requests) and decode is None:
+        raise ValueError("generate_batch: requests with stop strings need a decode function")
+    # Text of the last few tokens is enough to see a stop string complete: each token adds >= 1 character.
+    stop_window = [2 * max(map(len, r.stop)) + 2 if r.stop else 0 for r in requests]
     finished = torch.zeros(bs, dtype=torch.bool, device=device)
     seen = input_ids.clone() if use_penalty else None  # tokens for the repetition penalty
     cache = DynamicCache()
@@ -146,10 +156,14 @@ def generate_batch(
         next_tokens = torch.where(greedy, scaled.argmax(dim=-1), sampled)
         next_log_probs = log_probs.gather(1, next_tokens[:, None]).squeeze(1)
 
+        hit_stop = torch.zeros(bs, dtype=torch.bool, device=device)
         for row in torch.nonzero(~finished).flatten().tolist():
             results[row].token_ids.append(int(next_tokens[row]))
             results[row].log_probs.append(float(next_log_probs[row]))
-        hit_eos = torch.isin(next_tokens, eos) & stops_at_eos
+            if stop_window[row]:
+                tail = decode(results[row].token_ids[-stop_window[row] :])
+                hit_stop[row] = any(text in tail for text in requests[row].stop)
+        hit_eos = (torch.isin(next_tokens, eos) & stops_at_eos) | hit_stop
         for row in torch.nonzero(hit_eos & ~finished).flatten().tolist():
             results[row].stop_reason = "completed"
         finished |= hit_eos | (max_tokens <= step + 1)
