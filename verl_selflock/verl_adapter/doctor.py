@@ -37,6 +37,7 @@ def doctor(_: argparse.Namespace) -> int:
     line(bool(eps), f"entry point {ENTRY_POINT_GROUP}:{ENTRY_POINT_NAME} -> {eps[0].value if eps else 'not installed'}")
     policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto")
 
+    fresh = "verl" not in sys.modules
     try:
         import verl  # loads the plugins, as in every veRL process
     except Exception as err:  # noqa: BLE001 - a broken or missing veRL is what doctor is asked to report
@@ -48,6 +49,21 @@ def doctor(_: argparse.Namespace) -> int:
     loaded = "verl_selflock.verl_adapter.plugin" in sys.modules
     line(loaded, f"plugin loaded by `import verl` (VERL_USE_EXTERNAL_PLUGINS={policy})")
     from verl_selflock.verl_adapter import plugin, private_names
+
+    if fresh:
+        from verl.plugin.platform import platform_manager
+
+        heavy = [trigger for trigger, _, _ in plugin.LAZY.values() if trigger in sys.modules]
+        light = f"imported: {', '.join(heavy)}" if heavy else "no trainer, agent-loop or reward module"
+        line(not heavy, f"`import verl` stayed light ({light})")
+        resolved = getattr(platform_manager, "_current_platform", None) is not None
+        line(not resolved, "`import verl` left veRL's platform unresolved (a vendor platform plugin is still detected)")
+    waiting = {name: status.waits_for for name, status in plugin.STATUS.items() if status.waits_for}
+    if waiting:
+        print("lazy components (registered when veRL imports their module; importing them now):")
+        for component, trigger in waiting.items():
+            print(f"  {component}: {trigger}")
+    plugin.register_all_now()
 
     print("components:")
     for component, status in plugin.STATUS.items():

@@ -91,6 +91,9 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "dict estimator name -> function (keys str or str-Enum)", "config_validation, doctor"),
     PrivateName("verl.experimental.reward_loop.reward_manager.registry:REWARD_MANAGER",
                 "experimental/reward_loop/reward_manager/registry.py:21", "dict name -> class", "doctor"),
+    PrivateName("verl.plugin.platform.platform_manager:_current_platform", "plugin/platform/platform_manager.py:26, "
+                ":143-149", "the platform singleton, None until get_platform() first resolves it (the plugin must "
+                "leave it None during import verl)", "doctor"),
     # -- building an agent loop as AgentLoopWorker does (standalone) -----------------------------------
     PrivateName(f"{_AGENT_LOOP}:DictConfigWrap", "experimental/agent_loop/agent_loop.py:195, :685-691",
                 "DictConfigWrap(config) wraps trainer_config and data_config for hydra.utils.instantiate",

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 # Nothing from veRL at module level: a Ray worker may import this package first (to unpickle
 # HFGenerationServer), which imports veRL, which loads our plugin, which needs register() defined.
@@ -71,30 +73,59 @@ def _load_hf_replica() -> type:
     return HFReplica
 
 
-def register() -> list[str]:
+def register(on_error: Callable[[str, BaseException], Any] | None = None) -> list[str]:
     """Register the ``cpu`` platform and the ``hf`` rollout; on the CPU platform, apply the patches.
 
     Safe to call many times and in any process. Returns the registered names, e.g.
     ``["platform:cpu", "rollout:hf", "patch:gloo_backend", ...]`` (patches only on the CPU platform).
+
+    Light: the platform goes into ``PlatformRegistry`` (loaded by ``import verl`` already) and the
+    platform singleton is never resolved here, so a vendor platform plugin loaded after ours is
+    still detected. The ``hf`` rollout names go into veRL's rollout registries right after veRL
+    imports them (:func:`~verl_selflock.verl_adapter.lazy.when_imported`), not by importing them
+    (~350 modules). ``on_error(module, exception)`` receives a deferred registration's failure.
     """
     from verl.plugin.platform import PlatformRegistry
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from verl_selflock.verl_adapter.cpu import patches
     from verl_selflock.verl_adapter.cpu.platform import PlatformCPU
+    from verl_selflock.verl_adapter.lazy import when_imported
 
     if PlatformRegistry.get(PLATFORM_NAME) is not PlatformCPU:
         PlatformRegistry.register(PLATFORM_NAME)(PlatformCPU)
-    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
-    patches.register_rollout_class()
+    report = on_error or _log_deferred_error
+    if not _REGISTERED:  # hooks once per process; later calls only re-check the patches
+        when_imported(ROLLOUT_REPLICA_MODULE, _register_replica, report)
+        when_imported(ROLLOUT_CLASS_MODULE, _register_rollout_class, report)
     names = [f"platform:{PLATFORM_NAME}", f"rollout:{ROLLOUT_NAME}"]
 
     if cpu_platform_active():
+        from verl_selflock.verl_adapter.cpu import patches
+
         names += [f"patch:{name}" for name in patches.apply_cpu_patches()]
         _set_cpu_threads()
 
     _REGISTERED[:] = names
     return list(names)
+
+
+ROLLOUT_REPLICA_MODULE = "verl.workers.rollout.replica"
+"""Holds ``RolloutReplicaRegistry`` (``hf`` -> :class:`~.hf_rollout.HFReplica`)."""
+ROLLOUT_CLASS_MODULE = "verl.workers.rollout.base"
+"""Holds ``_ROLLOUT_REGISTRY`` (``("hf", "async")`` -> the HF server adapter)."""
+
+
+def _register_replica(module: Any) -> None:
+    module.RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
+
+
+def _register_rollout_class(module: Any) -> None:
+    from verl_selflock.verl_adapter.cpu import patches
+
+    patches.register_rollout_class()
+
+
+def _log_deferred_error(module: str, err: BaseException) -> None:
+    logger.warning("verl-selflock: registering the hf rollout after importing %s failed: %r", module, err)
 
 
 def _set_cpu_threads() -> None:
