@@ -100,6 +100,7 @@ def test_main_ppo_sees_the_wrapped_validation():
     assert getattr(main_ppo.validate_config, "__verl_selflock_wrapped__", False)
 
 
+@pytest.mark.slow  # fresh interpreters import veRL (~10 s)
 def test_real_main_ppo_fails_before_ray_starts(tmp_path):
     """The stock entry point with a missing trainer mode stops on the driver with our message."""
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "algorithm.adv_estimator=arew", "critic.enable=True"]

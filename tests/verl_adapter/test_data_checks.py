@@ -279,6 +279,7 @@ def test_resolved_data_is_built_once_for_the_driver_and_the_task_runner(verl_con
     assert len(builds) == 1 and Path(config.data.train_files).is_file()
 
 
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_real_main_ppo_stops_on_a_data_mistake_before_ray_starts(pe_files, tmp_path):
     """The stock entry point with an empty training parquet stops on the driver with our one-line message."""
     empty = write_variant(pe_files["train"], tmp_path / "train.parquet", lambda frame: frame.iloc[:0])

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 MAX_EXTRA_MODULES = 150
 MAX_EXTRA_RSS_MB = 30.0
 
@@ -58,6 +60,7 @@ def measure(policy: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_import_verl_with_the_plugin_stays_within_budget():
     without, with_plugin = measure("none"), measure("auto")
     extra_modules = with_plugin["modules"] - without["modules"]
@@ -74,6 +77,7 @@ def test_import_verl_with_the_plugin_stays_within_budget():
     assert extra_rss <= MAX_EXTRA_RSS_MB, (without["rss_mb"], with_plugin["rss_mb"])
 
 
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_import_verl_leaves_the_platform_unresolved():
     """A vendor platform plugin loaded after ours must still be auto-detected: nobody resolves the
     platform singleton while ``import verl`` loads the plugins."""

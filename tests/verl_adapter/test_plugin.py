@@ -41,6 +41,7 @@ def _probe(env_overrides: dict[str, str] | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # fresh interpreters import veRL (~10 s)
 def test_import_verl_alone_registers_everything():
     seen = _probe()
     assert seen["loaded"]
@@ -50,6 +51,7 @@ def test_import_verl_alone_registers_everything():
             assert name in seen[kind], (kind, name, seen[kind])
 
 
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_plugins_disabled_by_veRL_policy_means_nothing_registered():
     seen = _probe({"VERL_USE_EXTERNAL_PLUGINS": "none"})
     assert not seen["loaded"]
@@ -74,6 +76,7 @@ def _console_script() -> str:
     return str(Path(sys.executable).parent / "verl-selflock")
 
 
+@pytest.mark.slow  # fresh interpreters import veRL (~10 s)
 def test_doctor_reports_success_and_failure():
     ok = subprocess.run([_console_script(), "doctor"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -174,6 +177,7 @@ def _assert_everything_registered(seen: dict) -> None:
     assert all(ok and not waits for ok, waits in seen["status"].values()), seen["status"]
 
 
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_lazy_registration_in_veRL_flow():
     seen = _run(FLOW_PROBE, {"VERL_USE_EXTERNAL_PLUGINS": "auto"})
     assert seen["heavy"] == [] and seen["platform_resolved"] is False
@@ -183,6 +187,7 @@ def test_lazy_registration_in_veRL_flow():
 @pytest.mark.parametrize(
     "module", ["verl_selflock.verl_adapter.plugin", "verl_selflock.verl_adapter.cpu._autoregister"]
 )
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_fallback_without_entry_points_registers_everything(module):
     """The documented fallback (README) for nodes without our entry point, and its old CPU-only name."""
     seen = _run(FLOW_PROBE, {"VERL_USE_EXTERNAL_PLUGINS": "none", "VERL_USE_EXTERNAL_MODULES": module})
@@ -190,6 +195,7 @@ def test_fallback_without_entry_points_registers_everything(module):
     _assert_everything_registered(seen)
 
 
+@pytest.mark.slow  # a fresh interpreter imports veRL (~10 s)
 def test_plugin_imported_after_veRL_trainer_registers_at_once():
     """Importing the fallback by hand after veRL's trainer is loaded: each name registers immediately."""
     code = FLOW_PROBE.replace(

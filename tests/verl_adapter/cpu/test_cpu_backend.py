@@ -87,6 +87,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # fresh interpreters import veRL (~10 s)
 def test_cpu_platform_selected_only_when_asked_gpu_users_unaffected():
     out = _run_probe(PROBE, platform=None)
     assert out["registered"]
@@ -100,6 +101,7 @@ def test_cpu_platform_selected_only_when_asked_gpu_users_unaffected():
     assert out["replica"] == "HFReplica"
 
 
+@pytest.mark.slow  # fresh interpreters import veRL (~10 s)
 def test_cpu_platform_selected_with_verl_platform_env_and_patches_work():
     out = _run_probe(PROBE, platform="cpu")
     assert out["platform"] == "PlatformCPU"
