@@ -33,11 +33,12 @@ SCRIPT = [
 ]
 
 
-def test_tau2_episode_through_the_agent_loop(make_config, chatml_tokenizer):
-    tok = chatml_tokenizer
+def play(make_config, tok, script: list[str]):
+    """One tau2 training episode of ``script`` against a user server that ends the call; returns the
+    loop's output, the policy server (its calls) and the requests the user server received."""
     row = build_tau2_rows({"train": [TASK_ID]}, progress=False)["train"][0]
     row = {**row, "raw_prompt": row["prompt"], "index": 0}
-    server = ScriptedServer(tok, SCRIPT, stop_ids={tok.convert_tokens_to_ids("<|im_end|>")})
+    server = ScriptedServer(tok, script, stop_ids={tok.convert_tokens_to_ids("<|im_end|>")})
     with FaultServer("ok", reply="Thanks, that is all. ###STOP###") as user_server:
         knobs = {
             # Explicit: another test's AgentLoopWorker may have re-registered the loop with small knobs.
@@ -47,7 +48,12 @@ def test_tau2_episode_through_the_agent_loop(make_config, chatml_tokenizer):
             "simulator": {"base_url": user_server.base_url, "model": "user", "max_retries": 0},
         }
         _, out = run_episode(make_config(), server, tok, row, knobs=knobs)
-        user_requests = list(user_server.requests)
+        return out, server, list(user_server.requests)
+
+
+def test_tau2_episode_through_the_agent_loop(make_config, chatml_tokenizer):
+    tok = chatml_tokenizer
+    out, server, user_requests = play(make_config, tok, SCRIPT)
 
     fields = out.extra_fields
     # The loop asked the server to stop on the environment's tags and cut after </tool_call>.
@@ -77,21 +83,10 @@ def test_over_cap_message_through_the_agent_loop_is_the_agents_invalid_turn(make
     ``fractional_gain`` reward: nothing was fixed, so 0."""
     from verl_selflock.envs.tau2.parsing import MAX_ACTION_CHARS
 
-    tok = chatml_tokenizer
-    row = build_tau2_rows({"train": [TASK_ID]}, progress=False)["train"][0]
-    row = {**row, "raw_prompt": row["prompt"], "index": 0}
     huge = "<message>hi" + " " * (MAX_ACTION_CHARS + 1000) + "there</message>"
     script = [f"<think>pad</think>{huge}<|im_end|>", "<think>ok</think><message>Is it working now?</message><|im_end|>"]
-    server = ScriptedServer(tok, script, stop_ids={tok.convert_tokens_to_ids("<|im_end|>")})
-    with FaultServer("ok", reply="Thanks, that is all. ###STOP###") as user_server:
-        knobs = {
-            "max_turn_tokens": 512,
-            "max_obs_tokens": 512,
-            "stop_on_closing_tag": True,
-            "simulator": {"base_url": user_server.base_url, "model": "user", "max_retries": 0},
-        }
-        _, out = run_episode(make_config(), server, tok, row, knobs=knobs)
-        user_requests = list(user_server.requests)
+    tok = chatml_tokenizer
+    out, server, user_requests = play(make_config, tok, script)
 
     fields = out.extra_fields
     assert " " * MAX_ACTION_CHARS in tok.decode(out.response_ids)  # the loop kept the whole over-cap turn
