@@ -212,7 +212,7 @@ def test_gated_pe_with_a_focus_of_one_is_refused_and_drawing_is_bounded(monkeypa
     """S = 1 used to hang: every query dominated, so instance sampling redrew forever."""
     import numpy as np
 
-    from verl_selflock.data import pe
+    from verl_selflock.data import pe_instances as pe
 
     with pytest.raises(ValueError, match="--S"):
         pe.PEDataConfig("gated", 6, 1, 10)

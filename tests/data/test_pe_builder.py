@@ -12,15 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from verl_selflock.data.pe import (
-    COS_THRESHOLD,
-    MIN_INFORMATIVE_FRACTION,
-    MIN_INFORMATIVE_PAIRS,
-    add_arguments,
-    build_pe_dataset,
-    count_informative_queries,
-    run,
-)
+from verl_selflock.data.pe import add_arguments, build_pe_dataset, count_informative_queries, run
+from verl_selflock.data.pe_instances import COS_THRESHOLD, MIN_INFORMATIVE_FRACTION, MIN_INFORMATIVE_PAIRS
 from verl_selflock.envs import make_env
 
 CASES = [("gated", 2, "pe_g_s2", 6), ("gated", 3, "pe_g_s3", 6), ("full", 6, "pe_f_d6", 6), ("full", 8, "pe_f_d8", 8)]

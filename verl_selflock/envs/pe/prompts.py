@@ -21,13 +21,18 @@ __all__ = [
     "action_instruction",
     "update_instruction",
     "answer_instruction",
+    "PROMPT_STYLES",
     "pe_system_prompt",
+    "pe_compact_system_prompt",
     "pe_user_prompt",
     "pe_messages",
     "format_value",
 ]
 
 FEEDBACK_PREFIX = "The feedback of your latest query: "
+PROMPT_STYLES = ("full", "compact")
+"""``full``: the paper-scale wording; ``compact``: the same rules in about a third of the tokens, for small
+models on small machines (the embedded CPU default). The env spec's ``prompt`` key picks one."""
 
 
 # --- round instructions (also the environment's observations) ----------------------------------
@@ -87,6 +92,11 @@ def _movie_table(movies: list[list[float]]) -> str:
 
 def pe_system_prompt(spec: Mapping[str, Any]) -> str:
     """System message: the game, the movie table, the rounds and every format."""
+    style = spec.get("prompt", "full")
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"PE env spec: prompt must be one of {PROMPT_STYLES}, got {style!r}")
+    if style == "compact":
+        return pe_compact_system_prompt(spec)
     variant, D, max_turns = spec["variant"], int(spec["D"]), int(spec["max_turns"])
     S = spec.get("S")
     movies = spec["movies"]
@@ -133,6 +143,41 @@ def pe_system_prompt(spec: Mapping[str, Any]) -> str:
             "Only the proportions between the weights matter, so make clear distinctions. "
             + rp.turn_rules("game")
             + " Your answer is correct if it points in nearly the same direction as the user's weights.",
+        ]
+    )
+
+
+def pe_compact_system_prompt(spec: Mapping[str, Any]) -> str:
+    """The same game and rules as :func:`pe_system_prompt`, tersely: every rule the environment enforces
+    (formats, ranges, dominated and repeated queries, rounds, where a turn ends, what counts as correct)
+    is still stated, once."""
+    variant, D, max_turns = spec["variant"], int(spec["D"]), int(spec["max_turns"])
+    S, movies = spec.get("S"), spec["movies"]
+    n_movies = len(movies)
+    if variant == "gated":
+        query = f"Focus: {S} different attributes (1 to {D}); Pair: two different movies (1 to {n_movies})."
+        score, repeat = "on the focus attributes", "same focus and pair"
+    else:
+        query = f"Pair: two different movies (1 to {n_movies})."
+        score, repeat = "on all attributes", "same pair"
+    return "\n".join(
+        [
+            f"Preference game: a user has a hidden weight (zero or positive) for each of {D} movie attributes. "
+            "Ask about pairs of movies, then estimate the weights.",
+            f"Movies (attributes 1 to {D}):",
+            _movie_table(movies),
+            f"Query: {query} A movie's score {score} is the sum of weight times value. The user replies Yes if "
+            "the smaller-numbered movie scores higher, No if lower, Equal if the same. A pair where one movie is "
+            f"higher on every compared attribute teaches nothing; a repeated ({repeat}) or invalid query gets no "
+            "feedback.",
+            rp.rounds_paragraph(max_turns, "one query", "your current estimate", " (final estimate)")
+            + " Before any query, your estimate weighs every attribute equally.",
+            "Formats (think briefly in <scratch>...</scratch> first):",
+            rp.action_format(action_block(variant, S), "with the numbers described above"),
+            rp.update_format(_vector_format(D)),
+            rp.answer_format("estimate"),
+            rp.turn_rules("game") + " Your answer is correct if it points in nearly the same direction as the "
+            "user's weights.",
         ]
     )
 
