@@ -1,6 +1,18 @@
-"""IGPO's scoring cost against the rollout it scores, and the tokens T3 saves, on CPU with SmolLM2-135M.
+"""IGPO's scoring cost against veRL's old-log-prob pass (``cost``, the default) and against the rollout it
+scores, with the tokens T3 saves (``rollout``), on CPU with SmolLM2-135M.
 
-    python benchmarks/bench_igpo.py --episodes 4 --max-turns 6 --turn-tokens 32
+    python benchmarks/bench_igpo.py                      # cost: ~1-2 min
+    python benchmarks/bench_igpo.py --part rollout --episodes 4 --max-turns 6 --turn-tokens 32   # ~10 min
+
+``cost``: PE-G paper shapes (512 prompts x n 5, 10 turns of
+<= 512 tokens, ~900-token prompt, ~150-token observations) with every length scaled by
+``--length-scale`` and the batch cut to ``--prompts`` prompts, token ids random (the cost does not
+depend on them). It times the old-log-prob pass (one forward over every trajectory) and IGPO's scoring
+(one forward per distinct turn prefix, in chunks of ``--chunk-tokens``) with the same token-budget
+micro-batching, prints the ratio, and the chunks' partition sizes and driver bytes; then builds the
+plan at the full paper shapes (no forward) to show the chunk bounds there.
+
+``rollout``:
 
 1. Rollout: ``--episodes`` PE-G (S=3) episodes from our data builder, run concurrently through the real
    ``active_reasoning`` agent loop against our HF generation server (the CPU backend's rollout: batched
@@ -14,6 +26,15 @@
 
 Both clocks are wall time on a shared machine: run it a few times; ``--threads`` sets torch's intra-op
 threads (1 by default, as in the CPU backend).
+
+``cost`` measured on the shared 2-core machine under heavy load (load average ~16, so the wall times
+are noisy; the token counts are exact), ``--prompts 1 --length-scale 0.0625``: old-log-prob pass 5
+sequences, 1,882 tokens, 41.5 s; IGPO scoring 46 sequences (50 (row, turn) pairs, 4 shared), 11,862
+tokens, 369 s in 3 chunks of <= 4,096 tokens -> 8.9x in time, 6.3x in tokens. At full paper shapes (plan
+only): 23,552 sequences (2,048 shared), 83.6M tokens = 5.37x the old-log-prob pass's 15.6M; 40 chunks of
+<= 2,097,152 tokens, 80 MiB on the driver per chunk instead of ~3.1 GiB for one call. The cost is the sum
+of the prefix lengths: prefix k re-reads the whole dialogue before turn k, so T turns cost ~T/2 times the
+trajectory; sharing identical sequences only removes the prompt-only prefix of each group's rollouts.
 
 Measured on the 2-core shared development machine (defaults: 4 episodes, 6 turns, 32 tokens per turn):
 rollout 269 s (680 generated tokens), scoring 220 s (24 sequences, 29,939 tokens) -> scoring / rollout
@@ -82,8 +103,173 @@ def generated_tokens(outputs) -> int:
     return int(sum(sum(out.response_mask) for out in outputs))
 
 
+# -- cost: scoring vs the old-log-prob pass -----------------------------------------------------------
+PAPER = {"prompts": 512, "n": 5, "turns": 10, "prompt": 900, "turn": 512, "obs": 150}
+"""PE-G paper shapes: 512 prompts x 5 rollouts, 10 turns of <= 512 tokens, a ~900-token prompt, the
+feedback between turns ~150 tokens (recipes/pe_g/base.yaml: 6656 response tokens for 10 turns)."""
+
+
+def synthetic_batch(prompts: int, n: int, turns: int, prompt_len: int, turn_len: int, obs_len: int, vocab: int,
+                    seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[int]]]:
+    """Random-token trajectories with PE-G's layout: per row a prompt shared by its group, then ``turns``
+    agent turns of 50-100% of ``turn_len`` tokens, each followed by ``obs_len`` observation tokens
+    (none after the last). Returns prompts, responses and per-token turn ids (-1 on observations)."""
+    gen = torch.Generator().manual_seed(seed)
+    out_prompts, responses, turn_ids = [], [], []
+    for _ in range(prompts):
+        prompt = torch.randint(vocab, (prompt_len,), generator=gen)
+        for _ in range(n):
+            pieces, ids = [], []
+            for k in range(turns):
+                length = int(torch.randint(max(turn_len // 2, 1), turn_len + 1, (1,), generator=gen))
+                pieces.append(torch.randint(vocab, (length,), generator=gen))
+                ids += [k] * length
+                if k < turns - 1:
+                    pieces.append(torch.randint(vocab, (obs_len,), generator=gen))
+                    ids += [-1] * obs_len
+            out_prompts.append(prompt)
+            responses.append(torch.cat(pieces))
+            turn_ids.append(ids)
+    return out_prompts, responses, turn_ids
+
+
+@torch.no_grad()
+def forward_all(model: Any, seqs: list[torch.Tensor], micro_tokens: int) -> float:
+    """Per-token log-probs of every sequence, as veRL's engine computes them for ``compute_log_prob``
+    (full logits, log-softmax, gather), in micro-batches of at most ``micro_tokens`` padded tokens of
+    similar-length sequences (veRL's dynamic batch sizes, without remove-padding). Returns seconds."""
+    start = time.perf_counter()
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].numel())
+    batch: list[torch.Tensor] = []
+
+    def run(batch: list[torch.Tensor]) -> None:
+        width = max(s.numel() for s in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(batch):
+            ids[j, : s.numel()], mask[j, : s.numel()] = s, 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1))
+
+    for i in order:
+        if batch and (len(batch) + 1) * seqs[i].numel() > micro_tokens:  # sorted: the newest is the widest
+            run(batch)
+            batch = []
+        batch.append(seqs[i])
+    if batch:
+        run(batch)
+    return time.perf_counter() - start
+
+
+def chunk_bytes(plan: Any, chunk: list[int]) -> tuple[int, int]:
+    """(tokens, driver bytes) of one chunk: its materialised sequences plus the TensorDict of fields put
+    into TransferQueue (what :func:`score_with_actor` holds at once)."""
+    from verl_selflock.verl_adapter.igpo_scoring import plan_to_tensordict
+
+    sub = plan.subset(chunk)
+    seqs = sub.input_ids
+    fields = plan_to_tensordict(sub, None, seqs)
+    nbytes = sum(s.numel() * s.element_size() for s in seqs)
+    for key in fields.keys():  # noqa: SIM118  (a TensorDict: iterating it yields no keys)
+        value = fields[key]
+        if isinstance(value, torch.Tensor):
+            nbytes += (value.values() if value.is_nested else value).numel() * value.element_size()
+    return sum(s.numel() for s in seqs), nbytes
+
+
+def build_plan(prompts: list[torch.Tensor], responses: list[torch.Tensor], turn_ids: list[list[int]],
+               tokenizer: Any) -> Any:
+    from verl_selflock.algorithms.igpo_config import IgpoConfig
+    from verl_selflock.algorithms.igpo_plan import plan_scoring
+
+    answer = "0.412,0.335,0.253"  # a PE-G answer (w* of S=3)
+    return plan_scoring(prompts, responses, turn_ids, [answer] * len(prompts), tokenizer, IgpoConfig())
+
+
+def run_cost(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from verl_selflock.models import smollm2_path
+    from verl_selflock.verl_adapter.cpu.sampling import load_causal_lm
+
+    model_dir = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir).float().eval()
+    vocab = int(model.config.vocab_size)
+    scale = args.length_scale
+    shape = {k: max(1, round(PAPER[k] * scale)) for k in ("prompt", "turn", "obs")}
+    prompts, responses, turn_ids = synthetic_batch(args.prompts, PAPER["n"], PAPER["turns"], shape["prompt"],
+                                                   shape["turn"], shape["obs"], vocab, args.seed)
+    plan_start = time.perf_counter()
+    plan = build_plan(prompts, responses, turn_ids, tokenizer)
+    plan_s = time.perf_counter() - plan_start
+    trajectories = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
+    old_tokens = sum(t.numel() for t in trajectories)
+
+    forward_all(model, trajectories[:2], args.micro_tokens)  # warm-up
+    old_s = forward_all(model, trajectories, args.micro_tokens)
+    chunks = plan.chunks(args.chunk_tokens)
+    score_s = sum(forward_all(model, plan.subset(c).input_ids, args.micro_tokens) for c in chunks)
+    sizes = [chunk_bytes(plan, c) for c in chunks]
+
+    print(f"device: CPU, torch threads {args.threads}; model SmolLM2-135M-Instruct (fp32)", flush=True)
+    print(f"shapes: PE-G paper x {scale} in length ({shape['prompt']}-token prompt, {PAPER['turns']} turns of "
+          f"{shape['turn'] // 2}-{shape['turn']} tokens, {shape['obs']}-token observations), {args.prompts} prompts x "
+          f"n {PAPER['n']} = {len(prompts)} rows (paper: {PAPER['prompts']} prompts)")
+    print("\n== IGPO scoring vs veRL's old-log-prob pass (same forward, micro-batches of "
+          f"<= {args.micro_tokens} padded tokens) ==")
+    print(f"old-log-prob pass: {len(trajectories)} sequences, {old_tokens} tokens, {old_s:.2f} s")
+    print(f"IGPO scoring:      {len(plan)} sequences ({plan.entry_seq.numel()} (row, turn) pairs, "
+          f"{plan.entry_seq.numel() - len(plan)} shared), {plan.num_tokens} tokens, {score_s:.2f} s in "
+          f"{len(chunks)} chunks; plan built in {plan_s * 1000:.0f} ms")
+    print(f"ratio scoring / old-log-prob: time {score_s / old_s:.2f}x, tokens {plan.num_tokens / old_tokens:.2f}x "
+          "(target <= 1.5x)")
+    print(f"per chunk (--chunk-tokens {args.chunk_tokens}): max {max(t for t, _ in sizes)} tokens, "
+          f"max {max(b for _, b in sizes) / 2**20:.2f} MiB on the driver (sequences + TensorDict fields); "
+          f"all at once would be {sum(b for _, b in sizes) / 2**20:.2f} MiB")
+    paper_shapes(tokenizer, vocab, args.seed)
+
+
+def paper_shapes(tokenizer: Any, vocab: int, seed: int) -> None:
+    """The plan at full PE-G paper shapes (no forward): tokens, chunks and driver bytes per chunk at the
+    default ``algorithm.igpo.scoring_chunk_tokens``."""
+    from verl_selflock.algorithms.igpo_config import DEFAULT_SCORING_CHUNK_TOKENS
+
+    rss0 = _rss_mib()
+    prompts, responses, turn_ids = synthetic_batch(PAPER["prompts"], PAPER["n"], PAPER["turns"], PAPER["prompt"],
+                                                   PAPER["turn"], PAPER["obs"], vocab, seed)
+    old_tokens = sum(p.numel() + r.numel() for p, r in zip(prompts, responses, strict=True))
+    start = time.perf_counter()
+    plan = build_plan(prompts, responses, turn_ids, tokenizer)
+    plan_s = time.perf_counter() - start
+    chunks = plan.chunks(DEFAULT_SCORING_CHUNK_TOKENS)
+    largest = max(chunks, key=lambda c: int(plan.lengths[c].sum()))
+    tokens, nbytes = chunk_bytes(plan, largest)
+    rss1 = _rss_mib()
+    print(f"\n== full PE-G paper shapes: {len(prompts)} rows, {old_tokens / 1e6:.1f}M trajectory tokens (plan only) ==")
+    print(f"scoring: {len(plan)} sequences ({plan.entry_seq.numel() - len(plan)} shared), "
+          f"{plan.num_tokens / 1e6:.1f}M tokens = {plan.num_tokens / old_tokens:.2f}x the old-log-prob pass; "
+          f"plan built in {plan_s:.1f} s")
+    print(f"default scoring_chunk_tokens {DEFAULT_SCORING_CHUNK_TOKENS}: {len(chunks)} chunks; largest "
+          f"{tokens} tokens, {len(largest)} sequences, {nbytes / 2**20:.0f} MiB on the driver "
+          f"(one call: ~{nbytes / tokens * plan.num_tokens / 2**30:.1f} GiB); process RSS grew by "
+          f"{rss1 - rss0:.0f} MiB (the batch's tensors, the plan and that chunk)")
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux), MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["cost", "rollout"], default="cost")
+    parser.add_argument("--prompts", type=int, default=2, help="cost: prompts (x n 5 rollouts)")
+    parser.add_argument("--length-scale", type=float, default=0.125, help="cost: factor on every paper length")
+    parser.add_argument("--chunk-tokens", type=int, default=4096, help="cost: algorithm.igpo.scoring_chunk_tokens")
+    parser.add_argument("--micro-tokens", type=int, default=4096, help="cost: tokens per forward micro-batch")
     parser.add_argument("--episodes", type=int, default=4)
     parser.add_argument("--max-turns", type=int, default=6, help="PE-G episode length (even; the paper: 10)")
     parser.add_argument("--turn-tokens", type=int, default=32, help="max tokens per agent turn")
@@ -94,6 +280,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.part == "cost":
+        run_cost(args)
+        return
 
     from transformers import AutoTokenizer
 

@@ -14,6 +14,10 @@ INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")
 NORM_MODES = ("joint", "separate")
 UNFINISHED_MODES = ("outcome_only", "score")
 DEFAULT_BRIDGE = "<scratch>I now have enough information to give my final answer.</scratch>\n<answer>"
+DEFAULT_SCORING_CHUNK_TOKENS = 2_097_152
+"""2M tokens: ~120 MB of per-token fields on the driver and in TransferQueue per chunk (ids, positions,
+masks, log-probs), against ~100M tokens for all prefixes of a PE-G paper step (512 prompts x 5, 10 turns),
+while still filling one log-prob micro-batch of 16k tokens on each of 128 GPUs per call."""
 
 
 def _is_number(value: Any) -> bool:
@@ -56,6 +60,11 @@ class IgpoConfig:
     ground-truth answer: a short statement that the agent is ready, then the opening ``<answer>``. Not
     scored. Nothing follows the answer: the reference's closing tag and end-of-turn token are never
     scored and, under causal attention, cannot change the answer tokens' log-probs."""
+    scoring_chunk_tokens: int = DEFAULT_SCORING_CHUNK_TOKENS
+    """Most tokens of scoring sequences built on the driver and put into TransferQueue at once: the
+    step's sequences are scored in consecutive chunks of at most this many tokens, one
+    ``compute_log_prob`` call each (a sequence longer than this is a chunk of its own). Bounds driver
+    memory and the scoring partition; results do not depend on it."""
 
     def __post_init__(self) -> None:
         if self.info_gain_type not in INFO_GAIN_TYPES:
@@ -76,6 +85,13 @@ class IgpoConfig:
             raise ValueError(f"{CONFIG_PATH}.unfinished must be one of {list(UNFINISHED_MODES)}, got {self.unfinished!r}")
         if not isinstance(self.bridge, str):
             raise ValueError(f"{CONFIG_PATH}.bridge must be a string, got {self.bridge!r}")
+        if not isinstance(self.scoring_chunk_tokens, int) or isinstance(self.scoring_chunk_tokens, bool) or (
+            self.scoring_chunk_tokens < 1
+        ):
+            raise ValueError(
+                f"{CONFIG_PATH}.scoring_chunk_tokens must be a whole number of tokens >= 1 "
+                f"(default {DEFAULT_SCORING_CHUNK_TOKENS}), got {self.scoring_chunk_tokens!r}"
+            )
         for name in ("epsilon", "gamma", "ig_weight", "outcome_weight"):
             object.__setattr__(self, name, float(getattr(self, name)))
 

@@ -1,9 +1,16 @@
 """IGPO's teacher-forced scoring on the actor: the plan of :mod:`verl_selflock.algorithms.igpo_plan` scored by veRL.
 
-:func:`score_with_actor` runs all sequences of a training step as **one** batch through the actor
+:func:`score_with_actor` runs one chunk of a step's sequences (``algorithm.igpo.scoring_chunk_tokens``,
+split by :func:`verl_selflock.verl_adapter.igpo_step.compute_igpo_step`) as one batch through the actor
 worker group's ``compute_log_prob``: the same call, model, weights and temperature veRL uses for the
 old log-probs (``PPOTrainer._compute_old_log_prob`` in ``verl/trainer/ppo/v1/trainer_base.py``, 0.9.1),
-through TransferQueue in a partition of its own.
+through TransferQueue in a partition of its own that holds one chunk at a time.
+
+With dynamic batch sizes veRL packs micro-batches of at most ``rollout.log_prob_max_token_len_per_gpu``
+x the Ulysses size tokens and *asserts* that no single sequence is longer
+(``utils/seqlen_balancing.py`` ``rearrange_micro_batches``): an over-long sequence would stop the
+run inside a worker. :func:`scoring_token_limit` gives that limit to the plan, which leaves such rows
+unscored (outcome reward only, counted in ``igpo/rows_over_token_limit``) instead.
 """
 
 from __future__ import annotations
@@ -47,15 +54,20 @@ def answer_mean_logprobs(log_probs: torch.Tensor, response_mask: torch.Tensor) -
     return segment_means(answer.values().float(), answer.offsets().diff())
 
 
-def plan_to_tensordict(plan: ScoringPlan, uids: Sequence[object] | None = None):
+def plan_to_tensordict(
+    plan: ScoringPlan, uids: Sequence[object] | None = None, sequences: Sequence[torch.Tensor] | None = None
+) -> Any:
     """The plan as the per-sample fields veRL's actor ``compute_log_prob`` reads from TransferQueue.
+
+    ``sequences``: the plan's materialised sequences when the caller already has them (else built here).
 
     Same layout as ``AgentLoopWorkerTQ._agent_loop_postprocess``: ``prompts`` = prefix + bridge,
     ``responses`` = the answer (all of it scored: ``response_mask`` 1), ``input_ids`` = both, text-only
     ``position_ids`` (multimodal rope positions are not supported here).
     """
     samples = []
-    for i, (ids, n) in enumerate(zip(plan.input_ids, plan.answer_lens, strict=True)):
+    sequences = plan.input_ids if sequences is None else sequences
+    for i, (ids, n) in enumerate(zip(sequences, plan.answer_lens, strict=True)):
         mask = torch.ones(n, dtype=torch.int64)
         samples.append(
             {
@@ -111,12 +123,31 @@ def balance_for_forward(trainer: Any, meta: Any) -> Any:
     return meta
 
 
+def scoring_token_limit(config: Any) -> int | None:
+    """The longest sequence the actor's ``compute_log_prob`` accepts, None without dynamic batch sizes.
+
+    veRL 0.9.1 (``workers/engine_workers.py`` ``TrainingWorker.infer_batch``, ``engine/utils.py``
+    ``prepare_micro_batches``): with ``actor.use_dynamic_bsz`` each micro-batch holds at most
+    ``rollout.log_prob_max_token_len_per_gpu`` x the Ulysses sequence-parallel size tokens, and a longer
+    sequence fails an assertion. Without dynamic batch sizes micro-batches are counted in sequences.
+    """
+    roles = config.actor_rollout_ref
+    if not bool(roles.actor.get("use_dynamic_bsz", False)):
+        return None
+    per_gpu = roles.rollout.get("log_prob_max_token_len_per_gpu")
+    if per_gpu is None:
+        return None
+    fsdp = roles.actor.get("fsdp_config") or {}
+    sp = fsdp.get("ulysses_sequence_parallel_size") or roles.actor.get("ulysses_sequence_parallel_size") or 1
+    return int(per_gpu) * int(sp)
+
+
 def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: Sequence[object]) -> torch.Tensor:
     """Mean answer log-prob of every plan sequence from the actor worker group (one batched call).
 
     Args:
         trainer: the running v1 trainer (``actor_rollout_wg``, ``config``, ``tokenizer``).
-        plan: the sequences to score (non-empty).
+        plan: the sequences to score (non-empty): one chunk of a step's plan, materialised only here.
         temperature: the rollout temperature (veRL scores old log-probs at it too).
         uids: per batch row, veRL's ``uid`` (stored with each sequence for veRL's padding helper).
 
@@ -125,12 +156,16 @@ def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: 
     """
     import transfer_queue as tq
 
+    sequences = plan.input_ids
     keys = [f"igpo-{uuid.uuid4().hex}-{i}" for i in range(len(plan))]
     tags = [
         {"status": "success", "prompt_len": int(ids.numel() - n), "response_len": n, "seq_len": int(ids.numel())}
-        for ids, n in zip(plan.input_ids, plan.answer_lens, strict=True)
+        for ids, n in zip(sequences, plan.answer_lens, strict=True)
     ]
-    meta = tq.kv_batch_put(keys=keys, partition_id=SCORING_PARTITION, fields=plan_to_tensordict(plan, uids), tags=tags)
+    fields = plan_to_tensordict(plan, uids, sequences)
+    del sequences  # the TensorDict holds its own copy; keep one chunk's tokens on the driver, not two
+    meta = tq.kv_batch_put(keys=keys, partition_id=SCORING_PARTITION, fields=fields, tags=tags)
+    del fields
     try:
         meta = balance_for_forward(trainer, meta)
         # Read only the fields we wrote: veRL's padding rows carry a few more (rm_scores, num_turns ...).

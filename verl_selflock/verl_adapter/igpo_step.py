@@ -7,6 +7,7 @@ TransferQueue, calls them, writes ``advantages`` and ``returns`` back and report
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,9 +26,11 @@ from verl_selflock.algorithms.igpo import (
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.algorithms.igpo_plan import ScoringPlan, plan_scoring, scoring_answers
 from verl_selflock.contracts.episode import T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
-from verl_selflock.verl_adapter.igpo_scoring import score_with_actor, timed
+from verl_selflock.verl_adapter.igpo_scoring import score_with_actor, scoring_token_limit, timed
 from verl_selflock.verl_adapter.jagged import padded, rows
 from verl_selflock.verl_adapter.private_names import generation_seconds, padding_flags, response_to_nested
+
+logger = logging.getLogger(__name__)
 
 
 def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Sequence[bool]) -> dict[str, float]:
@@ -80,8 +83,9 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
     response_mask_nested = data["response_mask"]
     temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
     advantages, step_metrics = compute_igpo_step(
-        prompts=[row.tolist() for row in rows(data["prompts"])],
-        responses=[row.tolist() for row in rows(data["responses"])],
+        # The rows as tensors (views of the fetched batch), not Python lists: ~36 bytes per token as lists.
+        prompts=rows(data["prompts"]),
+        responses=rows(data["responses"]),
         extra_fields=list(data["extra_fields"]),
         uids=uids,
         is_padding=padding_flags(batch),
@@ -89,8 +93,9 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
         outcome=padded(data["rm_scores"], 0.0).float().sum(dim=1),
         tokenizer=trainer.tokenizer,
         config=config,
-        score=lambda plan: score_with_actor(trainer, plan, temperature, uids),
+        score=lambda chunk: score_with_actor(trainer, chunk, temperature, uids),
         gen_time=generation_seconds(trainer),
+        max_sequence_tokens=scoring_token_limit(trainer.config),
     )
     # Write back: advantages = returns (no critic).
     nested = response_to_nested(advantages, response_mask_nested)
@@ -100,8 +105,8 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
 
 
 def compute_igpo_step(
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    responses: Sequence[Sequence[int] | torch.Tensor],
     extra_fields: Sequence[Mapping[str, Any] | None],
     uids: Sequence[object],
     is_padding: Sequence[bool],
@@ -111,6 +116,7 @@ def compute_igpo_step(
     config: IgpoConfig,
     score: Callable[[ScoringPlan], torch.Tensor],
     gen_time: float = 0.0,
+    max_sequence_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """IGPO's token advantages of one batch, given a scorer for the teacher-forced sequences (no veRL, no I/O).
 
@@ -123,9 +129,12 @@ def compute_igpo_step(
         outcome: (bs,) outcome reward of each row.
         tokenizer: the policy's tokenizer.
         config: validated ``algorithm.igpo``.
-        score: plan -> (len(plan),) mean answer log-probs (the actor in training); called once, only for a
-            non-empty plan.
+        score: plan -> (len(plan),) mean answer log-probs (the actor in training); called once per chunk
+            of at most ``config.scoring_chunk_tokens`` tokens (:meth:`ScoringPlan.chunks`), never for an
+            empty one.
         gen_time: the step's generation time in seconds, for ``igpo/scoring_time_ratio_to_gen``.
+        max_sequence_tokens: the longest sequence ``score`` takes (:func:`scoring_token_limit`); rows
+            with a longer one get the outcome only (``igpo/rows_over_token_limit``). None: no limit.
 
     Returns:
         ``(advantages, metrics)``: (bs, L) float32 advantages, 0 off generated tokens and on padding rows,
@@ -137,7 +146,7 @@ def compute_igpo_step(
     take_part = torch.tensor([not pad for pad in is_padding], dtype=torch.bool)
     turn_index, num_turns = dense_turn_index(turn_ids, take_part)
 
-    # 1. Teacher-forced scores of the ground-truth answer after every turn prefix, one batched call.
+    # 1. Teacher-forced scores of the ground-truth answer after every distinct turn prefix, chunk by chunk.
     plan = plan_scoring(
         prompts=prompts,
         responses=responses,
@@ -146,11 +155,16 @@ def compute_igpo_step(
         tokenizer=tokenizer,
         config=config,
         skip=is_padding,
+        max_sequence_tokens=max_sequence_tokens,
     )
-    scoring_time = 0.0
-    mean_logprob = torch.empty(0)
-    if len(plan):
-        mean_logprob, scoring_time = timed(score, plan)
+    if bool(plan.over_limit.any()):
+        logger.warning(
+            "IGPO: %d row(s) have a scoring sequence longer than the actor's dynamic-batch limit of %d tokens "
+            "and get the outcome reward only; raise actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu "
+            "to score them", int(plan.over_limit.sum()), max_sequence_tokens,
+        )
+    chunks = plan.chunks(config.scoring_chunk_tokens)
+    mean_logprob, scoring_time = timed(_score_in_chunks, plan, chunks, score)
 
     # 2. Turn rewards, group normalisation, discounted turn advantages, spread over each turn's tokens.
     width = int(num_turns.max()) if num_turns.numel() else 0
@@ -159,7 +173,22 @@ def compute_igpo_step(
     )
     advantages = broadcast_turn_values(table.advantages, turn_index, response_mask)
     metrics = _igpo_metrics(table, plan, num_turns, mean_logprob, scoring_time, advantages, response_mask, gen_time)
+    metrics["igpo/scoring_chunks"] = float(len(chunks))
+    metrics["igpo/rows_over_token_limit"] = float(plan.over_limit.sum())
     return advantages, metrics
+
+
+def _score_in_chunks(
+    plan: ScoringPlan, chunks: list[list[int]], score: Callable[[ScoringPlan], torch.Tensor]
+) -> torch.Tensor:
+    """(len(plan),) scores, one ``score`` call per chunk (only one chunk's sequences exist at a time)."""
+    out = torch.empty(len(plan), dtype=torch.float32)
+    for chunk in chunks:
+        scores = score(plan.subset(chunk))
+        if scores.shape != (len(chunk),):
+            raise RuntimeError(f"IGPO scorer returned shape {tuple(scores.shape)} for a chunk of {len(chunk)}")
+        out[torch.as_tensor(chunk, dtype=torch.int64)] = scores.float().cpu()
+    return out
 
 
 def _igpo_metrics(
@@ -175,8 +204,9 @@ def _igpo_metrics(
     active = num_turns > 0  # every row but veRL's padding: rows without turns or cut short count as outcome-only
     ig_mask = table.reward_mask & ~table.outcome_mask
     ig = table.rewards[ig_mask]
-    scored_prob = mean_logprob.exp() if mean_logprob.numel() else torch.zeros(0)
-    first = plan.prefixes == 0 if len(plan) else torch.zeros(0, dtype=torch.bool)
+    # Per scored (row, turn), so a sequence shared by several rows counts once for each of them.
+    scored_prob = mean_logprob[plan.entry_seq].exp() if plan.entry_seq.numel() else torch.zeros(0)
+    first = plan.entry_prefixes == 0
     tokens = response_mask.bool()
 
     def mean(t: torch.Tensor) -> float:
@@ -189,7 +219,7 @@ def _igpo_metrics(
         "igpo/scored_tokens": float(plan.num_tokens),
         "igpo/frac_rows_outcome_only": mean((~table.scored)[active]),
         "igpo/p_mean": mean(scored_prob),
-        "igpo/p_first_mean": mean(scored_prob[first]) if len(plan) else 0.0,
+        "igpo/p_first_mean": mean(scored_prob[first]),
         "igpo/ig_mean": mean(ig),
         "igpo/ig_abs_mean": mean(ig.abs()),
         "igpo/ig_pos_frac": mean(ig > 0),
