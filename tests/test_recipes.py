@@ -11,7 +11,7 @@ GPU_RECIPES = sorted(
     (path.parent.name, path.stem)
     for task in ("pe_g", "pe_f", "mediq", "flodial")
     for path in RECIPES.glob(f"{task}/*.yaml")
-    if path.stem not in ("base",) and not path.stem.startswith("cpu_")
+    if path.stem not in ("base", "sft_warmstart") and not path.stem.startswith("cpu_")
 )
 LAM = {"pe_g": 0.2, "pe_f": 1.0, "mediq": 1.0, "flodial": 0.5}
 
@@ -79,18 +79,28 @@ def test_recipe_composes_and_validates(task, name, smollm2_dir, recipe_data):
     assert config.trainer.total_training_steps == 200
 
 
-def _agent_loop_t3(config) -> dict:
-    """The ``t3`` settings of the recipe's agent-loop YAML (resolved by our resolver), {} if none."""
-    import yaml
+def _agent_loop_knobs(config) -> dict:
+    """The recipe's agent-loop knobs (the ``selflock_agent_loop`` node every agent-loop worker reads),
+    resolved; {} if none. No recipe needs an agent-loop YAML (the plugin registers the loop by name)."""
     from omegaconf import OmegaConf
 
     import verl_selflock.verl_adapter.plugin  # noqa: F401  (registers the resolvers)
 
-    path = OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")
-    if not path:
-        return {}
-    (entry,) = yaml.safe_load(Path(path).read_text())
-    return entry.get("t3") or {}
+    assert OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path") is None
+    node = OmegaConf.select(config, "selflock_agent_loop")
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
+def _agent_loop_t3(config) -> dict:
+    return _agent_loop_knobs(config).get("t3") or {}
+
+
+def test_no_recipe_uses_the_old_agent_loop_yaml_knobs():
+    """``${selflock.agent_loop_yaml:...}`` with knobs wrote a file on one node only (issue 14)."""
+    import re
+
+    old_form = re.compile(r"\$\{selflock\.agent_loop_yaml:[^}]")  # ${selflock.agent_loop_yaml:} alone is fine
+    assert [str(path) for path in RECIPES.glob("*/*.yaml") if old_form.search(path.read_text())] == []
 
 
 def test_recipe_with_a_bad_override_fails_validation(smollm2_dir):
@@ -105,15 +115,10 @@ def test_recipe_with_a_bad_override_fails_validation(smollm2_dir):
 
 
 def test_flodial_recipe_selects_the_split_and_wires_the_simulator(smollm2_dir, monkeypatch):
-    """``flodial.difficulty`` picks the data folder; the agent-loop YAML written by our resolver carries
-    the simulator endpoint (environment variables win over the defaults) and max_turns 10."""
-    import yaml
+    """``flodial.difficulty`` picks the data folder; the recipe's ``selflock_agent_loop`` node carries the
+    simulator endpoint (environment variables win over the defaults) and max_turns 10."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    import verl_selflock.verl_adapter.resolvers as resolvers
-
-    resolvers.register_resolvers()
     monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://sim.example:9000/v1")
     monkeypatch.delenv("SELFLOCK_SIMULATOR_MODEL", raising=False)
     with initialize_config_dir(config_dir=str(RECIPES / "flodial"), version_base=None):
@@ -124,10 +129,9 @@ def test_flodial_recipe_selects_the_split_and_wires_the_simulator(smollm2_dir, m
     assert config.data.train_files == "/d/flodial_hard/train.parquet"
     assert config.data.val_files == "/d/flodial_hard/test.parquet"
     assert config.trainer.experiment_name == "flodial_hard_arew_as_bt"
-    path = OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")
-    (entry,) = yaml.safe_load(Path(path).read_text())
-    assert entry["name"] == "active_reasoning" and entry["max_turns"] == 10
-    assert entry["simulator"] == {
+    knobs = _agent_loop_knobs(config)
+    assert knobs["max_turns"] == 10
+    assert knobs["simulator"] == {
         "base_url": "http://sim.example:9000/v1",
         "model": "Qwen/Qwen2.5-14B-Instruct",
         "api_key_env": "SELFLOCK_SIMULATOR_API_KEY",
@@ -136,23 +140,41 @@ def test_flodial_recipe_selects_the_split_and_wires_the_simulator(smollm2_dir, m
         "timeout_s": 30,
         "max_concurrency": 64,
     }
-    assert entry["max_turn_tokens"] == 512 and entry["max_obs_tokens"] == 512
+    assert knobs["max_turn_tokens"] == 512 and knobs["max_obs_tokens"] == 512
+
+
+def test_the_driver_pins_the_simulator_endpoint_into_the_config(smollm2_dir, recipe_data, monkeypatch):
+    """veRL's driver-side validation (ours runs inside it) resolves ``selflock_agent_loop`` in the driver's
+    environment and writes the plain values back: the TaskRunner, wherever Ray puts it, and every
+    agent-loop worker then see the URL of the shell that launched the run, not their own environment's."""
+    import verl  # noqa: F401
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://sim.example:9000/v1")
+    monkeypatch.setenv("SELFLOCK_SIMULATOR_MODEL", "patient-model")
+    config = compose_recipe("mediq", "arew_as", smollm2_dir, data=recipe_data)
+    assert "oc.env" in OmegaConf.to_yaml(config.selflock_agent_loop, resolve=False)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://elsewhere:1/v1")  # e.g. the TaskRunner's node
+    pinned = OmegaConf.to_yaml(config.selflock_agent_loop, resolve=False)
+    assert "oc.env" not in pinned and "${" not in pinned
+    assert config.selflock_agent_loop.simulator.base_url == "http://sim.example:9000/v1"
+    assert config.selflock_agent_loop.simulator.model == "patient-model"
+    assert config.selflock_agent_loop.simulator.api_key_env == "SELFLOCK_SIMULATOR_API_KEY"  # a name, never a key
 
 
 def test_mediq_recipe_reaches_the_agent_loop(smollm2_dir, monkeypatch):
     """The MediQ recipes hand the simulator endpoint (environment variables or overrides) and the
-    counterfactual switch to the agent loop through the YAML file that veRL loads."""
-    import yaml
-
+    counterfactual switch to the agent loop through the ``selflock_agent_loop`` node of the config."""
     from verl_selflock.simulators import SimulatorConfig
-    from verl_selflock.verl_adapter.agent_loop import ActiveReasoningLoopConfig
+    from verl_selflock.verl_adapter.agent_loop_config import loop_config_for
 
     monkeypatch.setenv("SELFLOCK_SIMULATOR_BASE_URL", "http://sim.example:9000/v1")
     monkeypatch.delenv("SELFLOCK_SIMULATOR_MODEL", raising=False)
     config = compose_recipe("mediq", "arew_as_bt", smollm2_dir)
-    (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
-    knobs = {k: v for k, v in entry.items() if k not in ("name", "_target_")}
-    loop_config = ActiveReasoningLoopConfig(**knobs)
+    loop_config = loop_config_for(config)  # what the loop builds from the config it receives
     assert loop_config.counterfactual_bt is True and loop_config.max_turn_tokens == 512
     simulator = SimulatorConfig.from_mapping(loop_config.simulator)
     assert simulator.base_url == "http://sim.example:9000/v1"
@@ -163,8 +185,8 @@ def test_mediq_recipe_reaches_the_agent_loop(smollm2_dir, monkeypatch):
         "mediq", "vanilla_ppo", smollm2_dir,
         ["selflock_agent_loop.simulator.model=/models/patient", "selflock_agent_loop.counterfactual_bt=false"],
     )
-    (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
-    assert entry["simulator"]["model"] == "/models/patient" and entry["counterfactual_bt"] is False
+    knobs = _agent_loop_knobs(config)
+    assert knobs["simulator"]["model"] == "/models/patient" and knobs["counterfactual_bt"] is False
 
 
 TAU2_RECIPES = ["vanilla_ppo", "arew"]
@@ -191,9 +213,9 @@ def test_tau2_recipe_composes_and_validates(name, smollm2_dir, recipe_data):
         assert config.algorithm.adv_estimator == "gae"
     assert config.trainer.total_training_steps == 200
 
-    [entry] = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
-    assert entry["name"] == "active_reasoning" and entry["stop_on_closing_tag"] is True
-    simulator = entry["simulator"]
+    knobs = _agent_loop_knobs(config)
+    assert knobs["stop_on_closing_tag"] is True
+    simulator = knobs["simulator"]
     assert simulator["base_url"] == "http://user-sim:9000/v1" and simulator["model"] == "my-user-model"
     assert simulator["temperature"] == 0.0 and simulator["max_tokens"] == 256
     # compose_recipe swapped the paper's policy out for a local model; the recipe itself names it.
@@ -212,30 +234,39 @@ def test_igpo_recipe_with_a_bad_override_fails_validation(smollm2_dir):
         validate_config(config, use_reference_policy=False, use_critic=False)
 
 
-def test_t3_recipe_with_a_bad_knob_fails_on_the_driver(smollm2_dir):
+def test_t3_recipe_with_a_bad_knob_fails_on_the_driver(smollm2_dir, recipe_data):
+    import verl  # noqa: F401
+    from verl.utils.config import validate_config
+
+    from verl_selflock.verl_adapter.config_validation import SelflockConfigError
+
+    config = compose_recipe("pe_g", "t3", smollm2_dir, ["selflock_agent_loop.t3.k=0"], data=recipe_data)
+    with pytest.raises(SelflockConfigError, match=r"selflock_agent_loop: .*t3\.k must be an integer >= 1"):
+        validate_config(config, use_reference_policy=False, use_critic=True)
+
+
+def test_the_old_resolver_form_with_knobs_says_what_to_write(smollm2_dir):
     from omegaconf import OmegaConf
 
     import verl_selflock.verl_adapter.plugin  # noqa: F401
 
-    override = "actor_rollout_ref.rollout.agent.agent_loop_config_path=${selflock.agent_loop_yaml:'t3.enabled=true','t3.k=0'}"
-    config = compose_recipe("pe_g", "t3", smollm2_dir, [override])
-    with pytest.raises(Exception, match=r"t3\.k must be an integer >= 1"):
+    override = "actor_rollout_ref.rollout.agent.agent_loop_config_path=${selflock.agent_loop_yaml:'t3.enabled=true','t3.k=2'}"
+    config = compose_recipe("pe_g", "grpo", smollm2_dir, [override])
+    with pytest.raises(Exception, match=r"selflock_agent_loop: \{t3: \{enabled: true, k: 2\}\}") as caught:
         OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")
+    assert "++selflock_agent_loop.t3.enabled=true ++selflock_agent_loop.t3.k=2" in str(caught.value)
 
 
 @pytest.mark.parametrize("name, counterfactual", [("vanilla_ppo", False), ("arew_as", False), ("arew_as_bt", True)])
 def test_mediq_counterfactual_branches_only_where_bt_critiques_train(name, counterfactual, smollm2_dir):
     """Counterfactual BT branches cost a generation per informative reply: only the recipe that trains on
     BT critiques (AREW AS+BT) turns them on; the agent loop's own default would be on."""
-    import yaml
-
-    from verl_selflock.verl_adapter.agent_loop import ActiveReasoningLoopConfig
+    from verl_selflock.verl_adapter.agent_loop_config import ActiveReasoningLoopConfig
 
     assert ActiveReasoningLoopConfig().counterfactual_bt is True  # so base.yaml must say false
     config = compose_recipe("mediq", name, smollm2_dir)
-    (entry,) = yaml.safe_load(open(config.actor_rollout_ref.rollout.agent.agent_loop_config_path))
     trains_bt = config.algorithm.adv_estimator == "arew" and config.algorithm.arew.channels == "both"
-    assert entry["counterfactual_bt"] is trains_bt is counterfactual
+    assert _agent_loop_knobs(config)["counterfactual_bt"] is trains_bt is counterfactual
 
 
 SIMULATOR_GPU = "CUDA_VISIBLE_DEVICES=7 vllm serve"

@@ -1,4 +1,9 @@
-"""Build-once folders under our cache, safe across processes (pytest workers, Ray actors)."""
+"""Build-once folders under our cache, safe across processes (pytest workers, Ray actors).
+
+The cache is local to a node: a path under it that one process resolved (the TaskRunner resolving
+``${selflock.pe_data:...}``) exists on that node only. So nothing that Ray workers on other nodes must
+open is written here at run time: the agent loop's knobs travel inside the config instead (issue 14).
+"""
 
 from __future__ import annotations
 

@@ -93,10 +93,6 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
     # round after it, so the T3 path and metrics are exercised for sure. The reference gives an episode that
     # stops without answering the outcome only; `unfinished=score` scores the cut rows too, so the actor's
     # teacher-forced scoring of every turn prefix runs for sure (4 episodes, 2 prefixes each).
-    t3_loop_yaml = (
-        "${selflock.agent_loop_yaml:'max_turn_tokens=40','max_obs_tokens=160','min_turn_tokens=8',"
-        "'t3.enabled=true','t3.k=1','t3.delta_min=1.0'}"
-    )
     igpo_steps, _ = _run_main_ppo(
         tmp_path,
         "igpo_t3",
@@ -105,7 +101,8 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path, smollm2_dir):
             "+algorithm.igpo.unfinished=score",
             "actor_rollout_ref.rollout.n=2",
             "critic.enable=false",
-            f"actor_rollout_ref.rollout.agent.agent_loop_config_path={t3_loop_yaml}",
+            # T3 on top of cpu_smoke's selflock_agent_loop knobs (every agent-loop worker reads that node).
+            "++selflock_agent_loop.t3={enabled: true, k: 1, delta_min: 1.0}",
             "trainer.total_training_steps=1",
             "trainer.save_freq=-1",
         ],

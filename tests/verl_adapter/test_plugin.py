@@ -13,7 +13,7 @@ import pytest
 EXPECTED = {
     "estimators": ["arew", "igpo"],
     "trainer_modes": ["selflock"],
-    "agent_loops": ["active_reasoning"],
+    "agent_loops": ["active_reasoning", "tool_agent_arew"],
     "reward_managers": ["active_reasoning"],
 }
 

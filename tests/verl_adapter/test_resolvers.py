@@ -66,13 +66,49 @@ def test_pe_data_resolver_builds_and_caches(tmp_path, monkeypatch):
     assert (folder / "train.parquet").stat().st_mtime_ns == stamp
 
 
-def test_agent_loop_yaml_resolver_validates_knobs(tmp_path, monkeypatch):
+def test_agent_loop_yaml_resolver_names_the_packaged_file(tmp_path, monkeypatch):
+    """``${selflock.agent_loop_yaml:}`` is the YAML inside the package (on every node that has it); nothing is
+    written to the cache any more."""
     monkeypatch.setenv("VERL_SELFLOCK_CACHE", str(tmp_path / "cache"))
-    path = agent_loop_yaml("max_turn_tokens=48", "simulator={base_url: 'http://localhost:8000/v1', model: m}")
-    entry = OmegaConf.load(path)[0]
-    assert entry.max_turn_tokens == 48 and entry.simulator.model == "m"
-    assert agent_loop_yaml("max_turn_tokens=48", "simulator={base_url: 'http://localhost:8000/v1', model: m}") == path
+    register_resolvers()
+    cfg = OmegaConf.create({"path": "${selflock.agent_loop_yaml:}"})
+    (entry,) = OmegaConf.load(cfg.path)
+    assert Path(cfg.path).parent == Path(__import__("verl_selflock").__file__).parent / "verl_adapter"
+    assert entry.name == "active_reasoning" and set(entry) == {"name", "_target_"}  # knobs live in the config
+    assert not (tmp_path / "cache").exists()
+
+
+def test_agent_loop_yaml_resolver_keeps_the_old_node_form(tmp_path, monkeypatch):
+    """``${selflock.agent_loop_yaml:${selflock_agent_loop}}`` (the recipes' old form) still resolves: the loop
+    reads that node from the config itself."""
+    monkeypatch.setenv("VERL_SELFLOCK_CACHE", str(tmp_path / "cache"))
+    register_resolvers()
+    cfg = OmegaConf.create(
+        {
+            "selflock_agent_loop": {"max_turns": 8, "simulator": {"base_url": "${oc.env:SIM_URL_T,'http://h:1/v1'}", "model": "m"}},
+            "other": {"max_turns": 6},
+            "path": "${selflock.agent_loop_yaml:${selflock_agent_loop}}",
+            "elsewhere": "${selflock.agent_loop_yaml:${other}}",
+        }
+    )
+    assert cfg.path == agent_loop_yaml()
+    with pytest.raises(Exception, match=r"no longer takes knobs.*selflock_agent_loop: \{max_turns: 6\}"):
+        _ = cfg.elsewhere
+
+
+def test_agent_loop_yaml_resolver_refuses_knobs_with_the_replacement():
+    with pytest.raises(ValueError, match="no longer takes knobs") as caught:
+        agent_loop_yaml("max_turn_tokens=48", "simulator={base_url: 'http://localhost:8000/v1', model: m}", "t3.k=2")
+    message = str(caught.value)
+    assert "selflock_agent_loop: {max_turn_tokens: 48, simulator: {base_url: 'http://localhost:8000/v1', model: m}, " \
+        "t3: {k: 2}}" in message
+    assert ("++selflock_agent_loop.max_turn_tokens=48 ++selflock_agent_loop.simulator.base_url=http://localhost:8000/v1 "
+            "++selflock_agent_loop.simulator.model=m ++selflock_agent_loop.t3.k=2") in message
+    assert "\n" not in message
+    # A misspelt knob or a bad value is named first, as before.
     with pytest.raises(ValueError, match="max_turn_tokenz.*did you mean 'max_turn_tokens'"):
         agent_loop_yaml("max_turn_tokenz=48")
     with pytest.raises(ValueError, match="simulator.base_url"):
         agent_loop_yaml("simulator={base_url: localhost, model: m}")
+    with pytest.raises(ValueError, match="takes no argument"):
+        agent_loop_yaml("t3")

@@ -31,7 +31,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MonitorConfig", "Verdict", "SelfLockingMonitor", "rise_over_window"]
+__all__ = ["MonitorConfig", "MonitorSubject", "SelfLockingMonitor", "Verdict", "rise_over_window"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,19 @@ def _check_number(config: MonitorConfig, name: str) -> None:
 
 
 @dataclass(frozen=True)
+class MonitorSubject:
+    """What the monitored series are, for the warning (the rule is the same for every agent)."""
+
+    as_name: str = "AS proxy (share of informative queries)"
+    bt_name: str = "BT proxy (share of belief updates toward the truth)"
+    advice: str = (
+        "The agent may be gaining reward through shortcuts while it stops asking informative questions "
+        "and stops using the feedback. Check selflock/as_proxy and selflock/bt_proxy; AREW "
+        "(algorithm.adv_estimator=arew) counters this."
+    )
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The monitor's judgement after one step."""
 
@@ -109,8 +122,9 @@ def rise_over_window(values: np.ndarray) -> float:
 class SelfLockingMonitor:
     """Feed it one step at a time with :meth:`update`; see the module docstring for the rule."""
 
-    def __init__(self, config: MonitorConfig | None = None) -> None:
+    def __init__(self, config: MonitorConfig | None = None, subject: MonitorSubject | None = None) -> None:
         self.config = config or MonitorConfig()
+        self.subject = subject or MonitorSubject()
         size = self.config.window
         self._reward: deque[float] = deque(maxlen=size)
         self._as: deque[float] = deque(maxlen=size)
@@ -137,13 +151,11 @@ class SelfLockingMonitor:
         )
         message = ""
         if locked:
+            who = self.subject
             message = (
                 f"possible information self-locking at step {step}: over the last {cfg.window} steps the mean "
-                f"reward rose by {reward_rise:+.3f} while the AS proxy (share of informative queries) changed by "
-                f"{_fmt(as_rise)} and the BT proxy (share of belief updates toward the truth) by {_fmt(bt_rise)}. "
-                "The agent may be gaining reward through shortcuts while it stops asking informative questions "
-                "and stops using the feedback. Check selflock/as_proxy and selflock/bt_proxy; AREW "
-                "(algorithm.adv_estimator=arew) counters this."
+                f"reward rose by {reward_rise:+.3f} while the {who.as_name} changed by {_fmt(as_rise)} and the "
+                f"{who.bt_name} by {_fmt(bt_rise)}. {who.advice}"
             )
             if self._locked_steps % cfg.warn_every == 0:
                 logger.warning(message)

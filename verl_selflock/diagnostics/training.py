@@ -5,7 +5,7 @@ metrics (``_compute_metrics`` -> ``compute_data_metrics``) read tensors from Tra
 per-sample ``extra_fields``. Our trainer mode therefore fetches the agent loop's ``extra_fields`` of
 the step's batch itself and hands them to :meth:`TrainingDiagnostics.record`, which adds the
 ``selflock/*`` proxies of :mod:`verl_selflock.diagnostics.metrics` and ``selflock/self_locking``
-(0/1, :mod:`verl_selflock.diagnostics.monitor`) to the step's metrics: every logger backend
+(0/1, :mod:`verl_selflock.diagnostics.monitor`) to the step's metrics, and ``tool/*`` for tool agents: every logger backend
 (console, file JSONL, tensorboard, wandb) then gets them.
 """
 
@@ -23,6 +23,7 @@ from verl_selflock.diagnostics.metrics import (
     stats_of_fields,
 )
 from verl_selflock.diagnostics.monitor import MonitorConfig, SelfLockingMonitor
+from verl_selflock.diagnostics.tool_use import ToolDiagnostics
 
 __all__ = ["SELF_LOCKING_KEY", "TrainingDiagnostics", "simulator_metrics"]
 
@@ -49,10 +50,15 @@ class TrainingDiagnostics:
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         """``config``: the full veRL config (its optional ``selflock_diagnostics`` node) or None."""
         node = config.get(CONFIG_NODE) if config is not None and hasattr(config, "get") else None
-        self.monitor = SelfLockingMonitor(MonitorConfig.from_mapping(node))
+        monitor_config = MonitorConfig.from_mapping(node)
+        self.monitor = SelfLockingMonitor(monitor_config)
+        self.tools = ToolDiagnostics(monitor_config)
 
     def record(self, extra_fields: Sequence[Mapping[str, Any] | None], metrics: dict[str, Any], step: int) -> None:
-        """Add ``selflock/*`` metrics of the samples in ``extra_fields`` (batch order, padding removed)."""
+        """Add ``selflock/*`` metrics of the samples in ``extra_fields`` (batch order, padding removed), and
+        ``tool/*`` of tool-agent samples (:mod:`verl_selflock.diagnostics.tool_use`; ``metrics`` must already
+        hold veRL's own step metrics, whose mean score the tool monitor reads)."""
+        self.tools.record(extra_fields, metrics, step)
         stats = stats_of_fields(extra_fields)
         step_metrics = batch_metrics([counts_of(item) for item in stats])
         metrics.update(step_metrics)

@@ -7,5 +7,14 @@ from verl_selflock.simulators.client import (
     SimulatorConfigError,
     shared_client,
 )
+from verl_selflock.simulators.preflight import SimulatorUnreachableError, ensure_reachable
 
-__all__ = ["ChatClient", "ChatReply", "SimulatorConfig", "SimulatorConfigError", "shared_client"]
+__all__ = [
+    "ChatClient",
+    "ChatReply",
+    "SimulatorConfig",
+    "SimulatorConfigError",
+    "SimulatorUnreachableError",
+    "ensure_reachable",
+    "shared_client",
+]

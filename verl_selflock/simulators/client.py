@@ -20,7 +20,9 @@ normalised_query)``) and repeated questions across rollouts cost nothing. A samp
 cached. Identical greedy calls in flight at the same time share one request: the later ones await
 the first and count as cache hits. The cache keeps the ``cache_size`` most recently used replies.
 
-Config (``simulator:`` in a recipe's agent-loop YAML, or ``verl-selflock eval`` options)::
+Training workers check once at start-up that the endpoint answers (:mod:`~verl_selflock.simulators.preflight`).
+
+Config (``selflock_agent_loop.simulator`` in a veRL config, or ``verl-selflock eval`` options)::
 
     simulator:
       base_url: http://localhost:8000/v1
@@ -76,7 +78,8 @@ class SimulatorConfig:
     """Model name the server expects in requests (``vllm serve``'s served name, a folder for
     ``transformers serve``)."""
     api_key_env: str | None = DEFAULT_API_KEY_ENV
-    """Environment variable holding the API key; unset or empty variable -> key ``EMPTY`` (local servers)."""
+    """Environment variable holding the API key (unset or empty: key ``EMPTY``), read by each process from its
+    own environment: only the name is in configs (veRL prints them), so every Ray node needs the variable."""
     temperature: float = 0.0
     max_tokens: int = 64
     timeout_s: float = 30.0

@@ -85,8 +85,8 @@ from verl_selflock.contracts.names import AGENT_NAME
 from verl_selflock.envs import ActiveReasoningEnv, EnvContext, StepResult, make_env
 from verl_selflock.episode.runner import EpisodeRunner
 from verl_selflock.episode.token_cut import ENDED_BY_LENGTH, TurnCut, cap_text_tokens, cut_turn, end_of_turn_ids
-from verl_selflock.simulators import shared_client
-from verl_selflock.verl_adapter.agent_loop_config import ActiveReasoningLoopConfig, plain
+from verl_selflock.simulators import ensure_reachable, shared_client
+from verl_selflock.verl_adapter.agent_loop_config import ActiveReasoningLoopConfig, loop_config_for, pop_entry_knobs
 from verl_selflock.verl_adapter.rollout import Rollout, is_aborted
 
 __all__ = ["AGENT_LOOP_CONFIG_PATH", "ActiveReasoningAgentLoop", "ActiveReasoningLoopConfig"]
@@ -102,35 +102,17 @@ AGENT_LOOP_CONFIG_PATH = str(Path(__file__).with_name("agent_loop.yaml"))
 class ActiveReasoningAgentLoop(AgentLoopBase):
     """Multi-turn rollout of one active-reasoning episode; see the module docstring for the layout."""
 
-    def __init__(
-        self,
-        *args: Any,
-        max_turn_tokens: int = 512,
-        max_obs_tokens: int = 512,
-        max_turns: int | None = None,
-        min_turn_tokens: int = 16,
-        stop_on_closing_tag: bool = False,
-        obs_truncation_marker: str = " ...(truncated)",
-        simulator: Mapping[str, Any] | None = None,
-        counterfactual_bt: bool = True,
-        t3: Mapping[str, Any] | None = None,
-        tools: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        # ``tools`` (veRL's tool list) is not used: the environment is the only counterpart.
-        # ``**kwargs`` also swallows ``name`` from an agent-loop YAML entry.
+    def __init__(self, *args: Any, tools: Any = None, **kwargs: Any) -> None:
+        # ``tools`` (veRL's tool list) is not used: the environment is the only counterpart. The knobs are
+        # the keys of the agent-loop YAML entry (keyword arguments here, with ``name``) under the run's
+        # ``selflock_agent_loop`` node, which every worker receives in the trainer config, on every node.
+        entry_knobs = pop_entry_knobs(kwargs)
         super().__init__(*args, **kwargs)
-        self.loop_config = ActiveReasoningLoopConfig(
-            max_turn_tokens=int(max_turn_tokens),
-            max_obs_tokens=int(max_obs_tokens),
-            max_turns=None if max_turns is None else int(max_turns),
-            min_turn_tokens=int(min_turn_tokens),
-            stop_on_closing_tag=bool(stop_on_closing_tag),
-            obs_truncation_marker=str(obs_truncation_marker),
-            simulator=None if simulator is None else dict(simulator.items()),
-            counterfactual_bt=bool(counterfactual_bt),
-            t3=plain(t3),
-        )
+        self.loop_config = loop_config_for(self.config, entry_knobs)
+        if self.loop_config.simulator is not None:
+            # Once per process: a simulator this worker cannot reach stops the run here, naming its URL,
+            # instead of degrading every simulated-user turn to critique 0.
+            ensure_reachable(self.loop_config.simulator)
         self.response_length = int(self.rollout_config.response_length)
         multi_turn = self.rollout_config.get("multi_turn", None) or {}
         self.max_assistant_turns = multi_turn.get("max_assistant_turns", None)
@@ -215,7 +197,8 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         merge, mask, logprobs = await self.ct_merge_assistant_token(
             ep.runtime_ids, cut.kept_ids, ep.response_mask, ep.response_logprobs, assistant_logprobs=kept_logprobs
         )
-        ep.apply_merge(merge, mask, logprobs, turn=ep.runner.judged)
+        ep.recorder.begin_turn()  # its index is ep.runner.judged: every earlier turn was judged
+        ep.apply_merge(merge, mask, logprobs)
         ep.append_closing(cut.closing_ids)
 
         if cut.ended_by == ENDED_BY_LENGTH and max_tokens < cfg.max_turn_tokens and len(gen_ids) >= max_tokens:
@@ -227,10 +210,10 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
     async def _judge_turn(self, ep: Rollout, cut: TurnCut) -> StepResult | None:
         """Hand the turn's text to the runner (environment step, counts, stop rules) and label the turn's
         tokens with its critique. The step, or None when the episode ends after this turn."""
-        turn = ep.runner.judged
         judgement = await ep.runner.judge(cut.text, cut.tag)
         ep.timing["tool_calls"] += judgement.step_s
-        ep.layout.set_label(turn, judgement.step.label)
+        label = judgement.step.label
+        ep.recorder.end_turn(label.critique, label.channel, label.fallback)
         ep.messages.append({"role": "assistant", "content": cut.text})
         if judgement.stop == STOP_T3:
             # An upper bound: the episode could have ended sooner or used shorter turns.
@@ -255,7 +238,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         if len(new_mask) + cfg.min_turn_tokens + len(self.eot_ids) > self.response_length:
             ep.runner.stop_for_budget()
             return False
-        ep.apply_merge(merge, new_mask, new_logprobs, turn=None)
+        ep.apply_merge(merge, new_mask, new_logprobs)
         ep.messages = new_messages
         ep.runner.observation_shown(capped=obs_cut)
         if step.counterfactual_observation and cfg.counterfactual_bt and ep.env.context.training:
@@ -307,7 +290,7 @@ class ActiveReasoningAgentLoop(AgentLoopBase):
         stats.truncated = stats.truncated or cut
         extra_fields: dict[str, Any] = dict(ep.tags)
         extra_fields.update({"turn_scores": [], "tool_rewards": []})  # veRL's multi-turn schema
-        extra_fields.update(ep.layout.as_extra_fields())
+        extra_fields.update(ep.recorder.as_extra_fields())
         extra_fields.update(stats.as_extra_fields())
         extra_fields.update({CF_BRANCHES: ep.cf_branches, CF_TIME: ep.cf_time_s})
         extra_fields[GT_ANSWER] = ep.env.ground_truth_answer()

@@ -1,17 +1,47 @@
-"""Knobs of the ``active_reasoning`` agent loop: the keys of its agent-loop YAML entry (``agent_loop.yaml``
-beside this file documents each one). Plain Python; validated at construction time."""
+"""Knobs of the ``active_reasoning`` agent loop (``agent_loop.yaml`` beside this file documents each one).
+Plain Python; validated at construction time.
+
+Where they come from (:func:`loop_config_for`): the top-level ``selflock_agent_loop`` node of the veRL
+config, which veRL hands whole to every agent loop it builds (``trainer_config``), in every agent-loop
+worker on every node, over the keys of the loop's agent-loop YAML entry, over the defaults below. Recipes
+write::
+
+    selflock_agent_loop:
+      max_turns: 8
+      t3: {enabled: true, k: 2}
+      simulator: {base_url: http://sim-node:8000/v1, model: Qwen/Qwen2.5-14B-Instruct}
+
+and need no ``agent_loop_config_path`` (the plugin registers the loop by name). Knobs used to reach the
+workers in a YAML file written to the resolving node's cache, which no other node has (issue 14).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from verl_selflock.algorithms.t3 import T3Config
 from verl_selflock.envs.base import registered_progress_signals
 from verl_selflock.simulators import SimulatorConfig
 
-__all__ = ["ActiveReasoningLoopConfig", "plain"]
+__all__ = [
+    "AGENT_LOOP_YAML",
+    "CONFIG_KEY",
+    "ActiveReasoningLoopConfig",
+    "knob_names",
+    "loop_config_for",
+    "plain",
+    "pop_entry_knobs",
+    "run_knobs",
+]
+
+CONFIG_KEY = "selflock_agent_loop"
+"""Top-level key of the veRL config that holds the loop's knobs."""
+AGENT_LOOP_YAML = str(Path(__file__).with_name("agent_loop.yaml"))
+"""The agent-loop YAML shipped inside the package (``${selflock.agent_loop_yaml:}``): present wherever the
+package is installed, unlike a file written at run time."""
 
 
 @dataclass
@@ -73,3 +103,44 @@ def plain(node: Any) -> Any:
     except ImportError:  # pragma: no cover  (omegaconf ships with veRL)
         pass
     return dict(node) if isinstance(node, Mapping) else node
+
+
+def knob_names() -> list[str]:
+    return [field.name for field in fields(ActiveReasoningLoopConfig)]
+
+
+def pop_entry_knobs(kwargs: MutableMapping[str, Any]) -> dict[str, Any]:
+    """Take the loop's knobs out of the keyword arguments Hydra passed to the loop (the keys of its
+    agent-loop YAML entry); what is left (``name``, veRL's own arguments) goes to ``AgentLoopBase``."""
+    return {name: kwargs.pop(name) for name in knob_names() if name in kwargs}
+
+
+def run_knobs(trainer_config: Any) -> dict[str, Any]:
+    """The run's ``selflock_agent_loop`` node as plain Python; {} when the config has none."""
+    node = trainer_config.get(CONFIG_KEY, None) if hasattr(trainer_config, "get") else None
+    if node is None:
+        return {}
+    knobs = plain(node)
+    if not isinstance(knobs, Mapping):
+        raise TypeError(f"{CONFIG_KEY} must be a mapping of agent-loop knobs, got {type(knobs).__name__}")
+    return {str(key): value for key, value in knobs.items()}
+
+
+def loop_config_for(trainer_config: Any, entry_knobs: Mapping[str, Any] | None = None) -> ActiveReasoningLoopConfig:
+    """The loop's knobs for a run: ``selflock_agent_loop`` over the YAML entry's keys over the defaults.
+
+    A mapping knob (``simulator``, ``t3``) set in both places is merged key by key, so a recipe can keep
+    the endpoint in a YAML entry and tune ``simulator.timeout_s`` in the config.
+
+    Args:
+        trainer_config: the whole veRL config (``AgentLoopBase.config``), as every agent-loop worker gets it.
+        entry_knobs: the knobs of the loop's agent-loop YAML entry (:func:`pop_entry_knobs`).
+    """
+    knobs = {key: plain(value) for key, value in (entry_knobs or {}).items()}
+    for key, value in run_knobs(trainer_config).items():
+        below = knobs.get(key)
+        knobs[key] = {**below, **value} if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    unknown = sorted(set(knobs) - set(knob_names()))
+    if unknown:  # the driver names close matches first (config_validation); this is the worker's last word
+        raise ValueError(f"{CONFIG_KEY}: unknown active_reasoning agent-loop knob(s) {unknown}; known: {knob_names()}")
+    return ActiveReasoningLoopConfig(**knobs)

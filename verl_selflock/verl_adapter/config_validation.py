@@ -5,10 +5,18 @@ TaskRunner, and it silently drops the critic unless the estimator is literally `
 asks for ``arew`` without the data AREW needs must not train silently without critiques: every such
 misconfiguration fails here with a message that says exactly what to set. The files such a run reads
 (datasets, agent-loop YAML) are checked here too (:mod:`verl_selflock.verl_adapter.data_checks`).
+
+The agent loop's knobs (the top-level ``selflock_agent_loop`` node) are checked and *pinned* here: the
+node is resolved in the driver's environment and its plain values written back into the config that
+``main_ppo`` then ships to Ray (:func:`pin_agent_loop_knobs`). Otherwise veRL resolves it in the
+TaskRunner, wherever Ray placed it, and a recipe's ``${oc.env:SELFLOCK_SIMULATOR_BASE_URL,...}`` would
+read that process's environment instead of the shell the user launched from.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from verl_selflock.algorithms.arew import ArewConfig
@@ -16,7 +24,11 @@ from verl_selflock.algorithms.arew_config import BUILTIN_BASES
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 from verl_selflock.errors import UserError
-from verl_selflock.verl_adapter.data_checks import DataCheckError, check_selflock_inputs
+from verl_selflock.verl_adapter.data_checks import DataCheckError, check_loop_knobs, check_selflock_inputs
+
+logger = logging.getLogger(__name__)
+CONFIG_KEY = "selflock_agent_loop"
+"""= ``agent_loop_config.CONFIG_KEY`` (not imported: this module loads in every process, at ``import verl``)."""
 
 
 class SelflockConfigError(UserError, ValueError):
@@ -54,8 +66,10 @@ def validate_selflock_config(config: Any) -> None:
     (:func:`~verl_selflock.verl_adapter.data_checks.check_selflock_inputs`).
 
     Args:
-        config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides), unresolved.
+        config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides), unresolved; its
+            ``selflock_agent_loop`` node comes back resolved (:func:`pin_agent_loop_knobs`).
     """
+    pin_agent_loop_knobs(config)
     _check_settings(config)
     try:
         check_selflock_inputs(config)
@@ -142,4 +156,73 @@ def _check_settings(config: Any) -> None:
         raise SelflockConfigError(
             "algorithm.arew.base=gae needs critic values, and veRL only builds a critic for "
             f"adv_estimator=gae unless told otherwise: set critic.enable=True (got critic.enable={critic_enable})"
+        )
+
+
+def pin_agent_loop_knobs(config: Any) -> dict[str, Any] | None:
+    """Resolve ``selflock_agent_loop`` here, check it, and write its plain values back into ``config``.
+
+    Every agent-loop worker, on every node, reads that node from the config it receives, so the values
+    must not depend on where the TaskRunner happens to resolve it: ``${oc.env:...}`` is read in the
+    driver's environment, here. The API key is not pinned (only the *name* of its variable is in the
+    config: veRL prints the whole config); each worker reads the key from its own environment.
+
+    Returns:
+        the knobs as plain Python, or None when the config has no such node.
+    """
+    from omegaconf import OmegaConf, open_dict, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = _get(config, CONFIG_KEY)
+    if node is None:
+        return None
+    try:
+        knobs = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err
+        raise SelflockConfigError(f"{CONFIG_KEY} could not be resolved: {' '.join(str(cause).split())}") from None
+    if not isinstance(knobs, dict):
+        raise SelflockConfigError(f"{CONFIG_KEY} must be a mapping of agent-loop knobs, got {knobs!r}")
+    try:
+        check_loop_knobs(knobs, CONFIG_KEY)
+    except DataCheckError as err:
+        raise SelflockConfigError(str(err)) from None
+    rollout = str(_get(config, "actor_rollout_ref.rollout.name", ""))
+    if rollout == "sglang" and knobs.get("stop_on_closing_tag"):
+        # veRL runs SGLang with skip_tokenizer_init: stop strings never match there (see data_checks).
+        raise SelflockConfigError(
+            f"{CONFIG_KEY}.stop_on_closing_tag=true needs a rollout that matches stop strings (vLLM, our CPU 'hf'); "
+            "actor_rollout_ref.rollout.name=sglang does not: set it false (turns are still cut at the first closing tag)"
+        )
+    if OmegaConf.is_config(config):
+        with read_write(config), open_dict(config):
+            config[CONFIG_KEY] = knobs
+    else:
+        config[CONFIG_KEY] = knobs
+    if knobs.get("simulator"):
+        _warn_about_other_nodes(config, knobs["simulator"])
+    return knobs
+
+
+def _warn_about_other_nodes(config: Any, simulator: dict[str, Any]) -> None:
+    """What the driver can tell about a simulator that workers on other nodes must reach (warnings: a
+    per-node simulator on every node's loopback, or keys exported on every node, are legitimate; each
+    worker's start-up check refuses what does not work, naming its URL)."""
+    from verl_selflock.simulators.preflight import is_loopback
+
+    url = str(simulator.get("base_url", ""))
+    nnodes = int(_get(config, "trainer.nnodes", 1) or 1)
+    if is_loopback(url) and nnodes > 1:
+        logger.warning(
+            "%s.simulator.base_url=%s is each node's own loopback and trainer.nnodes=%d: agent-loop workers run on "
+            "every node, so each node must serve the simulator there; otherwise use an address every node reaches",
+            CONFIG_KEY, url, nnodes,
+        )
+    key_env = simulator.get("api_key_env")
+    remote = _get(config, "ray_kwargs.ray_init.address") or os.environ.get("RAY_ADDRESS")
+    if key_env and os.environ.get(str(key_env)) and (remote or nnodes > 1):
+        logger.warning(
+            "%s.simulator.api_key_env=%s: the key is set here, but each worker reads it from its own environment; "
+            "export %s on every node before `ray start` (workers without it are refused by the simulator at start-up)",
+            CONFIG_KEY, key_env, key_env,
         )

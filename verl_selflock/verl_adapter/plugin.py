@@ -54,15 +54,16 @@ def _cpu_backend() -> list[str]:
 
 def _config_resolvers() -> list[str]:
     from verl_selflock.verl_adapter.resolvers import register_resolvers
+    from verl_selflock.verl_adapter.tool_agent_resolvers import register_tool_resolvers
 
-    return register_resolvers()
+    return register_resolvers() + register_tool_resolvers()
 
 
 def _config_validation() -> list[str]:
-    from verl_selflock.verl_adapter.config_validation import validate_selflock_config
     from verl_selflock.verl_adapter.private_names import install_config_validation
+    from verl_selflock.verl_adapter.tool_agent_checks import validate_run_config
 
-    install_config_validation(validate_selflock_config)
+    install_config_validation(validate_run_config)
     return ["validate_config"]
 
 
@@ -82,6 +83,12 @@ LAZY: dict[str, tuple[str, str, list[str]]] = {
     "estimators": ("verl.trainer.ppo.core_algos", "verl_selflock.verl_adapter.estimators", ["arew", "igpo"]),
     "trainer_mode": ("verl.trainer.ppo.v1", "verl_selflock.verl_adapter.trainer_mode", ["selflock"]),
     "agent_loops": ("verl.experimental.agent_loop", "verl_selflock.verl_adapter.agent_loop", ["active_reasoning"]),
+    # veRL's ToolAgentLoop, which ours subclasses, is imported by the same package's __init__.
+    "tool_agent_loops": (
+        "verl.experimental.agent_loop",
+        "verl_selflock.verl_adapter.tool_agent_loop",
+        ["tool_agent_arew"],
+    ),
     "reward_managers": (
         "verl.experimental.reward_loop.reward_manager",
         "verl_selflock.verl_adapter.reward_manager",

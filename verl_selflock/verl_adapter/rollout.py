@@ -10,7 +10,8 @@ counterfactual branch may start from an earlier state):
   (veRL's ``AgentLoopOutput.response_mask``);
 * ``response_logprobs``: the model's log-prob of each generated token, 0.0 elsewhere; None when
   ``sampling_params["logprobs"]`` is not set;
-* ``layout``: the turn id / critique of each token (:class:`~verl_selflock.contracts.critique.ResponseLayout`).
+* ``recorder``: the turn id / critique of each token, recorded through the public critique API
+  (:class:`~verl_selflock.episode.recorder.CritiqueRecorder`) that any agent loop can use.
 
 The loop calls veRL (server, Continuous Token builder); this module only books the results, duck-typed
 on veRL's ``TokenOutput`` and merge results, so it imports no veRL.
@@ -24,11 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl_selflock.contracts.critique import ResponseLayout
 from verl_selflock.envs.base import ActiveReasoningEnv
+from verl_selflock.episode.recorder import CritiqueRecorder
 from verl_selflock.episode.runner import EpisodeRunner
 
-__all__ = ["Rollout"]
+__all__ = ["Rollout", "is_aborted", "record_merge"]
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -54,7 +55,7 @@ class Rollout:
     """The prompt followed by the response so far (what the next generation continues)."""
     response_mask: list[int] = field(default_factory=list)
     response_logprobs: list[float] | None = field(init=False)
-    layout: ResponseLayout = field(default_factory=ResponseLayout)
+    recorder: CritiqueRecorder = field(default_factory=CritiqueRecorder)
     tags: dict[str, Any] = field(default_factory=dict)
     """The server's per-sample tags (``global_steps`` ...), copied into ``extra_fields``."""
     timing: dict[str, float] = field(default_factory=lambda: {"generate_sequences": 0.0, "tool_calls": 0.0})
@@ -107,21 +108,11 @@ class Rollout:
             gen_ids, gen_logprobs = gen_ids[:max_tokens], gen_logprobs[:max_tokens]
         return gen_ids, gen_logprobs
 
-    def apply_merge(
-        self, merge: Any, response_mask: list[int], response_logprobs: list[float] | None, turn: int | None
-    ) -> None:
+    def apply_merge(self, merge: Any, response_mask: list[int], response_logprobs: list[float] | None) -> None:
         """Take a Continuous Token merge (``ct_merge_assistant_token`` / ``ct_merge_context_msg``) and its
-        aligned mask and log-probs, and mirror it in the layout in the order ``align_response_metadata``
-        applies it: drop removed prefix tokens, add inserted boundary tokens (not generated), then the
-        appended tokens (generated in ``turn``, or context tokens when ``turn`` is None)."""
+        aligned mask and log-probs, and record it (:func:`record_merge`)."""
         self.runtime_ids, self.response_mask, self.response_logprobs = merge.token_ids, response_mask, response_logprobs
-        if merge.removed_prefix_token_count:
-            self.layout.truncate(len(self.layout) - merge.removed_prefix_token_count)
-        self.layout.add_observation_tokens(len(merge.inserted_token_ids))
-        if turn is None:
-            self.layout.add_observation_tokens(merge.appended_token_count)
-        else:
-            self.layout.add_turn_tokens(turn, merge.appended_token_count)
+        record_merge(self.recorder, merge)
 
     def append_closing(self, ids: list[int]) -> None:
         """Append tokens the model did not generate (the template's closing tokens): mask 0, log-prob 0."""
@@ -129,23 +120,36 @@ class Rollout:
         self.response_mask = self.response_mask + [0] * len(ids)
         if self.response_logprobs is not None:
             self.response_logprobs = self.response_logprobs + [0.0] * len(ids)
-        self.layout.add_observation_tokens(len(ids))
+        self.recorder.observe(len(ids))
 
     def response(self, max_length: int) -> tuple[list[int], list[int], list[float] | None, bool]:
         """``(response_ids, response_mask, response_logprobs, cut)``, checked for consistency and cut to
         ``max_length`` (``cut`` True; the layout too) if the builder inserted more than planned."""
         ids, mask, logprobs = self.runtime_ids[len(self.prompt_ids) :], self.response_mask, self.response_logprobs
-        if not (len(ids) == len(mask) == len(self.layout)) or (logprobs is not None and len(logprobs) != len(mask)):
+        if not (len(ids) == len(mask) == len(self.recorder)) or (logprobs is not None and len(logprobs) != len(mask)):
             raise RuntimeError(
-                f"active_reasoning: inconsistent layout: {len(ids)} response ids, {len(mask)} mask, {len(self.layout)} "
-                f"layout, {None if logprobs is None else len(logprobs)} logprobs"
+                f"active_reasoning: inconsistent layout: {len(ids)} response ids, {len(mask)} mask, "
+                f"{len(self.recorder)} recorded, {None if logprobs is None else len(logprobs)} logprobs"
             )
         if len(ids) <= max_length:
             return list(ids), list(mask), None if logprobs is None else list(logprobs), False
         logger.warning("active_reasoning: response of %d tokens cut to %d", len(ids), max_length)
-        self.layout.truncate(max_length)
+        self.recorder.truncate(max_length)
         kept_logprobs = None if logprobs is None else list(logprobs[:max_length])
         return list(ids[:max_length]), list(mask[:max_length]), kept_logprobs, True
+
+
+def record_merge(recorder: CritiqueRecorder, merge: Any) -> None:
+    """Record a Continuous Token merge (veRL's ``MergeResult``, duck-typed) in the order
+    ``align_response_metadata`` applies it to the mask: drop the removed stale suffix, then the inserted
+    boundary tokens (not generated), then the appended tokens: generated in the open turn for an
+    assistant merge (``kind == "assistant"``), observed for a context merge."""
+    recorder.drop_last(merge.removed_prefix_token_count)
+    recorder.observe(len(merge.inserted_token_ids))
+    if merge.kind == "assistant":
+        recorder.generated(merge.appended_token_count)
+    else:
+        recorder.observe(merge.appended_token_count)
 
 
 def is_aborted(output: Any) -> bool:
