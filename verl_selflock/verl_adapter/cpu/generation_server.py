@@ -3,11 +3,14 @@
 The agent loops talk to it through ``LLMServerClient.generate`` (``workers/rollout/llm_server.py:150``)
 exactly as to veRL's vLLM/SGLang servers: ``generate(request_id, prompt_ids, sampling_params, ...) ->
 TokenOutput`` with token ids and per-token log-probs (:mod:`~verl_selflock.verl_adapter.cpu.sampling`).
-Concurrent requests are gathered into one left-padded batch and decoded with a KV cache (on 2 cores,
-batching is where the speed is). The control methods veRL calls on every server (``wake_up``, ``sleep``,
-``clear_kv_cache`` ...) are no-ops; the KV cache lives only for one batch. The trainer's weights arrive
-through :meth:`HFGenerationServer.load_weights` (from
-:class:`~verl_selflock.verl_adapter.cpu.hf_rollout.HFServerAdapter`).
+Concurrent requests are gathered into one batch: each prompt is prefilled on its own, then all are
+decoded together with one left-padded KV cache (on 2 cores, batching the decode is where the speed is).
+Each conversation's KV cache is kept for its next turn (:mod:`~verl_selflock.verl_adapter.cpu.prefix_cache`:
+LRU keyed by request id, matched on the longest common token prefix), so a turn only runs the tokens
+after what it shares with the previous one. The trainer's weights arrive through
+:meth:`HFGenerationServer.load_weights` (from
+:class:`~verl_selflock.verl_adapter.cpu.hf_rollout.HFServerAdapter`), which drops that cache, as do
+``sleep``, ``clear_kv_cache`` and ``release_kv_cache``; the other control methods are no-ops.
 
 ``max_tokens`` of a request is ``min(rollout.response_length, max_tokens)``, where ``max_tokens`` (or
 ``max_new_tokens``) is taken from the request when given, else veRL's default ``prompt_length +
@@ -17,7 +20,10 @@ Options under ``actor_rollout_ref.rollout.engine_kwargs.hf`` (all optional; ``+`
 ``dtype`` (default ``float32``: faster than bf16 on most CPUs and closer to the trainer's
 log-probs), ``max_batch_size`` (default ``rollout.max_num_seqs``), ``batch_wait_ms`` (default 20:
 how long the server waits for concurrent requests before it starts a batch), ``num_threads``
-(default 1, or ``VERL_SELFLOCK_CPU_THREADS``: on a busy 2-core machine more threads are slower).
+(default 1, or ``VERL_SELFLOCK_CPU_THREADS``: on a busy 2-core machine more threads are slower),
+``prefix_cache_mb`` (default 512) and ``prefix_cache_entries`` (default 64): bounds of the prefix
+cache, which veRL's ``rollout.enable_prefix_caching`` (default true) switches and
+``rollout.full_determinism`` turns off.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 import torch
 from verl.workers.rollout.replica import TokenOutput
 
+from verl_selflock.verl_adapter.cpu.prefix_cache import PrefixCache, prefix_cache_from_config
 from verl_selflock.verl_adapter.cpu.sampling import (
     GenerationRequest,
     GenerationResult,
@@ -60,6 +67,9 @@ class HFGenerationServer:
     batches and weight updates.
     """
 
+    prefix_cache: PrefixCache | None = None
+    """Each conversation's K/V from its previous turn; None: every turn prefills its whole prompt."""
+
     def __init__(self, config: Any, model_config: Any, replica_rank: int = 0) -> None:
         from transformers import AutoTokenizer
 
@@ -81,15 +91,17 @@ class HFGenerationServer:
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
         self.generator = torch.Generator().manual_seed(int(getattr(config, "seed", 0)) + replica_rank)
+        self.prefix_cache = prefix_cache_from_config(config, options)
 
         self.global_steps: int | None = None
         self._pending_names: set[str] = set()
         self._pending_unexpected: list[str] = []
-        self._queue: list[tuple[GenerationRequest, asyncio.Future]] = []
+        self._queue: list[tuple[str, GenerationRequest, asyncio.Future]] = []
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
         self.stats = {"requests": 0, "batches": 0, "tokens": 0, "generate_s": 0.0, "weight_updates": 0}
+        self.stats.update(prefill_tokens=0, reused_tokens=0)
 
     # -- request handling -----------------------------------------------------------------------
     def _request_from(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> GenerationRequest:
@@ -137,7 +149,7 @@ class HFGenerationServer:
         self._ensure_loop_objects()
         request = self._request_from(prompt_ids, sampling_params)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.append((request, future))
+        self._queue.append((str(request_id), request, future))
         self._wakeup.set()
         result: GenerationResult = await future
         return TokenOutput(
@@ -154,7 +166,7 @@ class HFGenerationServer:
             await asyncio.sleep(self.batch_wait_s)  # let concurrent requests arrive
             while self._queue:
                 batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
-                requests = [request for request, _ in batch]
+                requests = [(request_id, request) for request_id, request, _ in batch]
                 try:
                     async with self._lock:
                         started = time.perf_counter()
@@ -162,21 +174,44 @@ class HFGenerationServer:
                         self.stats["generate_s"] += time.perf_counter() - started
                 except Exception as error:  # noqa: BLE001  (hand the failure to every waiting caller)
                     logger.exception("hf rollout batch failed")
-                    for _, future in batch:
+                    for _, _, future in batch:
                         if not future.done():
                             future.set_exception(error)
                     continue
                 self.stats["batches"] += 1
                 self.stats["requests"] += len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
+                for (_, _, future), result in zip(batch, results, strict=True):
                     self.stats["tokens"] += len(result.token_ids)
                     if not future.done():
                         future.set_result(result)
 
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        return generate_batch(
-            self.model, requests, self.eos_token_ids, self.pad_token_id, self.generator, decode=self._decode
+    def _run_batch(self, batch: list[tuple[str, GenerationRequest]]) -> list[GenerationResult]:
+        """Generate for ``(request_id, request)`` pairs, reusing and then updating the prefix cache."""
+        cache = self.prefix_cache
+        requests = [request for _, request in batch]
+        prefixes, epoch = None, None
+        if cache is not None:
+            found = [cache.lookup(request_id, request.prompt_ids) for request_id, request in batch]
+            prefixes, epoch = [prefix for prefix, _ in found], found[0][1]
+        results = generate_batch(
+            self.model,
+            requests,
+            self.eos_token_ids,
+            self.pad_token_id,
+            self.generator,
+            decode=self._decode,
+            prefixes=prefixes,
+            keep_kv=cache is not None,
         )
+        reused = sum(len(prefix) for prefix in prefixes or () if prefix is not None)
+        prefilled = sum(len(request.prompt_ids) for request in requests) - reused
+        self.stats["prefill_tokens"] = self.stats.get("prefill_tokens", 0) + prefilled
+        self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + reused
+        for (request_id, _), result in zip(batch, results, strict=True):
+            if cache is not None and result.cache is not None:
+                cache.store(request_id, result.cache, epoch)
+            result.cache = None  # the K/V stay here, never in the reply
+        return results
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -192,6 +227,9 @@ class HFGenerationServer:
         """
         self._ensure_loop_objects()
         async with self._lock:
+            # Cached K/V were computed with the old weights; clearing under the lock (no batch runs)
+            # and on every bucket also covers a generation between two buckets of one update.
+            self._drop_prefix_cache()
             unexpected = await asyncio.to_thread(self._copy_in, tensors)
         self._pending_names.update(tensors)
         self._pending_unexpected += unexpected
@@ -225,14 +263,24 @@ class HFGenerationServer:
         self.global_steps = global_steps
 
     async def get_stats(self) -> dict:
-        return dict(self.stats)
+        stats = dict(self.stats)
+        if self.prefix_cache is not None:
+            stats.update({f"prefix_cache_{k}": v for k, v in self.prefix_cache.stats.items()})
+            stats["prefix_cache_entries"] = len(self.prefix_cache)
+            stats["prefix_cache_bytes"] = self.prefix_cache.nbytes
+        return stats
 
-    # -- control methods (RolloutReplica, replica.py:265-309): nothing to free on a CPU -------------
+    def _drop_prefix_cache(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    # -- control methods (RolloutReplica, replica.py:265-309): only the prefix cache to free on a CPU ----
     async def wake_up(self) -> None:
         return None
 
     async def sleep(self) -> None:
-        return None
+        # veRL puts the servers to sleep before a weight update (free_cache_engine): free the memory now.
+        self._drop_prefix_cache()
 
     async def abort_all_requests(self, reject_request: bool = False) -> dict:
         return {"aborted_count": 0, "request_ids": []}
@@ -241,10 +289,11 @@ class HFGenerationServer:
         return None
 
     async def clear_kv_cache(self) -> None:
-        return None
+        self._drop_prefix_cache()
 
     async def release_kv_cache(self) -> None:
-        return None
+        # The checkpoint engine releases the KV cache before a weight sync (checkpoint_engine/base.py:533).
+        self._drop_prefix_cache()
 
     async def resume_kv_cache(self) -> None:
         return None

@@ -8,15 +8,29 @@ with log-probs of the raw logits. Generation stops at the eos tokens (kept in th
 unless ``ignore_eos``, after ``max_tokens`` tokens, and, as vLLM does with ``stop`` strings, at the
 token whose text completes one of them (kept in ``token_ids``: vLLM trims a stop string from the
 reply's *text* only, and ``include_stop_str_in_output`` keeps it there; the ids are the same).
+
+A request can come with the K/V of a prefix of its prompt (the conversation's previous turn,
+:mod:`~verl_selflock.verl_adapter.cpu.prefix_cache`): only the rest of the prompt is run, and the tokens
+and log-probs are those of a full prefill up to float rounding (~1e-6).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from verl_selflock.verl_adapter.cpu.prefix_cache import (
+    CachedPrefix,
+    batch_cache_of,
+    dynamic_cache_of,
+    prefix_of,
+    reusable_layers,
+    row_kv,
+)
 
 
 @dataclass
@@ -52,11 +66,13 @@ class GenerationResult:
         token_ids: generated ids, (num_generated,), ending with the eos token when one was hit.
         log_probs: log-prob of each generated token, (num_generated,), see module docstring.
         stop_reason: ``"completed"`` (eos or a stop string) or ``"length"`` (hit ``max_tokens``).
+        cache: with ``generate_batch(keep_kv=True)``, the K/V of ``prompt_ids + token_ids[:-1]``.
     """
 
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     stop_reason: str = "length"
+    cache: CachedPrefix | None = field(default=None, repr=False)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -89,32 +105,58 @@ def generate_batch(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    prefixes: Sequence[CachedPrefix | None] | None = None,
+    keep_kv: bool = False,
 ) -> list[GenerationResult]:
-    """Decode several prompts together: left padding, one KV cache, per-row sampling settings.
+    """Decode several prompts together: per-row prefill, then one left-padded KV cache, per-row settings.
+
+    Each prompt is prefilled on its own (after the part of it that ``prefixes`` already holds): a batch
+    mixing a 1,000-token first turn with a 60-token continuation pads nothing, and large prefills keep
+    the matmuls busy at batch size 1. The rows' caches are then laid out left-padded, as a batched
+    prefill would leave them, and decoded together (decoding is where batching pays on a CPU).
 
     Args:
-        model: a causal LM (``model(input_ids, attention_mask, position_ids, past_key_values)``).
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, past_key_values)``) whose
+            cache is transformers' ``DynamicCache`` of full-attention layers.
         requests: prompts and their sampling settings.
         eos_token_ids: ids that end a sequence (kept in the output).
-        pad_token_id: id used to pad prompts on the left and finished rows.
+        pad_token_id: id fed to finished rows.
         generator: RNG for sampling (None: torch's default generator).
         decode: token ids -> text, for requests with ``stop`` strings (required when any has them).
+        prefixes: per request, None or the K/V of a strict prefix of its ``prompt_ids``
+            (:meth:`~verl_selflock.verl_adapter.cpu.prefix_cache.PrefixCache.lookup`); only the rest is run.
+        keep_kv: set each result's ``cache`` to the K/V of ``prompt_ids + token_ids[:-1]`` (the last
+            token was never fed to the model), for the next turn.
 
     Returns:
         One :class:`GenerationResult` per request, in order.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     bs = len(requests)
     prompt_lens = [len(r.prompt_ids) for r in requests]
-    width = max(prompt_lens)
-    input_ids = torch.full((bs, width), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((bs, width), dtype=torch.long, device=device)
+    if min(prompt_lens) == 0:
+        raise ValueError("generate_batch: every request needs at least one prompt token")
+    if any(r.stop for r in requests) and decode is None:
+        raise ValueError("generate_batch: requests with stop strings need a decode function")
+
+    # 1. prefill row by row, after its cached prefix; only the last position's logits are needed (the
+    # LM head over every prompt position is ~20% of a SmolLM2 prefill)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    first_logits, prompt_kv = [], []
     for row, request in enumerate(requests):
-        input_ids[row, width - prompt_lens[row] :] = torch.tensor(request.prompt_ids, dtype=torch.long)
-        attention_mask[row, width - prompt_lens[row] :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = prefixes[row] if prefixes is not None else None
+        start = len(prefix) if prefix is not None else 0
+        ids = torch.tensor([request.prompt_ids[start:]], dtype=torch.long, device=device)
+        positions = torch.arange(start, prompt_lens[row], device=device)[None]
+        past = dynamic_cache_of(prefix)
+        out = model(input_ids=ids, position_ids=positions, past_key_values=past, use_cache=True, **last_only)
+        if not reusable_layers(out.past_key_values):
+            raise NotImplementedError("the hf rollout needs a model whose KV cache is a DynamicCache of full layers")
+        first_logits.append(out.logits[0, -1].float())
+        prompt_kv.append(row_kv(out.past_key_values))
+    max_steps = max(r.max_tokens for r in requests)
+    cache, attention_mask = batch_cache_of(prompt_kv, extra=max_steps)
+    width = attention_mask.shape[1]
 
     temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device)
     greedy = temperature <= 0
@@ -127,28 +169,33 @@ def generate_batch(
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
 
     results = [GenerationResult() for _ in requests]
-    if any(r.stop for r in requests) and decode is None:
-        raise ValueError("generate_batch: requests with stop strings need a decode function")
     # Text of the last few tokens is enough to see a stop string complete: each token adds >= 1 character.
     stop_window = [2 * max(map(len, r.stop)) + 2 if r.stop else 0 for r in requests]
     finished = torch.zeros(bs, dtype=torch.bool, device=device)
-    seen = input_ids.clone() if use_penalty else None  # tokens for the repetition penalty
-    cache = DynamicCache()
-    step_input, step_positions = input_ids, position_ids
+    # (bs, vocab) tokens seen so far, for the repetition penalty (HF's processor penalises each seen id once)
+    seen = None
+    if use_penalty:
+        seen = torch.zeros((bs, first_logits[0].shape[-1]), dtype=torch.bool, device=device)
+        for row, request in enumerate(requests):
+            seen[row, torch.tensor(request.prompt_ids, dtype=torch.long, device=device)] = True
+    logits = torch.stack(first_logits)
+    next_positions = torch.tensor(prompt_lens, dtype=torch.long, device=device)[:, None]
+    step_input = next_positions  # (bs, 1): replaced by the sampled tokens before the first decode step
+    # 2. sample from the prefill's logits, then decode one token per step for the whole batch
     for step in range(int(max_tokens.max())):
-        out = model(
-            input_ids=step_input,
-            attention_mask=attention_mask,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+        if step > 0:
+            out = model(
+                input_ids=step_input,
+                attention_mask=attention_mask,
+                position_ids=next_positions + step - 1,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
         if use_penalty:
-            scores = logits.gather(1, seen)
-            scores = torch.where(scores > 0, scores / penalty[:, None], scores * penalty[:, None])
-            logits = logits.scatter(1, seen, scores)
+            penalised = torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None])
+            logits = torch.where(seen, penalised, logits)
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
         log_probs = torch.log_softmax(scaled, dim=-1)
         filtered = filter_top_k_top_p(scaled, top_k, top_p)
@@ -166,27 +213,80 @@ def generate_batch(
         hit_eos = (torch.isin(next_tokens, eos) & stops_at_eos) | hit_stop
         for row in torch.nonzero(hit_eos & ~finished).flatten().tolist():
             results[row].stop_reason = "completed"
+        if use_penalty:
+            seen[~finished, next_tokens[~finished]] = True
         finished |= hit_eos | (max_tokens <= step + 1)
         if bool(finished.all()):
             break
 
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         step_input = next_tokens[:, None]
-        step_positions = step_positions[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
-        if use_penalty:
-            seen = torch.cat([seen, next_tokens[:, None]], dim=1)
+
+    # 3. each row's K/V for its next turn: the prompt's, then the generated tokens that were fed back
+    if keep_kv:
+        for row, (request, result) in enumerate(zip(requests, results, strict=True)):
+            fed = len(result.token_ids) - 1
+            decoded = row_kv(cache, row, width, width + fed) if fed else []
+            parts = [prompt_kv[row]] + ([decoded] if fed else [])
+            result.cache = prefix_of(request.prompt_ids + result.token_ids[:-1], parts)
     return results
 
 
+GQA_DECODE_ATTENTION = "selflock_sdpa_gqa_decode"
+"""Attention implementation of the rollout's model: transformers' SDPA, except for one-token queries."""
+
+
+def _sdpa_gqa_decode(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for a decode step without copying K/V per query head.
+
+    With a padding mask, transformers' SDPA path repeats K/V (batch, kv_heads, L, head_dim) n_rep times
+    to match the query heads at every layer and step (``repeat_kv``): an O(L) copy that dominates a CPU
+    decode step at 1,000 cached tokens. For one query token, the n_rep query heads that share a K/V
+    head are instead laid along the query-length axis, (batch, heads, 1, d) -> (batch, kv_heads, n_rep, d)
+    (head h reads K/V head h // n_rep, as in ``repeat_kv``): the same products, the (batch, 1, 1, L) mask
+    broadcasts over them, nothing is copied. Longer queries (prefill) take transformers' own path.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n_rep = int(getattr(module, "num_key_value_groups", 1))
+    if query.shape[2] != 1 or n_rep == 1 or (attention_mask is not None and attention_mask.shape[-2] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    batch, heads, _, head_dim = query.shape
+    grouped = query.reshape(batch, heads // n_rep, n_rep, head_dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, scale=kwargs.get("scaling")
+    )
+    return out.reshape(batch, 1, heads, head_dim), None  # transformers' layout: (batch, q_len, heads, head_dim)
+
+
+def use_gqa_decode_attention(model: torch.nn.Module) -> None:
+    """Switch ``model`` (loaded with SDPA attention) to :func:`_sdpa_gqa_decode`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_DECODE_ATTENTION, _sdpa_gqa_decode)
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(GQA_DECODE_ATTENTION)
+
 
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load ``path`` as an eval-mode causal LM with SDPA attention on the CPU."""
+    """Load ``path`` as an eval-mode causal LM with SDPA attention on the CPU (decode steps without
+    K/V copies: :func:`use_gqa_decode_attention`)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
     )
+    use_gqa_decode_attention(model)
     return model.eval()
 
 
@@ -200,4 +300,3 @@ def eos_token_ids_of(tokenizer: Any, generation_config: Any = None) -> list[int]
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return sorted(ids)
-
