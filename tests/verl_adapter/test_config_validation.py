@@ -92,7 +92,7 @@ def test_the_base_message_lists_veRLs_bases_without_ours(verl_config):
 
 def test_main_ppo_sees_the_wrapped_validation():
     import verl  # noqa: F401
-    import verl.trainer.main_ppo as main_ppo
+    from verl.trainer import main_ppo
 
     from verl_selflock.verl_adapter.private_names import config_validation_installed
 
@@ -100,11 +100,25 @@ def test_main_ppo_sees_the_wrapped_validation():
     assert getattr(main_ppo.validate_config, "__verl_selflock_wrapped__", False)
 
 
+def test_one_entry_point_checks_tool_agent_runs_too(verl_config):
+    """veRL's ``validate_config`` runs ``validate_selflock_config`` alone; it reaches the ``tool_agent_arew`` checks
+    itself (no second dispatcher in front of it)."""
+    import verl  # noqa: F401
+    from verl.utils.config import validate_config
+
+    from verl_selflock.verl_adapter import tool_agent_checks
+
+    assert not hasattr(tool_agent_checks, "validate_run_config")
+    config = verl_config(["+selflock_tool_agent={max_turn_token: 4}"])
+    with pytest.raises(SelflockConfigError, match=r"selflock_tool_agent: .*did you mean 'max_turn_tokens'"):
+        validate_config(config, use_reference_policy=False, use_critic=False)
+
+
 @pytest.mark.slow  # fresh interpreters import veRL (~10 s)
 def test_real_main_ppo_fails_before_ray_starts(tmp_path):
     """The stock entry point with a missing trainer mode stops on the driver with our message."""
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "algorithm.adv_estimator=arew", "critic.enable=True"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert out.returncode != 0
     assert "trainer.v1.trainer_mode=selflock" in out.stdout + out.stderr
     assert "ray init kwargs" not in out.stdout  # main_ppo prints this right before ray.init

@@ -17,7 +17,8 @@ from verl_selflock.verl_adapter.data_checks import AGENT_LOOP_TARGET
 
 LOOP_KEY = "actor_rollout_ref.rollout.agent.agent_loop_config_path"
 AREW = ["algorithm.adv_estimator=arew", "trainer.v1.trainer_mode=selflock", "critic.enable=True"]
-OUR_LOOP = ["actor_rollout_ref.rollout.agent.default_agent_loop=active_reasoning"]
+DEFAULT_KEY = "actor_rollout_ref.rollout.agent.default_agent_loop"
+OUR_LOOP = [f"{DEFAULT_KEY}=active_reasoning"]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,27 @@ def test_extra_info_without_the_env_spec_is_refused(verl_config, pe_files, tmp_p
 
     bad = write_variant(pe_files["train"], tmp_path / "train.parquet", drop_env)
     refuse(verl_config(AREW + data(bad, pe_files["test"])), "'extra_info' has no 'env' field", str(bad))
+
+
+def test_the_env_spec_is_required_only_on_rows_active_reasoning_plays(verl_config, pe_files, tmp_path):
+    """Rows of another loop (``tool_agent_arew``: tool calls, no environment) need no ``extra_info.env``, in an
+    AREW run too; a row without ``agent_name`` is played by the default loop."""
+    from verl_selflock.tools.calculator import TOOL_CONFIG_PATH
+
+    def without_env(names: list[str | None]):
+        def change(frame):
+            frame["agent_name"] = names + [names[-1]] * (len(frame) - len(names))
+            frame["extra_info"] = [{"index": info["index"], "split": info["split"]} for info in frame["extra_info"]]
+            return frame
+
+        return change
+
+    tools = write_variant(pe_files["train"], tmp_path / "tools.parquet", without_env(["tool_agent_arew"]))
+    validate_selflock_config(verl_config(AREW + data(tools, tools)))
+    mixed = write_variant(pe_files["train"], tmp_path / "mixed.parquet", without_env(["tool_agent_arew", None]))
+    tool_run = [f"{DEFAULT_KEY}=tool_agent_arew", f"actor_rollout_ref.rollout.multi_turn.tool_config_path={TOOL_CONFIG_PATH}"]
+    validate_selflock_config(verl_config(AREW + tool_run + data(mixed, mixed)))  # the null row: tool_agent_arew
+    refuse(verl_config(AREW + OUR_LOOP + data(mixed, mixed)), "'extra_info' has no 'env' field", str(mixed))
 
 
 def test_a_prompt_that_is_not_chat_messages_is_refused(verl_config, pe_files, tmp_path):

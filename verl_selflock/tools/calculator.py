@@ -4,6 +4,8 @@
 unary signs and parentheses are accepted (an AST walk, never ``eval``). Errors raise
 :class:`CalculatorError` with a message that does not echo the expression, so a tool output can never
 carry an ``<answer>`` tag the model wrote into its call.
+
+:data:`TOOL_CONFIG_PATH` is the veRL tool config of the calculator, shipped beside this file.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import math
 import operator
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CalculatorError", "compute_score", "evaluate", "final_answer"]
+__all__ = ["TOOL_CONFIG_PATH", "CalculatorError", "compute_score", "evaluate", "final_answer"]
+
+TOOL_CONFIG_PATH = str(Path(__file__).with_name("calculator_tools.yaml"))
+"""The calculator's veRL tool config (``rollout.multi_turn.tool_config_path``) inside the installed package:
+present on every node, unlike a file written under one node's cache (``${selflock.calculator_tools:}``)."""
 
 MAX_EXPRESSION_CHARS = 200
 MAX_EXPONENT = 10

@@ -1,5 +1,18 @@
-"""Knobs of the ``tool_agent_arew`` agent loop: the keys of its agent-loop YAML entry, validated at
-construction time (in the agent-loop worker) and on the driver (:mod:`verl_selflock.verl_adapter.tool_agent_checks`).
+"""Knobs of the ``tool_agent_arew`` agent loop, validated at construction time (in the agent-loop worker)
+and on the driver (:mod:`verl_selflock.verl_adapter.tool_agent_checks`).
+
+Where they come from: the top-level ``selflock_tool_agent`` node of the veRL config (:data:`TOOL_CONFIG_KEY`),
+which veRL hands whole to every agent loop it builds, on every node, over the keys of the loop's agent-loop
+YAML entry (if a YAML declares it), over the defaults below; as ``selflock_agent_loop`` for
+``active_reasoning``. Recipes write::
+
+    selflock_tool_agent:
+      max_turn_tokens: 48
+      critique: {unaided_answer: -1}
+
+and need no ``agent_loop_config_path`` (the plugin registers the loop by name). Knobs used to reach the
+workers in a YAML file written to the resolving node's cache (``${selflock.tool_agent_yaml:...}``), which
+no other node has.
 
 Everything else (tools, parser, turn caps, tool-response truncation) is veRL's ``ToolAgentLoop``
 configuration, read from ``actor_rollout_ref.rollout.multi_turn`` exactly as veRL reads it. Plain Python.
@@ -7,18 +20,21 @@ configuration, read from ``actor_rollout_ref.rollout.multi_turn`` exactly as veR
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from verl_selflock.tools.critique import ToolCritiqueConfig
 
-__all__ = ["TOOL_AGENT_NAME", "TOOL_AGENT_TARGET", "ToolAgentArewConfig"]
+__all__ = ["TOOL_AGENT_NAME", "TOOL_AGENT_TARGET", "TOOL_CONFIG_KEY", "ToolAgentArewConfig"]
 
 TOOL_AGENT_NAME = "tool_agent_arew"
 """Name of the loop in veRL's agent-loop registry (``agent_name`` of a row, ``default_agent_loop``)."""
 TOOL_AGENT_TARGET = "verl_selflock.verl_adapter.tool_agent_loop.ArewToolAgentLoop"
 """``_target_`` of the loop in an agent-loop YAML (a string, so the driver's checks import no veRL loop)."""
+TOOL_CONFIG_KEY = "selflock_tool_agent"
+"""Top-level key of the veRL config that holds the loop's knobs."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +66,36 @@ class ToolAgentArewConfig:
             )
 
     @classmethod
-    def from_mapping(cls, knobs: Mapping[str, Any] | None) -> ToolAgentArewConfig:
-        """From the knobs of an agent-loop YAML entry (``name`` / ``_target_`` / Hydra keys ignored)."""
+    def knob_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, knobs: Mapping[str, Any] | None, where: str = "") -> ToolAgentArewConfig:
+        """From the knobs of the ``selflock_tool_agent`` node and/or an agent-loop YAML entry (``name`` /
+        ``_target_`` / Hydra keys ignored).
+
+        Args:
+            knobs: the knobs as plain Python (or a mapping of them).
+            where: what an error names first (the config key, the YAML file); nothing if empty.
+
+        Raises:
+            ValueError: an unknown knob (with a close match, if any, and the known knobs) or a bad value.
+        """
         data = {
             str(k): v
             for k, v in (knobs or {}).items()
             if k not in ("name", "_target_") and not (str(k).startswith("_") and str(k).endswith("_"))
         }
-        known = [f.name for f in fields(cls)]
+        prefix = f"{where}: " if where else ""
+        known = cls.knob_names()
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"{TOOL_AGENT_NAME}: unknown agent-loop knob(s) {unknown}; known knobs: {known}")
-        return cls(**data)
+            guesses = [match for key in unknown for match in difflib.get_close_matches(key, known, n=1)]
+            hint = f" (did you mean {', '.join(repr(g) for g in guesses)}?)" if guesses else ""
+            raise ValueError(
+                f"{prefix}unknown agent-loop knob(s) {unknown} of {TOOL_AGENT_NAME}{hint}; known knobs: {known}"
+            )
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{prefix}{err}") from None

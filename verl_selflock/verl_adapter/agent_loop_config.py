@@ -17,7 +17,7 @@ workers in a YAML file written to the resolving node's cache, which no other nod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ __all__ = [
     "ActiveReasoningLoopConfig",
     "knob_names",
     "loop_config_for",
+    "merged_knobs",
     "plain",
     "pop_entry_knobs",
     "run_knobs",
@@ -109,21 +110,37 @@ def knob_names() -> list[str]:
     return [field.name for field in fields(ActiveReasoningLoopConfig)]
 
 
-def pop_entry_knobs(kwargs: MutableMapping[str, Any]) -> dict[str, Any]:
+def pop_entry_knobs(kwargs: MutableMapping[str, Any], names: Iterable[str] | None = None) -> dict[str, Any]:
     """Take the loop's knobs out of the keyword arguments Hydra passed to the loop (the keys of its
-    agent-loop YAML entry); what is left (``name``, veRL's own arguments) goes to ``AgentLoopBase``."""
-    return {name: kwargs.pop(name) for name in knob_names() if name in kwargs}
+    agent-loop YAML entry); what is left (``name``, veRL's own arguments) goes to ``AgentLoopBase``.
+
+    Args:
+        kwargs: the loop's keyword arguments, changed in place.
+        names: the loop's knob names; default this loop's (:func:`knob_names`). Another of our loops
+            (``tool_agent_arew``) passes its own.
+    """
+    return {name: kwargs.pop(name) for name in (knob_names() if names is None else names) if name in kwargs}
 
 
-def run_knobs(trainer_config: Any) -> dict[str, Any]:
-    """The run's ``selflock_agent_loop`` node as plain Python; {} when the config has none."""
-    node = trainer_config.get(CONFIG_KEY, None) if hasattr(trainer_config, "get") else None
+def run_knobs(trainer_config: Any, key: str = CONFIG_KEY) -> dict[str, Any]:
+    """The run's ``key`` node (default ``selflock_agent_loop``) as plain Python; {} when the config has none."""
+    node = trainer_config.get(key, None) if hasattr(trainer_config, "get") else None
     if node is None:
         return {}
     knobs = plain(node)
     if not isinstance(knobs, Mapping):
-        raise TypeError(f"{CONFIG_KEY} must be a mapping of agent-loop knobs, got {type(knobs).__name__}")
-    return {str(key): value for key, value in knobs.items()}
+        raise TypeError(f"{key} must be a mapping of agent-loop knobs, got {type(knobs).__name__}")
+    return {str(name): value for name, value in knobs.items()}
+
+
+def merged_knobs(trainer_config: Any, entry_knobs: Mapping[str, Any] | None, key: str = CONFIG_KEY) -> dict[str, Any]:
+    """The run's ``key`` node over the YAML entry's knobs, as plain Python; a mapping knob set in both
+    places is merged key by key (shared by every loop of ours that reads a config node)."""
+    knobs = {name: plain(value) for name, value in (entry_knobs or {}).items()}
+    for name, value in run_knobs(trainer_config, key).items():
+        below = knobs.get(name)
+        knobs[name] = {**below, **value} if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return knobs
 
 
 def loop_config_for(trainer_config: Any, entry_knobs: Mapping[str, Any] | None = None) -> ActiveReasoningLoopConfig:
@@ -136,10 +153,7 @@ def loop_config_for(trainer_config: Any, entry_knobs: Mapping[str, Any] | None =
         trainer_config: the whole veRL config (``AgentLoopBase.config``), as every agent-loop worker gets it.
         entry_knobs: the knobs of the loop's agent-loop YAML entry (:func:`pop_entry_knobs`).
     """
-    knobs = {key: plain(value) for key, value in (entry_knobs or {}).items()}
-    for key, value in run_knobs(trainer_config).items():
-        below = knobs.get(key)
-        knobs[key] = {**below, **value} if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    knobs = merged_knobs(trainer_config, entry_knobs)
     unknown = sorted(set(knobs) - set(knob_names()))
     if unknown:  # the driver names close matches first (config_validation); this is the worker's last word
         raise ValueError(f"{CONFIG_KEY}: unknown active_reasoning agent-loop knob(s) {unknown}; known: {knob_names()}")

@@ -10,7 +10,10 @@ The agent loop's knobs (the top-level ``selflock_agent_loop`` node) are checked 
 node is resolved in the driver's environment and its plain values written back into the config that
 ``main_ppo`` then ships to Ray (:func:`pin_agent_loop_knobs`). Otherwise veRL resolves it in the
 TaskRunner, wherever Ray placed it, and a recipe's ``${oc.env:SELFLOCK_SIMULATOR_BASE_URL,...}`` would
-read that process's environment instead of the shell the user launched from.
+read that process's environment instead of the shell the user launched from. The ``tool_agent_arew`` loop's
+node, ``selflock_tool_agent``, is pinned the same way (:func:`pin_tool_agent_knobs`), and a run that uses that
+loop gets its checks here too (:mod:`verl_selflock.verl_adapter.tool_agent_checks`): this module is the one
+validation entry point (veRL's ``validate_config`` and our trainer mode call :func:`validate_selflock_config`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from verl_selflock.algorithms.arew_config import BUILTIN_BASES
 from verl_selflock.algorithms.igpo_config import IgpoConfig
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 from verl_selflock.errors import UserError
+from verl_selflock.tools.loop_config import TOOL_CONFIG_KEY
 from verl_selflock.verl_adapter.data_checks import DataCheckError, check_loop_knobs, check_selflock_inputs
+from verl_selflock.verl_adapter.tool_agent_checks import check_tool_agent_run, check_tool_knobs, uses_tool_agent
 
 logger = logging.getLogger(__name__)
 CONFIG_KEY = "selflock_agent_loop"
@@ -61,17 +66,23 @@ def validate_selflock_config(config: Any) -> None:
     """Raise :class:`SelflockConfigError` if ``config`` asks for our components with settings or files
     that cannot work.
 
-    Settings come first (they open no file and resolve nothing expensive); then, for runs that use our
-    agent loop, reward manager or estimators, the agent-loop YAML and the dataset files
+    Settings come first (they open no file and resolve nothing expensive); then, for runs that use
+    ``tool_agent_arew``, its knobs and tool config
+    (:func:`~verl_selflock.verl_adapter.tool_agent_checks.check_tool_agent_run`); then, for runs that use
+    our agent loops, reward manager or estimators, the agent-loop YAML and the dataset files
     (:func:`~verl_selflock.verl_adapter.data_checks.check_selflock_inputs`).
 
     Args:
         config: the full veRL PPO config (``ppo_trainer.yaml`` after Hydra overrides), unresolved; its
-            ``selflock_agent_loop`` node comes back resolved (:func:`pin_agent_loop_knobs`).
+            ``selflock_agent_loop`` and ``selflock_tool_agent`` nodes come back resolved
+            (:func:`pin_agent_loop_knobs`, :func:`pin_tool_agent_knobs`).
     """
     pin_agent_loop_knobs(config)
+    tool_knobs = pin_tool_agent_knobs(config)
     _check_settings(config)
     try:
+        if uses_tool_agent(config):
+            check_tool_agent_run(config, tool_knobs)
         check_selflock_inputs(config)
     except DataCheckError as err:
         raise SelflockConfigError(str(err)) from None
@@ -170,19 +181,9 @@ def pin_agent_loop_knobs(config: Any) -> dict[str, Any] | None:
     Returns:
         the knobs as plain Python, or None when the config has no such node.
     """
-    from omegaconf import OmegaConf, open_dict, read_write
-    from omegaconf.errors import OmegaConfBaseException
-
-    node = _get(config, CONFIG_KEY)
-    if node is None:
+    knobs = _pin_node(config, CONFIG_KEY)
+    if knobs is None:
         return None
-    try:
-        knobs = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    except OmegaConfBaseException as err:
-        cause = err.__cause__ or err
-        raise SelflockConfigError(f"{CONFIG_KEY} could not be resolved: {' '.join(str(cause).split())}") from None
-    if not isinstance(knobs, dict):
-        raise SelflockConfigError(f"{CONFIG_KEY} must be a mapping of agent-loop knobs, got {knobs!r}")
     try:
         check_loop_knobs(knobs, CONFIG_KEY)
     except DataCheckError as err:
@@ -194,13 +195,48 @@ def pin_agent_loop_knobs(config: Any) -> dict[str, Any] | None:
             f"{CONFIG_KEY}.stop_on_closing_tag=true needs a rollout that matches stop strings (vLLM, our CPU 'hf'); "
             "actor_rollout_ref.rollout.name=sglang does not: set it false (turns are still cut at the first closing tag)"
         )
-    if OmegaConf.is_config(config):
-        with read_write(config), open_dict(config):
-            config[CONFIG_KEY] = knobs
-    else:
-        config[CONFIG_KEY] = knobs
     if knobs.get("simulator"):
         _warn_about_other_nodes(config, knobs["simulator"])
+    return knobs
+
+
+def pin_tool_agent_knobs(config: Any) -> dict[str, Any] | None:
+    """:func:`pin_agent_loop_knobs` for the ``tool_agent_arew`` loop's ``selflock_tool_agent`` node: resolved
+    here, checked (names and values), written back as plain values.
+
+    Returns:
+        the knobs as plain Python, or None when the config has no such node.
+    """
+    knobs = _pin_node(config, TOOL_CONFIG_KEY)
+    if knobs is not None:
+        try:
+            check_tool_knobs(knobs, TOOL_CONFIG_KEY)
+        except DataCheckError as err:
+            raise SelflockConfigError(str(err)) from None
+    return knobs
+
+
+def _pin_node(config: Any, key: str) -> dict[str, Any] | None:
+    """Resolve the top-level ``key`` node in this (the driver's) process and write its plain values back into
+    ``config``; None when the config has no such node."""
+    from omegaconf import OmegaConf, open_dict, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = _get(config, key)
+    if node is None:
+        return None
+    try:
+        knobs = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err
+        raise SelflockConfigError(f"{key} could not be resolved: {' '.join(str(cause).split())}") from None
+    if not isinstance(knobs, dict):
+        raise SelflockConfigError(f"{key} must be a mapping of agent-loop knobs, got {knobs!r}")
+    if OmegaConf.is_config(config):
+        with read_write(config), open_dict(config):
+            config[key] = knobs
+    else:
+        config[key] = knobs
     return knobs
 
 

@@ -7,7 +7,10 @@ worker). :func:`check_selflock_inputs` runs in the driver's ``validate_config`` 
 :func:`verl_selflock.verl_adapter.config_validation.validate_selflock_config`), before Ray starts, and
 only for configs that use our agent loop, reward manager or estimators: a plain veRL run is untouched.
 
-It reads parquet *footers* only (row count and schema), never the rows. Paths written with our
+It reads parquet *footers* (row count and schema) and, where a file has one, its ``agent_name`` column:
+rows played by ``active_reasoning`` need an environment spec (``extra_info.env``), rows played by
+``tool_agent_arew`` do not (the run's tool-agent settings are checked by
+:mod:`verl_selflock.verl_adapter.tool_agent_checks`). No other column is read. Paths written with our
 ``${selflock.*}`` resolvers are resolved here as veRL resolves them later (``OmegaConf.resolve`` in the
 TaskRunner); the resolvers build their output once under a file lock and return the cached folder on
 every later call, so the TaskRunner's resolution finds the work done instead of repeating it.
@@ -22,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from verl_selflock.contracts.names import AGENT_NAME, REWARD_MANAGER_NAME, SELFLOCK_ESTIMATORS
+from verl_selflock.tools.loop_config import TOOL_AGENT_NAME
 
 __all__ = [
     "AGENT_LOOP_KEY",
@@ -30,12 +34,15 @@ __all__ = [
     "DataCheckError",
     "check_loop_knobs",
     "check_selflock_inputs",
+    "load_loop_yaml",
     "selflock_reasons",
 ]
 
 AGENT_LOOP_KEY = "actor_rollout_ref.rollout.agent.agent_loop_config_path"
 DEFAULT_LOOP_KEY = "actor_rollout_ref.rollout.agent.default_agent_loop"
 DATA_KEYS = ("data.train_files", "data.val_files")
+OUR_LOOPS = (AGENT_NAME, TOOL_AGENT_NAME)
+"""Our agent loops: a run whose rows default to one of them needs no ``agent_name`` column."""
 AGENT_LOOP_TARGET = "verl_selflock.verl_adapter.agent_loop.ActiveReasoningAgentLoop"
 """``_target_`` of our loop in an agent-loop YAML (a string: importing the loop would import veRL's
 agent-loop stack on the driver just to read its name; a test checks it matches the class)."""
@@ -95,8 +102,9 @@ def selflock_reasons(config: Any) -> list[str]:
         reasons.append(f"algorithm.adv_estimator={estimator}")
     if str(_get(config, "reward.reward_manager.name", "")) == REWARD_MANAGER_NAME:
         reasons.append(f"reward.reward_manager.name={REWARD_MANAGER_NAME}")
-    if str(_get(config, DEFAULT_LOOP_KEY, "")) == AGENT_NAME:
-        reasons.append(f"{DEFAULT_LOOP_KEY}={AGENT_NAME}")
+    default_loop = str(_get(config, DEFAULT_LOOP_KEY, ""))
+    if default_loop in OUR_LOOPS:
+        reasons.append(f"{DEFAULT_LOOP_KEY}={default_loop}")
     return reasons
 
 
@@ -139,8 +147,13 @@ def _is_ours(entry: Any) -> bool:
     return isinstance(entry, Mapping) and str(entry.get("_target_", "")) == AGENT_LOOP_TARGET
 
 
-def _load_loop_yaml(path: str, strict: bool) -> list[Any]:
-    """The entries of an agent-loop YAML as plain Python, found as veRL finds it (``resolve_config_path``)."""
+def load_loop_yaml(path: str, strict: bool) -> list[Any]:
+    """The entries of an agent-loop YAML as plain Python, found as veRL finds it (``resolve_config_path``).
+
+    Args:
+        path: ``rollout.agent.agent_loop_config_path`` as resolved.
+        strict: raise :class:`DataCheckError` on a missing or unusable file (a run of ours); else return [].
+    """
     from omegaconf import OmegaConf
     from verl.utils.import_utils import resolve_config_path
 
@@ -186,11 +199,11 @@ def check_selflock_inputs(config: Any) -> None:
     loop_path = ""
     if reasons:
         loop_path = str(_get(config, AGENT_LOOP_KEY, ""))
-        entries = _load_loop_yaml(loop_path, strict=True) if loop_path else []
+        entries = load_loop_yaml(loop_path, strict=True) if loop_path else []
     else:
         try:  # a plain run: only peek, and leave every problem of its YAML to veRL
             loop_path = str(_get(config, AGENT_LOOP_KEY, ""))
-            entries = _load_loop_yaml(loop_path, strict=False) if loop_path else []
+            entries = load_loop_yaml(loop_path, strict=False) if loop_path else []
         except DataCheckError:
             return
     ours = [entry for entry in entries if _is_ours(entry)]
@@ -214,13 +227,13 @@ def check_selflock_inputs(config: Any) -> None:
             )
 
     because = f" (checked before training because {reasons[0]})"
-    needs_agent_name = str(_get(config, DEFAULT_LOOP_KEY, "")) != AGENT_NAME
+    default_loop = str(_get(config, DEFAULT_LOOP_KEY, ""))
     prompt_key = str(_get(config, "data.prompt_key", "prompt"))
     checked: set[str] = set()
     for key in DATA_KEYS:
         for path in _data_paths(config, key):
             if path not in checked:  # train and val may name the same file: read its footer once
-                _check_data_file(key, path, prompt_key, needs_agent_name, because)
+                _check_data_file(key, path, prompt_key, default_loop, because)
                 checked.add(path)
 
 
@@ -238,7 +251,7 @@ def _data_paths(config: Any, key: str) -> Iterator[str]:
             yield str(path)
 
 
-def _check_data_file(key: str, path: str, prompt_key: str, needs_agent_name: bool, because: str) -> None:
+def _check_data_file(key: str, path: str, prompt_key: str, default_loop: str, because: str) -> None:
     where = f"{key}: {path}"
     local = os.path.expanduser(path)
     if not os.path.exists(local):
@@ -259,16 +272,19 @@ def _check_data_file(key: str, path: str, prompt_key: str, needs_agent_name: boo
         if os.path.getsize(local) == 0:
             raise DataCheckError(f"{where} is empty; {BUILD_HINT}{because}")
         return  # JSON has no footer to read cheaply: veRL checks its rows
-    _check_parquet(where, local, prompt_key, needs_agent_name, because)
+    _check_parquet(where, local, prompt_key, default_loop, because)
 
 
-def _check_parquet(where: str, path: str, prompt_key: str, needs_agent_name: bool, because: str) -> None:
+def _check_parquet(where: str, path: str, prompt_key: str, default_loop: str, because: str) -> None:
+    """Row count, columns and column types of one parquet file (``default_loop``: the run's
+    ``rollout.agent.default_agent_loop``, which plays rows without an ``agent_name``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         meta = pq.ParquetFile(path)  # reads the footer only
         num_rows, schema = meta.metadata.num_rows, meta.schema_arrow
+        loops = _loops_of(meta, schema, default_loop)  # and the agent_name column, if any
     except Exception as err:  # ArrowInvalid, OSError, ...: the file is unusable either way
         raise DataCheckError(
             f"{where} is not a readable parquet file ({_one_line(err)}); {BUILD_HINT}{because}"
@@ -276,12 +292,18 @@ def _check_parquet(where: str, path: str, prompt_key: str, needs_agent_name: boo
     if num_rows == 0:
         raise DataCheckError(f"{where} has no rows; {BUILD_HINT} with a positive row count{because}")
 
-    required = [prompt_key, "data_source", "reward_model", "extra_info"] + (["agent_name"] if needs_agent_name else [])
+    # Only active_reasoning rows are built from an environment spec (extra_info.env); a run may mix loops.
+    plays_ours = AGENT_NAME in loops
+    required = [prompt_key, "data_source", "reward_model"] + (["extra_info"] if plays_ours else [])
+    required += [] if default_loop in OUR_LOOPS else ["agent_name"]
     missing = [column for column in required if column not in schema.names]
     if missing:
         hint = BUILD_HINT
         if "agent_name" in missing:
-            hint += f", or set {DEFAULT_LOOP_KEY}={AGENT_NAME} (rows without agent_name run veRL's default loop)"
+            hint += (
+                f", or set {DEFAULT_LOOP_KEY}={AGENT_NAME} (or {TOOL_AGENT_NAME}; rows without agent_name run "
+                "veRL's default loop)"
+            )
         raise DataCheckError(
             f"{where} lacks column(s) {missing} that our agent loop and reward manager read (it has "
             f"{schema.names}); {hint}{because}"
@@ -292,9 +314,22 @@ def _check_parquet(where: str, path: str, prompt_key: str, needs_agent_name: boo
             f"{where}: column {prompt_key!r} must hold chat messages (a list of {{role, content}}), got {prompt_type}; "
             f"{BUILD_HINT}{because}"
         )
+    if not plays_ours:
+        return
     extra_type = schema.field("extra_info").type
     if not (pa.types.is_struct(extra_type) and extra_type.get_field_index("env") >= 0):
         raise DataCheckError(
-            f"{where}: column 'extra_info' has no 'env' field (the environment spec each episode is built from; "
+            f"{where}: column 'extra_info' has no 'env' field (the environment spec each {AGENT_NAME} episode is built from; "
             f"extra_info is {extra_type}); {BUILD_HINT}{because}"
         )
+
+
+def _loops_of(meta: Any, schema: Any, default_loop: str) -> set[str]:
+    """The agent loops that play a parquet file's rows: its ``agent_name`` values (reading that column
+    only), ``default_loop`` for rows without one (no column, or null)."""
+    import pyarrow.compute as pc
+
+    if "agent_name" not in schema.names:
+        return {default_loop}
+    names = pc.unique(meta.read(columns=["agent_name"]).column("agent_name")).to_pylist()
+    return {default_loop if name is None else str(name) for name in names}

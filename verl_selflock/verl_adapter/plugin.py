@@ -60,10 +60,11 @@ def _config_resolvers() -> list[str]:
 
 
 def _config_validation() -> list[str]:
+    from verl_selflock.verl_adapter.config_validation import validate_selflock_config
     from verl_selflock.verl_adapter.private_names import install_config_validation
-    from verl_selflock.verl_adapter.tool_agent_checks import validate_run_config
 
-    install_config_validation(validate_run_config)
+    # The one validation entry point: it also runs the tool_agent_arew checks for runs that use that loop.
+    install_config_validation(validate_selflock_config)
     return ["validate_config"]
 
 

@@ -21,11 +21,14 @@ truncation, the turn caps, the outputs (``turn_scores``, ``tool_rewards``, metri
 veRL 0.9.1 builds one loop object per trajectory (``AgentLoopWorker._run_agent_loop``), so the
 episode's recorder and critic live on the instance; :meth:`run` refuses a second concurrent episode.
 
-Config: an agent-loop YAML entry (knobs: :class:`~verl_selflock.tools.loop_config.ToolAgentArewConfig`)::
+Config: the top-level ``selflock_tool_agent`` node of the veRL config, which every agent-loop worker
+receives on every node (knobs: :class:`~verl_selflock.tools.loop_config.ToolAgentArewConfig`), over the keys
+of a ``tool_agent_arew`` entry of an agent-loop YAML if one declares it; no file is needed (the plugin
+registers the loop by name)::
 
-    - name: tool_agent_arew
-      _target_: verl_selflock.verl_adapter.tool_agent_loop.ArewToolAgentLoop
-      critique: {source: interaction, repeat: -1, error_patterns: ["^\\\\s*error\\\\b"]}
+    selflock_tool_agent:
+      max_turn_tokens: 48
+      critique: {source: interaction, repeat: -1, error_patterns: ["^\\s*error\\b"]}
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from verl.tools.schemas import ToolResponse
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT
 from verl_selflock.episode.recorder import CritiqueRecorder
 from verl_selflock.tools.critique import CallVerdict, ToolCritic, tool_record, turn_critique
-from verl_selflock.tools.loop_config import TOOL_AGENT_NAME, ToolAgentArewConfig
-from verl_selflock.verl_adapter.agent_loop_config import plain
+from verl_selflock.tools.loop_config import TOOL_AGENT_NAME, TOOL_CONFIG_KEY, ToolAgentArewConfig
+from verl_selflock.verl_adapter.agent_loop_config import merged_knobs, pop_entry_knobs
 from verl_selflock.verl_adapter.rollout import record_merge
 
 __all__ = ["ArewToolAgentLoop"]
@@ -84,19 +87,14 @@ class _Episode:
 class ArewToolAgentLoop(ToolAgentLoop):
     """veRL's ``ToolAgentLoop`` that also writes AREW's per-token critique fields (see the module docstring)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        critique: Any = None,
-        max_turn_tokens: int | None = None,
-        stop_after_tool_call: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        # ``**kwargs`` carries veRL's own arguments (tools, tokenizer, ...) and ``name`` from a YAML entry.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # ``**kwargs`` carries veRL's own arguments (tools, tokenizer, trainer_config, ...) and, from an
+        # agent-loop YAML entry, ``name`` and our knobs: ours are taken out before veRL's loop sees them.
+        entry_knobs = pop_entry_knobs(kwargs, ToolAgentArewConfig.knob_names())
         super().__init__(*args, **kwargs)
-        self.arew_config = ToolAgentArewConfig(
-            critique=plain(critique), max_turn_tokens=max_turn_tokens, stop_after_tool_call=bool(stop_after_tool_call)
-        )
+        # self.config: the whole veRL config (AgentLoopBase), the same on every node; its node wins.
+        knobs = merged_knobs(self.config, entry_knobs, TOOL_CONFIG_KEY)
+        self.arew_config = ToolAgentArewConfig.from_mapping(knobs, where=TOOL_CONFIG_KEY)
         self._stop_tag: str | None = getattr(self.tool_parser, "tool_call_end_token", None)
         self._start_tag: str | None = getattr(self.tool_parser, "tool_call_start_token", None)
         if self.arew_config.stop_after_tool_call and not self._stop_tag:

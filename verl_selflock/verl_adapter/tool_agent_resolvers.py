@@ -1,30 +1,43 @@
 """OmegaConf resolvers of the tool-agent example (``recipes/tool_agent``), like those of
 :mod:`verl_selflock.verl_adapter.resolvers` for our own loop:
 
-* ``${selflock.calculator_data:16,8,0}`` -> a cached folder with ``train.parquet``, ``test.parquet`` and
-  ``tools.yaml`` of the calculator task (train rows, test rows, seed; :mod:`verl_selflock.data.calculator`);
-* ``${selflock.tool_agent_yaml:'max_turn_tokens=48','critique.repeat=-1'}`` -> the path of an agent-loop
-  YAML declaring ``tool_agent_arew`` with those knobs (a dotted key sets a key of a nested mapping),
-  checked here, on the driver, so that a misspelt knob fails before Ray starts.
+* ``${selflock.calculator_data:16,8,0}`` -> a cached folder with ``train.parquet`` and ``test.parquet`` of
+  the calculator task (train rows, test rows, seed; :mod:`verl_selflock.data.calculator`);
+* ``${selflock.calculator_tools:}`` -> the calculator's veRL tool config shipped inside the package
+  (``rollout.multi_turn.tool_config_path``): veRL's agent-loop workers open it on every node, so it must not
+  live in one node's cache;
+* ``${selflock.tool_agent_yaml:}`` -> the agent-loop YAML shipped inside the package, ``tool_agent_loop.yaml``
+  beside this file (optional: the loop is registered by name). The loop's knobs go in the top-level ``selflock_tool_agent`` node, which every
+  agent-loop worker receives; the old form with ``'key=value'`` knobs, which wrote a YAML file into the
+  resolving node's cache, fails with the replacement to write (:func:`tool_agent_yaml`).
 
 Registered by the plugin in every veRL process (:mod:`verl_selflock.verl_adapter.plugin`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from verl_selflock.cache import build_once, cache_dir
-from verl_selflock.tools.loop_config import TOOL_AGENT_NAME, TOOL_AGENT_TARGET, ToolAgentArewConfig
+from verl_selflock.tools.calculator import TOOL_CONFIG_PATH
+from verl_selflock.tools.loop_config import TOOL_CONFIG_KEY, ToolAgentArewConfig
 
-__all__ = ["TOOL_RESOLVERS", "calculator_data_dir", "register_tool_resolvers", "tool_agent_yaml"]
+__all__ = [
+    "TOOL_AGENT_LOOP_YAML",
+    "TOOL_RESOLVERS",
+    "calculator_data_dir",
+    "calculator_tools_path",
+    "register_tool_resolvers",
+    "tool_agent_yaml",
+]
 
-TOOL_RESOLVERS = ("selflock.calculator_data", "selflock.tool_agent_yaml")
+TOOL_RESOLVERS = ("selflock.calculator_data", "selflock.calculator_tools", "selflock.tool_agent_yaml")
+TOOL_AGENT_LOOP_YAML = str(Path(__file__).with_name("tool_agent_loop.yaml"))
+"""The agent-loop YAML of ``tool_agent_arew`` shipped inside the package (present on every node that has it)."""
 
 
 def calculator_data_dir(n_train: int, n_test: int, seed: int = 0) -> str:
@@ -39,36 +52,44 @@ def calculator_data_dir(n_train: int, n_test: int, seed: int = 0) -> str:
     return str(build_once(cache_dir() / "data" / name, build))
 
 
-def tool_agent_yaml(*knobs: Any) -> str:
-    """Write (once) an agent-loop YAML for ``tool_agent_arew`` with ``'key=value'`` knobs; return its path."""
-    import yaml
+def calculator_tools_path() -> str:
+    """The installed path of the calculator's tool config (``${selflock.calculator_tools:}``)."""
+    return TOOL_CONFIG_PATH
 
-    entry: dict[str, Any] = {"name": TOOL_AGENT_NAME, "_target_": TOOL_AGENT_TARGET}
-    for knob in knobs:
-        key, sep, value = str(knob).partition("=")
-        if not sep:
-            raise ValueError(f"selflock.tool_agent_yaml takes key=value knobs, got {knob!r}")
-        key, parsed = key.strip(), yaml.safe_load(value)
-        if "." in key:  # 'critique.repeat=0' sets a key of the nested critique mapping
-            parent, child = key.split(".", 1)
-            entry.setdefault(parent, {})[child] = parsed
-        else:
-            entry[key] = parsed
-    ToolAgentArewConfig.from_mapping(entry)  # fail here, on the driver, on a bad knob
-    text = yaml.safe_dump([entry], sort_keys=True)
-    path = cache_dir() / "agent_loops" / f"{TOOL_AGENT_NAME}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)  # atomic: concurrent resolvers never see a partial file
-    return str(path)
+
+def tool_agent_yaml(*knobs: Any) -> str:
+    """The path of the agent-loop YAML shipped inside the package, which declares ``tool_agent_arew``.
+
+    Knobs are no longer accepted: this resolver used to write them into a YAML file under the cache of the
+    process that resolved the config, which agent-loop workers on other nodes never found. They fail here
+    with the exact ``selflock_tool_agent`` node (and command-line flags) to write instead.
+    """
+    # The helpers of the active_reasoning resolver: one parser and one printer of 'key=value' knobs.
+    from verl_selflock.verl_adapter.resolvers import _dotted, _flag_value, _parse_knobs
+
+    if not knobs:
+        return TOOL_AGENT_LOOP_YAML
+    bare = [knob for knob in knobs if "=" not in str(knob)]
+    if bare:
+        raise ValueError(f"selflock.tool_agent_yaml takes no argument (knobs go in {TOOL_CONFIG_KEY}), got {bare[0]!r}")
+    moved = _parse_knobs(knobs)
+    ToolAgentArewConfig.from_mapping(moved, where="selflock.tool_agent_yaml")  # a misspelt knob: name it first
+    block = f"{TOOL_CONFIG_KEY}: {_flag_value(moved)}"
+    flags = " ".join(shlex.quote(f"++{TOOL_CONFIG_KEY}.{key}={value}") for key, value in _dotted(moved))
+    raise ValueError(
+        "selflock.tool_agent_yaml no longer takes knobs (the file it wrote existed only on the node that "
+        f"resolved the config). Put them in the top-level {TOOL_CONFIG_KEY} node, which every agent-loop worker "
+        "receives, and drop agent_loop_config_path (the plugin registers tool_agent_arew by name): in a recipe "
+        f"`{block}`; on the command line `{flags}`"
+    )
 
 
 def register_tool_resolvers() -> list[str]:
     """Register the resolvers with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("selflock.calculator_data"):
         OmegaConf.register_new_resolver("selflock.calculator_data", calculator_data_dir)
+    if not OmegaConf.has_resolver("selflock.calculator_tools"):
+        OmegaConf.register_new_resolver("selflock.calculator_tools", calculator_tools_path)
     if not OmegaConf.has_resolver("selflock.tool_agent_yaml"):
         OmegaConf.register_new_resolver("selflock.tool_agent_yaml", tool_agent_yaml)
     return list(TOOL_RESOLVERS)

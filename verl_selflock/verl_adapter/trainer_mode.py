@@ -29,11 +29,10 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl_selflock.algorithms.advantage import apply_arew_bonus
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 from verl_selflock.diagnostics.training import TrainingDiagnostics
-from verl_selflock.verl_adapter.config_validation import arew_config_of, igpo_config_of
+from verl_selflock.verl_adapter.config_validation import arew_config_of, igpo_config_of, validate_selflock_config
 from verl_selflock.verl_adapter.igpo_step import igpo_advantage, t3_metrics
 from verl_selflock.verl_adapter.jagged import padded
 from verl_selflock.verl_adapter.private_names import metrics_file_path, padding_flags, response_to_nested
-from verl_selflock.verl_adapter.tool_agent_checks import validate_run_config
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -46,7 +45,7 @@ class SelflockTrainer(PPOTrainerSync):
     def __init__(self, config) -> None:
         # Validated again here: the driver-side check does not run when a user builds the
         # TaskRunner themselves.
-        validate_run_config(config)
+        validate_selflock_config(config)
         super().__init__(config=config)
         self.selflock_diagnostics = TrainingDiagnostics(config)
 

@@ -52,8 +52,9 @@ class SFTSettings:
 def sft_command(model_path: str, train_files: str, out_dir: str | os.PathLike, settings: SFTSettings) -> list[str]:
     """The ``torchrun`` command line of veRL's SFT trainer for one warm start (one process).
 
-    Gradient checkpointing and torch.compile are off: for a small model they cost more time than they
-    save (recomputation; compilation on every new shape), and memory is not the limit.
+    veRL's engine defaults stay (gradient checkpointing, torch.compile): on two CPU cores they are also
+    the fastest setting measured for SmolLM2-135M, since keeping ~8 GB of activations costs more
+    memory traffic than recomputing them.
     """
     overrides = {
         "data.train_files": train_files,
@@ -68,9 +69,7 @@ def sft_command(model_path: str, train_files: str, out_dir: str | os.PathLike, s
         "data.num_workers": 0,
         "model.path": model_path,
         "model.use_remove_padding": "false",
-        "model.enable_gradient_checkpointing": "false",
         "engine.strategy": "fsdp2",
-        "engine.use_torch_compile": "false",
         "optim.lr": settings.lr,
         "optim.lr_warmup_steps_ratio": 0.1,
         "optim.lr_scheduler_type": "cosine",

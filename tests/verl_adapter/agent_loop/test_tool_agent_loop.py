@@ -139,3 +139,43 @@ def test_bad_knobs_fail_at_construction(tool_config, chatml_tokenizer):
 
     with pytest.raises(InstantiationException, match=r"unknown key\(s\) \['repeats'\]"):
         _run(tool_config, chatml_tokenizer, [FINAL[0]], "tool_agent_arew", {"critique": {"repeats": -1}})
+
+
+def _with_node(make_config, knobs: dict[str, Any]):
+    """veRL's config with the top-level ``selflock_tool_agent`` node, as every agent-loop worker receives it."""
+    from omegaconf import open_dict
+
+    from verl_selflock.tools.loop_config import TOOL_CONFIG_KEY
+
+    config = make_config()
+    with open_dict(config):
+        config[TOOL_CONFIG_KEY] = knobs
+    return config
+
+
+def test_knobs_reach_the_loop_from_the_config_alone(make_config, chatml_tokenizer):
+    """No agent-loop YAML anywhere (veRL's registry entry is only the ``_target_``): the config node that every
+    worker receives, on every node, is all the loop reads."""
+    config = _with_node(make_config, {"max_turn_tokens": 40, "stop_after_tool_call": True, "critique": {"repeat": 0}})
+    loop, _, server = _run(config, chatml_tokenizer, [FINAL[0]], "tool_agent_arew")
+    assert loop.arew_config.max_turn_tokens == 40 and loop.arew_config.stop_after_tool_call
+    assert loop.arew_config.critique.repeat == 0
+    params = server.calls[0].sampling_params
+    assert params["max_tokens"] == 40 and params["stop"] == ["</tool_call>"]
+
+
+def test_the_config_node_wins_over_a_yaml_entry_and_critique_rules_merge(make_config, chatml_tokenizer):
+    config = _with_node(make_config, {"max_turn_tokens": 40, "critique": {"repeat": 0}})
+    entry = {"max_turn_tokens": 64, "critique": {"informative": 0, "repeat": -1}}
+    loop, _, _ = _run(config, chatml_tokenizer, [FINAL[0]], "tool_agent_arew", entry)
+    assert loop.arew_config.max_turn_tokens == 40
+    assert (loop.arew_config.critique.repeat, loop.arew_config.critique.informative) == (0, 0)
+
+
+def test_a_bad_node_knob_fails_at_construction_naming_the_node(make_config, chatml_tokenizer):
+    from hydra.errors import InstantiationException
+
+    config = _with_node(make_config, {"max_turn_token": 40})
+    typo = r"selflock_tool_agent: unknown agent-loop knob\(s\) \['max_turn_token'\] of tool_agent_arew"
+    with pytest.raises(InstantiationException, match=typo):
+        _run(config, chatml_tokenizer, [FINAL[0]], "tool_agent_arew")
