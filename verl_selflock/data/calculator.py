@@ -7,14 +7,14 @@ format (hermes: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``) an
 examples, because small chat templates (SmolLM2's) do not render tool schemas. Reward
 (:func:`verl_selflock.tools.calculator.compute_score`): 1 when the last ``<answer>`` is the true value.
 
-:func:`build_calculator_dataset` writes ``train.parquet``, ``test.parquet`` and ``tools.yaml`` (the tool
-config for ``rollout.multi_turn.tool_config_path``) into one folder. Seeded; deterministic.
+:func:`build_calculator_dataset` writes ``train.parquet`` and ``test.parquet`` into one folder (seeded,
+deterministic); the tool config for ``rollout.multi_turn.tool_config_path`` ships in the package
+(``verl_selflock/tools/calculator_tools.yaml``, ``${selflock.calculator_tools:}``).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,11 +22,9 @@ import numpy as np
 from verl_selflock.data.parquet import check_count, split_rows, write_splits
 from verl_selflock.tools.loop_config import TOOL_AGENT_NAME
 
-__all__ = ["DATA_SOURCE", "TOOL_CONFIG_NAME", "build_calculator_dataset", "calculator_messages", "write_tool_config"]
+__all__ = ["DATA_SOURCE", "build_calculator_dataset", "calculator_messages"]
 
 DATA_SOURCE = "selflock_calculator"
-TOOL_CONFIG_NAME = "tools.yaml"
-TOOL_CLASS = "verl_selflock.verl_adapter.calculator_tool.CalculatorTool"
 
 _CALL = '<tool_call>{{"name": "calculator", "arguments": {{"expression": "{}"}}}}</tool_call>'
 SYSTEM = (
@@ -38,24 +36,6 @@ SYSTEM = (
 # instruction alone (measured on SmolLM2-135M-Instruct at temperature 1.0).
 EXAMPLES = (("58 * 71", "4118"), ("903 + 488", "1391"))
 
-TOOL_CONFIG = f"""# veRL tool config (rollout.multi_turn.tool_config_path) of the calculator task.
-tools:
-  - class_name: {TOOL_CLASS}
-    config:
-      type: native
-    tool_schema:
-      type: function
-      function:
-        name: calculator
-        description: Evaluate an arithmetic expression with + - * / and parentheses.
-        parameters:
-          type: object
-          properties:
-            expression:
-              type: string
-              description: The expression, e.g. 12 * 34
-          required: [expression]
-"""
 
 
 def _question(expression: str) -> str:
@@ -107,16 +87,7 @@ def build_calculator_rows(n_train: int, n_test: int, seed: int = 0) -> dict[str,
     return split_rows(counts, make_row, "building calculator rows", progress=False)
 
 
-def write_tool_config(folder: str | os.PathLike) -> str:
-    """Write the task's veRL tool config into ``folder``; returns its path."""
-    path = Path(folder) / TOOL_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(TOOL_CONFIG)
-    return str(path)
-
-
 def build_calculator_dataset(n_train: int, n_test: int, seed: int, out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``train.parquet``, ``test.parquet`` and ``tools.yaml`` into ``out_dir``; returns their paths."""
-    paths = write_splits(build_calculator_rows(n_train, n_test, seed), out_dir)
-    paths["tools"] = write_tool_config(out_dir)
-    return paths
+    """Write ``train.parquet`` and ``test.parquet`` into ``out_dir``; returns their paths. The tool config
+    ships in the package (:data:`verl_selflock.tools.calculator.TOOL_CONFIG_PATH`), present on every node."""
+    return write_splits(build_calculator_rows(n_train, n_test, seed), out_dir)

@@ -1,6 +1,6 @@
 """The calculator of the tool-agent example as a veRL tool (``BaseTool``): a tool config YAML names it as
 ``class_name: verl_selflock.verl_adapter.calculator_tool.CalculatorTool`` (written by the data builder,
-:func:`verl_selflock.data.calculator.write_tool_config`). The arithmetic is :mod:`verl_selflock.tools.calculator`."""
+``verl_selflock/tools/calculator_tools.yaml``). The arithmetic is :mod:`verl_selflock.tools.calculator`."""
 
 from __future__ import annotations
 

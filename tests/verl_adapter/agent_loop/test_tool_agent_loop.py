@@ -38,10 +38,10 @@ def _tools() -> list[Any]:
     from omegaconf import OmegaConf
     from verl.tools.schemas import OpenAIFunctionToolSchema
 
-    from verl_selflock.data.calculator import TOOL_CONFIG
+    from verl_selflock.tools.calculator import TOOL_CONFIG_PATH
     from verl_selflock.verl_adapter.calculator_tool import CalculatorTool
 
-    spec = OmegaConf.to_container(OmegaConf.create(TOOL_CONFIG), resolve=True)["tools"][0]
+    spec = OmegaConf.to_container(OmegaConf.load(TOOL_CONFIG_PATH), resolve=True)["tools"][0]
     return [CalculatorTool(config=spec["config"], tool_schema=OpenAIFunctionToolSchema.model_validate(spec["tool_schema"]))]
 
 
