@@ -38,17 +38,19 @@ def test_every_override_is_a_key_of_verls_sft_config(tmp_path):
     assert config.model.path == "/models/m"
 
 
-def test_the_recipe_composes_with_verls_sft_config(monkeypatch, tmp_path):
-    demos = tmp_path / "demos"
-    monkeypatch.setattr(
-        "verl_selflock.verl_adapter.resolvers.pe_demos_dir", lambda *args: str(demos), raising=True
-    )
-    from verl_selflock.verl_adapter.resolvers import register_resolvers
+def test_the_recipe_composes_with_verls_sft_config(tmp_path):
+    from verl_selflock.verl_adapter import resolvers
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(RECIPES / "pe_g"), version_base=None):
-        config = compose(config_name="sft_warmstart", overrides=["model.path=/models/m"])
-    OmegaConf.resolve(config)
+    demos = tmp_path / "demos"
+    resolvers.register_resolvers()
+    # The demonstrations themselves are the builder's (tests/data/test_demos.py): here only the wiring.
+    OmegaConf.register_new_resolver("selflock.pe_demos", lambda *args: str(demos), replace=True)
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES / "pe_g"), version_base=None):
+            config = compose(config_name="sft_warmstart", overrides=["model.path=/models/m"])
+        OmegaConf.resolve(config)
+    finally:
+        OmegaConf.register_new_resolver("selflock.pe_demos", resolvers.pe_demos_dir, replace=True)
     assert config.data.train_files == f"{demos}/demos.parquet"
     assert list(config.checkpoint.save_contents) == ["hf_model"]
     assert config.engine.strategy == "fsdp2"

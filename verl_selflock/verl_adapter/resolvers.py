@@ -26,7 +26,7 @@ model and data on one machine, and why nothing a worker on another node must ope
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from verl_selflock.cache import build_once, cache_dir
 from verl_selflock.models.smollm2 import smollm2_path
-
-RESOLVERS = (
-    "selflock.smollm2", "selflock.pe_data", "selflock.pe_demos", "selflock.pe_warm_start", "selflock.agent_loop_yaml"
-)
-
 
 PE_OPTIONS = {"D": int, "movies": int, "prompt": str}
 """Optional ``'key=value'`` arguments of the PE resolvers, after the positional ones: the gated variant's
@@ -172,19 +167,25 @@ def _flag_value(value: Any) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
+def register(resolvers: Mapping[str, Callable[..., Any]]) -> list[str]:
+    """Register ``name -> function`` resolvers with OmegaConf (idempotent); returns the names."""
+    for name, function in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+    return list(resolvers)
+
+
 def register_resolvers() -> list[str]:
     """Register our resolvers with OmegaConf (idempotent)."""
-    if not OmegaConf.has_resolver("selflock.smollm2"):
-        OmegaConf.register_new_resolver("selflock.smollm2", lambda: smollm2_path())
-    if not OmegaConf.has_resolver("selflock.pe_data"):
-        OmegaConf.register_new_resolver("selflock.pe_data", pe_data_dir)
-    if not OmegaConf.has_resolver("selflock.pe_demos"):
-        OmegaConf.register_new_resolver("selflock.pe_demos", pe_demos_dir)
-    if not OmegaConf.has_resolver("selflock.pe_warm_start"):
-        OmegaConf.register_new_resolver("selflock.pe_warm_start", pe_warm_start)
-    if not OmegaConf.has_resolver("selflock.agent_loop_yaml"):
-        OmegaConf.register_new_resolver("selflock.agent_loop_yaml", agent_loop_yaml)
-    return list(RESOLVERS)
+    return register(
+        {
+            "selflock.smollm2": lambda: smollm2_path(),
+            "selflock.pe_data": pe_data_dir,
+            "selflock.pe_demos": pe_demos_dir,
+            "selflock.pe_warm_start": pe_warm_start,
+            "selflock.agent_loop_yaml": agent_loop_yaml,
+        }
+    )
 
 
-__all__ = ["pe_data_dir", "pe_demos_dir", "pe_warm_start", "register_resolvers"]
+__all__ = ["pe_data_dir", "pe_demos_dir", "pe_warm_start", "register", "register_resolvers"]

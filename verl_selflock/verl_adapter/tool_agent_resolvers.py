@@ -20,22 +20,19 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from verl_selflock.cache import build_once, cache_dir
 from verl_selflock.tools.calculator import TOOL_CONFIG_PATH
 from verl_selflock.tools.loop_config import TOOL_CONFIG_KEY, ToolAgentArewConfig
+from verl_selflock.verl_adapter.resolvers import register
 
 __all__ = [
     "TOOL_AGENT_LOOP_YAML",
-    "TOOL_RESOLVERS",
     "calculator_data_dir",
     "calculator_tools_path",
     "register_tool_resolvers",
     "tool_agent_yaml",
 ]
 
-TOOL_RESOLVERS = ("selflock.calculator_data", "selflock.calculator_tools", "selflock.tool_agent_yaml")
 TOOL_AGENT_LOOP_YAML = str(Path(__file__).with_name("tool_agent_loop.yaml"))
 """The agent-loop YAML of ``tool_agent_arew`` shipped inside the package (present on every node that has it)."""
 
@@ -86,10 +83,10 @@ def tool_agent_yaml(*knobs: Any) -> str:
 
 def register_tool_resolvers() -> list[str]:
     """Register the resolvers with OmegaConf (idempotent)."""
-    if not OmegaConf.has_resolver("selflock.calculator_data"):
-        OmegaConf.register_new_resolver("selflock.calculator_data", calculator_data_dir)
-    if not OmegaConf.has_resolver("selflock.calculator_tools"):
-        OmegaConf.register_new_resolver("selflock.calculator_tools", calculator_tools_path)
-    if not OmegaConf.has_resolver("selflock.tool_agent_yaml"):
-        OmegaConf.register_new_resolver("selflock.tool_agent_yaml", tool_agent_yaml)
-    return list(TOOL_RESOLVERS)
+    return register(
+        {
+            "selflock.calculator_data": calculator_data_dir,
+            "selflock.calculator_tools": calculator_tools_path,
+            "selflock.tool_agent_yaml": tool_agent_yaml,
+        }
+    )

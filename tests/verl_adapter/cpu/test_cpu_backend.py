@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures.log_probs import teacher_forced_log_probs
 
 from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
 from verl_selflock.verl_adapter.cpu.sampling import GenerationRequest, filter_top_k_top_p, generate_batch
@@ -50,6 +51,7 @@ from verl.workers.rollout.base import get_rollout_class
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl_selflock.verl_adapter import cpu
 from verl_selflock.verl_adapter.cpu import patches
+
 
 names = cpu.register()
 assert cpu.register() == names  # idempotent
@@ -141,30 +143,8 @@ def test_cpu_overrides_compose_with_verl_config(verl_config):
 # ---------------------------------------------------------------------------------------------
 # generation core on a tiny random model
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
 
 
-def _teacher_forced_log_probs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    scale = temperature if temperature > 0 else 1.0
-    return torch.log_softmax(logits / scale, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
 
 
 def test_batched_left_padded_greedy_equals_one_by_one(tiny_lm):
@@ -184,7 +164,7 @@ def test_log_probs_match_teacher_forcing(tiny_lm, temperature):
     results = generate_batch(tiny_lm, requests, eos_token_ids=[], pad_token_id=0, generator=torch.Generator().manual_seed(1))
     for request, result in zip(requests, results, strict=True):
         assert len(result.token_ids) == 16 and result.stop_reason == "length"
-        expected = _teacher_forced_log_probs(tiny_lm, request.prompt_ids, result.token_ids, temperature)
+        expected = teacher_forced_log_probs(tiny_lm, request.prompt_ids, result.token_ids, temperature)
         torch.testing.assert_close(torch.tensor(result.log_probs), expected, atol=1e-4, rtol=0)
 
 
@@ -361,7 +341,7 @@ def test_smollm2_generation_log_probs_match_forward_and_stop_at_eos(smollm2):
     assert "5" in tokenizer.decode(short.token_ids)
     assert len(long.token_ids) == 24 and long.stop_reason == "length"  # capped
     for request, result in ((requests[0], short), (requests[1], long)):
-        expected = _teacher_forced_log_probs(model, request.prompt_ids, result.token_ids, request.temperature)
+        expected = teacher_forced_log_probs(model, request.prompt_ids, result.token_ids, request.temperature)
         got = torch.tensor(result.log_probs)
         assert (got - expected).abs().max() < 1e-3
         if len(got) > 2 and expected.std() > 0:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures.log_probs import teacher_forced_log_probs
 
 from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
 from verl_selflock.verl_adapter.cpu.prefix_cache import (
@@ -27,29 +28,8 @@ from verl_selflock.verl_adapter.cpu.sampling import GenerationRequest, generate_
 torch.set_num_threads(1)  # shared 2-core machines: see test_cpu_backend.py
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
 
 
-def _teacher_forced(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].float()
-    scale = temperature if temperature > 0 else 1.0
-    return torch.log_softmax(logits / scale, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
 
 
 def _play(model, cache: PrefixCache | None, temperature: float = 0.0, turns: int = 3, seed: int = 0):
@@ -83,7 +63,7 @@ def test_three_turns_same_tokens_and_log_probs_with_and_without_cache(tiny_lm, t
     for (i, prompt, tokens, log_probs), (_, prompt_ref, tokens_ref, log_probs_ref) in zip(cached, plain, strict=True):
         assert prompt == prompt_ref and tokens == tokens_ref, i
         torch.testing.assert_close(torch.tensor(log_probs), torch.tensor(log_probs_ref), atol=1e-5, rtol=0)
-        expected = _teacher_forced(tiny_lm, prompt, tokens, temperature)
+        expected = teacher_forced_log_probs(tiny_lm, prompt, tokens, temperature)
         torch.testing.assert_close(torch.tensor(log_probs), expected, atol=1e-4, rtol=0)
 
 
