@@ -64,7 +64,7 @@ class _TurnLike(Protocol):
 
 
 class DemoLike(Protocol):
-    """What a task's expert returns for one episode (e.g. :class:`verl_selflock.envs.pe.expert.Demonstration`)."""
+    """What a task's expert returns for one episode (:class:`verl_selflock.envs.demonstration.Demonstration`)."""
 
     spec: dict[str, Any]
     turns: Sequence[_TurnLike]

@@ -43,6 +43,10 @@ above come from the FloDial paper.
 Defaults: 1000 training and 300 test episodes (the paper's FloDial success rates are multiples of
 1/300), ``max_turns`` 10, BT critique ``v1``. Row layout as in :mod:`verl_selflock.data.pe`, with the
 environment spec of :class:`verl_selflock.envs.flodial.env.FloDialEnv` in ``extra_info["env"]``.
+
+``--demos N`` (:func:`build_flodial_demos`) also writes ``demos.parquet``: N train episodes (never a test
+episode) played by the expert (:mod:`verl_selflock.envs.flodial.expert`), as veRL SFT rows
+(:mod:`verl_selflock.data.flodial_demos`, :mod:`verl_selflock.data.demos`).
 """
 
 from __future__ import annotations
@@ -55,10 +59,12 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from verl_selflock.data.demos import DEMOS_SPLIT, check_demos_out_dir, write_demos
 from verl_selflock.data.flodial_charts import (  # load_flowchart: importable from here as before the split
     Flowchart,
     load_flowchart,
@@ -67,6 +73,7 @@ from verl_selflock.data.flodial_charts import (  # load_flowchart: importable fr
     separating_questions,
     split_node,
 )
+from verl_selflock.data.flodial_demos import flodial_demo_rows, select_demo_rows
 from verl_selflock.data.parquet import check_count, check_out_dir, dataset_row, split_rows, write_splits
 from verl_selflock.envs.flodial.env import BT_VARIANTS, DEFAULT_MAX_TURNS
 from verl_selflock.envs.flodial.prompts import flodial_messages
@@ -82,6 +89,7 @@ __all__ = [
     "make_flodial_spec",
     "build_flodial_rows",
     "build_flodial_dataset",
+    "build_flodial_demos",
     "flodial_messages",
     "add_arguments",
     "run",
@@ -262,16 +270,78 @@ def build_flodial_dataset(
     n_test: int,
     seed: int,
     progress: bool = True,
+    demos: int = 0,
 ) -> dict[str, str]:
-    """Read the flowcharts, write ``train.parquet`` and ``test.parquet`` under ``out_dir``; return their paths."""
+    """Read the flowcharts, write ``train.parquet`` and ``test.parquet`` under ``out_dir``; return their paths.
+
+    ``demos`` > 0 also writes ``demos.parquet`` (:func:`build_flodial_demos`, expert seed = ``seed``); all files
+    are written together or none."""
     check_count(n_train, "n_train (--train)", minimum=0)  # one empty split is allowed here (tests, eval sets)
     check_count(n_test, "n_test (--test)", minimum=0)
     if n_train + n_test == 0:
         raise InvalidInput("n_train and n_test (--train, --test) are both 0: nothing to build")
     check_count(seed, "seed (--seed)", minimum=0)  # numpy's SeedSequence refuses negative entropy
-    check_out_dir(out_dir)  # before reading the charts
-    rows = build_flodial_rows(load_flowcharts(input_dir), config, n_train, n_test, seed, progress=progress)
+    check_count(demos, "demos (--demos)", minimum=0)
+    check_out_dir(out_dir, ("train", "test", DEMOS_SPLIT) if demos else ("train", "test"))  # before reading charts
+    charts = load_flowcharts(input_dir)
+    rows = build_flodial_rows(charts, config, n_train, n_test, seed, progress=progress)
+    if demos:
+        rows[DEMOS_SPLIT] = _demo_rows(charts, config, demos, seed, rows["test"], seed, None, progress)
     return write_splits(rows, out_dir)
+
+
+def _demo_rows(
+    charts: Mapping[str, Flowchart], config: FloDialDataConfig, n: int, seed: int, test_rows: list[dict],
+    expert_seed: int, tokenizer: Any, progress: bool,
+) -> list[dict[str, Any]]:
+    """Expert rows on train episodes ``0, 1, ...`` of ``seed``, skipping any equal to a test episode."""
+    kept = select_demo_rows(
+        lambda count: build_flodial_rows(charts, config, count, 0, seed, progress=False)["train"], n, test_rows
+    )
+    return flodial_demo_rows(kept, config.data_source, seed, expert_seed, tokenizer, progress)
+
+
+def build_flodial_demos(
+    config: FloDialDataConfig,
+    n: int,
+    seed: int,
+    out_dir: str | os.PathLike,
+    *,
+    input_dir: str | os.PathLike,
+    n_train: int = 1000,
+    n_test: int = 300,
+    expert_seed: int | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> Path:
+    """Write ``<out_dir>/demos.parquet``: ``n`` episodes of the FloDial expert as veRL multi-turn SFT rows.
+
+    The episodes are those of the train split that ``build_flodial_dataset(input_dir, ..., config, n_train,
+    n_test, seed)`` writes (index 0, 1, ...; beyond ``n_train``, more draws of the same rule), never one of
+    its test split (same chart, true fault and candidate set, in any order).
+
+    Args:
+        config: the dataset's configuration.
+        n: episodes.
+        seed: the dataset seed.
+        out_dir: output folder (created).
+        input_dir: the FloDial knowledge-sources folder (or the folder that contains it).
+        n_train, n_test: the dataset's split sizes (the test split the demos must avoid).
+        expert_seed: seeds the expert's final guess when the budget runs out (default: ``seed``).
+        tokenizer: the policy's tokenizer, to cap observations as the agent loop does (optional).
+
+    Returns:
+        The path of ``demos.parquet``.
+    """
+    check_count(n, "n (--demos)")
+    check_count(seed, "seed (--seed)", minimum=0)
+    check_count(n_train, "n_train (--train)", minimum=0)
+    check_count(n_test, "n_test (--test)", minimum=0)
+    expert_seed = seed if expert_seed is None else check_count(expert_seed, "expert_seed", minimum=0)
+    check_demos_out_dir(out_dir)
+    charts = load_flowcharts(input_dir)
+    test_rows = build_flodial_rows(charts, config, n_train, n_test, seed, progress=False)["test"]
+    return write_demos(_demo_rows(charts, config, n, seed, test_rows, expert_seed, tokenizer, progress), out_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +363,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bt-variant", choices=BT_VARIANTS, default="v1", help="BT critique after uninformative feedback"
     )
+    parser.add_argument(
+        "--demos", type=int, default=0,
+        help="also write demos.parquet next to train/test: this many train episodes (never a test episode) played "
+        "by the expert (envs/flodial/expert.py: it asks where the remaining candidates' paths part), as veRL "
+        "multi-turn SFT rows for a supervised warm start (default 0: none)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -309,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         bt_variant=args.bt_variant,
     )
     paths = build_flodial_dataset(
-        args.input, args.out, config, args.train, args.test, args.seed, progress=not args.no_progress
+        args.input, args.out, config, args.train, args.test, args.seed, progress=not args.no_progress, demos=args.demos
     )
     for split, path in paths.items():
         print(f"{split}: {path}")

@@ -32,12 +32,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from verl_selflock.envs.base import EnvContext, RoundKind, make_env
+from verl_selflock.envs.demonstration import Demonstration, ExpertTurn
 from verl_selflock.envs.pe.geometry import DOMINANCE_TOL
 from verl_selflock.envs.pe.oracle import PEVersionSpace, seed_of
 from verl_selflock.envs.pe.prompts import FEEDBACK_PREFIX
@@ -50,33 +50,6 @@ DECIMALS = 3
 """Decimals of a written estimate (normalised to sum 1): short enough for a small model, and rounding
 costs no measurable success (cosine error below 1e-3)."""
 _FEEDBACK_RE = re.compile(re.escape(FEEDBACK_PREFIX) + r"(Yes\.|No\.|Equal\.)")
-
-
-@dataclass(frozen=True)
-class ExpertTurn:
-    """One turn of a demonstration, as the environment judged it."""
-
-    round: str
-    """``action``, ``update`` or ``answer``."""
-    text: str
-    """The assistant turn: one ``<scratch>`` sentence and the block, ending at its closing tag."""
-    observation: str | None
-    """The environment's reply (the next user message); None after the last turn."""
-    critique: int
-    """The turn's directional critique (AS on Action rounds, BT on Update rounds, 0 on the answer)."""
-    valid: bool
-
-
-@dataclass(frozen=True)
-class Demonstration:
-    """One episode played by the expert."""
-
-    spec: dict[str, Any]
-    turns: list[ExpertTurn] = field(default_factory=list)
-    success: bool = False
-    reward: float = 0.0
-    answer_cos: float | None = None
-    seed: int = 0
 
 
 class PEExpert:
