@@ -129,7 +129,10 @@ def table(out: Path, arms: list[str], seeds: list[int], steps: int) -> str:
                     if values:
                         per_seed.append(float(np.mean(values)))
                 mean, half = interval(per_seed)
-                cells.append("n/a" if math.isnan(mean) else f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}"))
+                if math.isnan(mean):
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}"))
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

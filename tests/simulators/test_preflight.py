@@ -38,7 +38,7 @@ def test_a_dead_url_is_refused_naming_url_host_and_loopback(monkeypatch):
         check_reachable(config(dead, max_retries=1))
     message = str(caught.value)
     assert message.startswith(f"simulator.base_url {dead} (model patient): the start-up check from ")
-    assert "ConnectError" in message and "after 2 attempt(s)" in message
+    assert "ConnectError" in message and "after 3 attempt(s)" in message  # never fewer than MIN_ATTEMPTS
     assert "this node's own loopback" in message and "resolved on the driver" in message
     assert "\n" not in message
 
@@ -91,9 +91,16 @@ def test_a_server_still_loading_is_retried_with_the_configs_backoff():
     with Endpoint(fail_first=2) as server:
         check_reachable(config(server.base_url, max_retries=2))
     assert [method for method, _, _ in server.seen] == ["GET"] * 3
-    with Endpoint(fail_first=4) as server, pytest.raises(SimulatorUnreachableError, match="HTTP 503.*of POST"):
+    with Endpoint(fail_first=6) as server, pytest.raises(SimulatorUnreachableError, match="HTTP 503.*of POST"):
         check_reachable(config(server.base_url, max_retries=1))
-    assert [method for method, _, _ in server.seen] == ["GET", "GET", "POST", "POST"]
+    assert [method for method, _, _ in server.seen] == ["GET"] * 2 + ["POST"] * 3
+
+
+def test_the_start_up_check_retries_even_when_the_config_retries_nothing():
+    """Refusing stops the run: a server that drops its first requests while it warms up is not refused."""
+    with Endpoint(fail_first=2) as server:
+        check_reachable(config(server.base_url, max_retries=0))
+    assert [method for method, _, _ in server.seen] == ["GET", "POST", "POST"]
 
 
 def test_a_failing_models_route_lets_a_chat_call_decide():

@@ -65,8 +65,7 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 def test_a_short_warm_start_on_cpu_trains_the_model(smollm2_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from verl_selflock.data.demos import build_pe_demos
-    from verl_selflock.data.pe import pe_data_config
+    from verl_selflock.data.pe import build_pe_demos, pe_data_config
 
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
     demos = build_pe_demos(pe_data_config("gated", 2, max_turns=4, gated_dim=4, n_movies=6, prompt="compact"), 4, 0,

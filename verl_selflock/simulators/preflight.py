@@ -12,7 +12,8 @@ The request is ``GET {base_url}/models`` (every OpenAI-compatible server has it:
 ``transformers serve``, hosted APIs): it generates nothing and is not a chat call, so it never shows up
 in a server's chat traffic. Outcomes:
 
-* no connection or a timeout after the config's ``max_retries`` (with its backoff): refused;
+* no connection or a timeout after the config's ``max_retries`` (at least :data:`MIN_ATTEMPTS` attempts,
+  with its backoff): refused;
 * 401 / 403: refused, naming the variable the key is read from (``api_key_env``) and whether it is set
   here; the key itself is never shown;
 * the model listed: ok. Listed models without it, or a 5xx (``transformers serve`` answers 500 there):
@@ -46,6 +47,10 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})
 PROBE_MESSAGES = [{"role": "user", "content": "Reply with the single word OK."}]
 PROBE_MAX_TOKENS = 2
 SNIPPET_CHARS = 160
+MIN_ATTEMPTS = 3
+"""Attempts per start-up request even when the config retries nothing: refusing stops the whole run, so a
+server that drops one connection while it warms up (``transformers serve`` loads its model on the first
+request) must not be enough."""
 
 
 class SimulatorUnreachableError(UserError, RuntimeError):
@@ -108,13 +113,15 @@ def check_reachable(config: SimulatorConfig) -> None:
 
 
 def _send(client: Any, config: SimulatorConfig, method: str, url: str, accept_5xx: bool = False, **kwargs: Any) -> Any:
-    """One request; connection errors, timeouts and 5xx are retried as the chat client retries them (a 5xx
-    is returned after the retries when ``accept_5xx``, else refused like a dead server)."""
+    """One request; connection errors, timeouts and 5xx are retried as the chat client retries them, with at
+    least :data:`MIN_ATTEMPTS` attempts (a 5xx is returned after the config's retries when ``accept_5xx``,
+    else refused like a dead server)."""
     import httpx
 
     rng = random.Random()
     problem, response = "no attempt", None
-    for attempt in range(int(config.max_retries) + 1):
+    attempts = max(int(config.max_retries) + 1, MIN_ATTEMPTS)
+    for attempt in range(attempts):
         if attempt:
             time.sleep(backoff_delay(attempt, float(config.backoff_s), float(config.backoff_max_s), rng.random()))
         try:
@@ -128,9 +135,11 @@ def _send(client: Any, config: SimulatorConfig, method: str, url: str, accept_5x
         if response.status_code < 500:
             return response
         problem = f"HTTP {response.status_code} ({_snippet(response.text)})"
+        if accept_5xx and attempt >= int(config.max_retries):
+            return response  # a route that always answers 5xx (`transformers serve` /models): chat decides
     if response is not None and accept_5xx:
         return response
-    _refuse(config, f"{problem} after {int(config.max_retries) + 1} attempt(s) of {method} {url}", _reach_hint(config))
+    _refuse(config, f"{problem} after {attempts} attempt(s) of {method} {url}", _reach_hint(config))
 
 
 def _probe_chat(client: Any, config: SimulatorConfig, base: str, served: list[str] | None) -> None:

@@ -83,7 +83,11 @@ def pe_demos_dir(variant: str, size_param: int, n_demos: int, seed: int = 0, max
     kwargs, suffix = _pe_options(options)
     config = pe_data_config(str(variant), int(size_param), int(max_turns) or None, **kwargs)
     name = f"demos_pe_{variant}_{size_param}_n{n_demos}_seed{seed}_turns{max_turns or 'default'}{suffix}"
-    return str(build_once(cache_dir() / "data" / name, lambda folder: build_pe_demos(config, int(n_demos), int(seed), folder)))
+
+    def build(folder: Path) -> None:
+        build_pe_demos(config, int(n_demos), int(seed), folder)
+
+    return str(build_once(cache_dir() / "data" / name, build))
 
 
 def pe_warm_start(variant: str, size_param: int, n_demos: int, seed: int = 0, max_turns: int = 0, *options: Any) -> str:
