@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from verl_selflock.data.parquet import check_out_dir, write_splits
+from verl_selflock.data.parquet import check_count, check_out_dir, write_splits
 from verl_selflock.episode.token_cut import cap_text_tokens
 from verl_selflock.errors import InvalidInput
 
@@ -41,6 +41,7 @@ __all__ = [
     "MESSAGES_KEY",
     "OBS_TRUNCATION_MARKER",
     "DemoLike",
+    "check_demo_request",
     "check_demos_out_dir",
     "demo_messages",
     "demo_row",
@@ -129,6 +130,20 @@ def demo_row(
 def check_demos_out_dir(out_dir: str | os.PathLike) -> Path:
     """Refuse an output folder that cannot take ``demos.parquet`` (before anything is played)."""
     return check_out_dir(out_dir, (DEMOS_SPLIT,))
+
+
+def check_demo_request(
+    n: int, seed: int, n_train: int, n_test: int, expert_seed: int | None, out_dir: str | os.PathLike
+) -> int:
+    """Refuse impossible arguments of a ``build_<task>_demos`` (naming the CLI option) before anything is
+    played; returns the expert's seed (default: the dataset seed)."""
+    check_count(n, "n (--demos)")
+    check_count(seed, "seed (--seed)", minimum=0)
+    check_count(n_train, "n_train (--train)", minimum=0)
+    check_count(n_test, "n_test (--test)", minimum=0)
+    expert_seed = seed if expert_seed is None else check_count(expert_seed, "expert_seed", minimum=0)
+    check_demos_out_dir(out_dir)
+    return expert_seed
 
 
 def write_demos(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> Path:

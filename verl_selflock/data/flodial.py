@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from verl_selflock.data.demos import DEMOS_SPLIT, check_demos_out_dir, write_demos
+from verl_selflock.data.demos import DEMOS_SPLIT, check_demo_request, write_demos
 from verl_selflock.data.flodial_charts import (  # load_flowchart: importable from here as before the split
     Flowchart,
     load_flowchart,
@@ -333,12 +333,7 @@ def build_flodial_demos(
     Returns:
         The path of ``demos.parquet``.
     """
-    check_count(n, "n (--demos)")
-    check_count(seed, "seed (--seed)", minimum=0)
-    check_count(n_train, "n_train (--train)", minimum=0)
-    check_count(n_test, "n_test (--test)", minimum=0)
-    expert_seed = seed if expert_seed is None else check_count(expert_seed, "expert_seed", minimum=0)
-    check_demos_out_dir(out_dir)
+    expert_seed = check_demo_request(n, seed, n_train, n_test, expert_seed, out_dir)
     charts = load_flowcharts(input_dir)
     test_rows = build_flodial_rows(charts, config, n_train, n_test, seed, progress=False)["test"]
     return write_demos(_demo_rows(charts, config, n, seed, test_rows, expert_seed, tokenizer, progress), out_dir)

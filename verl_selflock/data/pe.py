@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from verl_selflock.data.demos import DEMOS_SPLIT, check_demos_out_dir, demo_row, write_demos
+from verl_selflock.data.demos import DEMOS_SPLIT, check_demo_request, demo_row, write_demos
 from verl_selflock.data.parquet import check_count, check_out_dir, write_splits
 from verl_selflock.data.pe_instances import (
     GATED_DIM,
@@ -175,12 +175,7 @@ def build_pe_demos(
     Returns:
         The path of ``demos.parquet``.
     """
-    check_count(n, "n (--demos)")
-    check_count(seed, "seed (--seed)", minimum=0)
-    check_count(n_train, "n_train (--train)", minimum=0)
-    check_count(n_test, "n_test (--test)", minimum=0)
-    expert_seed = seed if expert_seed is None else check_count(expert_seed, "expert_seed", minimum=0)
-    check_demos_out_dir(out_dir)
+    expert_seed = check_demo_request(n, seed, n_train, n_test, expert_seed, out_dir)
     test_rows = build_pe_rows(config, n_train, n_test, seed, progress=False)["test"]
     return write_demos(_demo_rows(config, n, seed, test_rows, expert_seed, tokenizer, progress), out_dir)
 
