@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from fixtures.parquet_values import plain
 
 from verl_selflock.cli import main
 from verl_selflock.data.demos import (
@@ -22,21 +23,10 @@ GATED = PEDataConfig("gated", 6, 2, 10)
 FULL = PEDataConfig("full", 6, None, 12)
 
 
-def _plain(value):
-    """pandas' arrays of arrays back to lists."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _replay(row) -> None:
     """Play a row's assistant messages through a fresh environment: every user message is the env's reply."""
-    spec = _plain(row["extra_info"]["env"])
-    messages = _plain(row["messages"])
+    spec = plain(row["extra_info"]["env"])
+    messages = plain(row["messages"])
     assert messages[:2] == pe_messages(spec)
     rest = messages[2:]
     assert [m["role"] for m in rest] == ["assistant", "user"] * (len(rest) // 2) + ["assistant"]
@@ -68,10 +58,10 @@ def test_demo_rows_replay_and_avoid_the_test_split(tmp_path, config):
     rows = build_pe_rows(config, 2, 6, 5, progress=False)
     ids = list(demos["id"])
     assert ids == [f"{config.data_source}-train-{k:05d}" for k in range(4)]
-    assert [_plain(r["extra_info"]["env"]) for r in rows["train"]] == [_plain(e["env"]) for e in demos["extra_info"][:2]]
+    assert [plain(r["extra_info"]["env"]) for r in rows["train"]] == [plain(e["env"]) for e in demos["extra_info"][:2]]
     test_tables = {str(r["extra_info"]["env"]["movies"]) + str(r["extra_info"]["env"]["w_star"]) for r in rows["test"]}
     for extra in demos["extra_info"]:
-        env = _plain(extra["env"])
+        env = plain(extra["env"])
         assert str(env["movies"]) + str(env["w_star"]) not in test_tables
 
 
@@ -123,10 +113,10 @@ def test_cli_writes_demos_next_to_the_splits(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["demos.parquet", "test.parquet", "train.parquet"]
     assert "demos: " in capsys.readouterr().out
     train, demos = pd.read_parquet(out / "train.parquet"), pd.read_parquet(out / "demos.parquet")
-    assert [_plain(p) for p in train["prompt"][:2]] == [_plain(m)[:2] for m in demos["messages"]]
-    plain = tmp_path / "plain"
-    assert main([*argv, "--out", str(plain)]) == 0  # no --demos: no demos file
-    assert sorted(p.name for p in plain.iterdir()) == ["test.parquet", "train.parquet"]
+    assert [plain(p) for p in train["prompt"][:2]] == [plain(m)[:2] for m in demos["messages"]]
+    without = tmp_path / "plain"
+    assert main([*argv, "--out", str(without)]) == 0  # no --demos: no demos file
+    assert sorted(p.name for p in without.iterdir()) == ["test.parquet", "train.parquet"]
 
 
 @pytest.mark.parametrize(
@@ -160,5 +150,5 @@ def test_verl_multiturn_sft_dataset_reads_the_demos(tmp_path, chatml_tokenizer):
         item = dataset[index]  # runs veRL's sanity check (per-turn tokens == whole conversation's)
         ids, loss = item["input_ids"].tolist(), item["loss_mask"].tolist()
         trained = chatml_tokenizer.decode([t for t, m in zip(ids, loss, strict=True) if m])
-        assistants = [m["content"] for m in _plain(frame["messages"][index]) if m["role"] == "assistant"]
+        assistants = [m["content"] for m in plain(frame["messages"][index]) if m["role"] == "assistant"]
         assert trained == "".join(f"{text}<|im_end|>\n" for text in assistants)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fixtures.flodial_charts import laptop_chart, write_charts
+from fixtures.parquet_values import plain
 
 from verl_selflock.cli import main
 from verl_selflock.data.demos import DEMOS_FILE
@@ -38,22 +39,11 @@ def charts_dir(tmp_path) -> Path:
     return write_charts(tmp_path / "flodial", [laptop_chart(), laptop_chart("laptop_screen_b")])
 
 
-def _plain(value):
-    """pandas' arrays of arrays back to lists."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _replay(row) -> None:
     """Play a row's assistant messages through a fresh environment with the scripted user: every user message
     is the environment's reply, every turn valid, the critiques and the outcome those of the row."""
-    spec = _plain(row["extra_info"]["env"])
-    messages = _plain(row["messages"])
+    spec = plain(row["extra_info"]["env"])
+    messages = plain(row["messages"])
     assert messages[:2] == flodial_messages(spec)
     rest = messages[2:]
     assert [m["role"] for m in rest] == ["assistant", "user"] * (len(rest) // 2) + ["assistant"]
@@ -83,8 +73,8 @@ def test_demo_rows_replay_and_avoid_the_test_split(charts_dir):
     for _, row in demos.iterrows():
         _replay(row)
     rows = build_flodial_rows(load_flowcharts(charts_dir), EASY3, 2, 5, 5, progress=False)
-    specs = [_plain(extra["env"]) for extra in demos["extra_info"]]
-    assert [_plain(r["extra_info"]["env"]) for r in rows["train"]] == specs[:2]  # the dataset's own train rows
+    specs = [plain(extra["env"]) for extra in demos["extra_info"]]
+    assert [plain(r["extra_info"]["env"]) for r in rows["train"]] == specs[:2]  # the dataset's own train rows
     test_keys = {episode_key(r["extra_info"]["env"]) for r in rows["test"]}
     assert not test_keys & {episode_key(spec) for spec in specs}
     assert len({episode_key(spec) for spec in specs}) == 6
@@ -146,12 +136,12 @@ def test_cli_writes_demos_next_to_the_splits(charts_dir, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["demos.parquet", "test.parquet", "train.parquet"]
     assert "demos: " in capsys.readouterr().out
     train, demos = pd.read_parquet(out / "train.parquet"), pd.read_parquet(out / "demos.parquet")
-    assert [_plain(p) for p in train["prompt"][:3]] == [_plain(m)[:2] for m in demos["messages"][:3]]
+    assert [plain(p) for p in train["prompt"][:3]] == [plain(m)[:2] for m in demos["messages"][:3]]
     for _, row in demos.iterrows():
         _replay(row)
-    plain = charts_dir.parent / "plain"
-    assert _cli(charts_dir, plain) == 0  # no --demos: no demos file
-    assert sorted(p.name for p in plain.iterdir()) == ["test.parquet", "train.parquet"]
+    without = charts_dir.parent / "plain"
+    assert _cli(charts_dir, without) == 0  # no --demos: no demos file
+    assert sorted(p.name for p in without.iterdir()) == ["test.parquet", "train.parquet"]
 
 
 @pytest.mark.parametrize(
@@ -183,8 +173,8 @@ def test_real_charts_demos(tmp_path, difficulty, scheme):
     assert main(["data", "flodial", "--input", str(REAL_FLODIAL), "--out", str(out), "--no-progress", *args]) == 0
     demos, test = pd.read_parquet(out / DEMOS_FILE), pd.read_parquet(out / "test.parquet")
     assert len(demos) == 40 and demos["success"].all()  # 100% at the default 10 turns
-    test_keys = {episode_key(_plain(extra["env"])) for extra in test["extra_info"]}
-    specs = [_plain(extra["env"]) for extra in demos["extra_info"]]
+    test_keys = {episode_key(plain(extra["env"])) for extra in test["extra_info"]}
+    specs = [plain(extra["env"]) for extra in demos["extra_info"]]
     assert not test_keys & {episode_key(spec) for spec in specs} and {s["split"] for s in specs} == {"train"}
     for _, row in demos.iterrows():
         _replay(row)
@@ -199,8 +189,8 @@ def test_verl_multiturn_sft_dataset_reads_the_demos(charts_dir, chatml_tokenizer
 
     kwargs = {"input_dir": charts_dir, "n_train": 2, "n_test": 2}
     path = build_flodial_demos(EASY3, 2, seed=0, out_dir=charts_dir.parent / "t", tokenizer=chatml_tokenizer, **kwargs)
-    plain = build_flodial_demos(EASY3, 2, seed=0, out_dir=charts_dir.parent / "p", **kwargs)
-    assert path.read_bytes() == plain.read_bytes()
+    again = build_flodial_demos(EASY3, 2, seed=0, out_dir=charts_dir.parent / "p", **kwargs)
+    assert path.read_bytes() == again.read_bytes()
     config = OmegaConf.create(
         {"messages_key": "messages", "pad_mode": "no_padding", "max_length": 8192, "truncation": "error"}
     )
@@ -210,5 +200,5 @@ def test_verl_multiturn_sft_dataset_reads_the_demos(charts_dir, chatml_tokenizer
         item = dataset[index]  # runs veRL's sanity check (per-turn tokens == whole conversation's)
         ids, loss = item["input_ids"].tolist(), item["loss_mask"].tolist()
         trained = chatml_tokenizer.decode([t for t, m in zip(ids, loss, strict=True) if m])
-        assistants = [m["content"] for m in _plain(frame["messages"][index]) if m["role"] == "assistant"]
+        assistants = [m["content"] for m in plain(frame["messages"][index]) if m["role"] == "assistant"]
         assert trained == "".join(f"{text}<|im_end|>\n" for text in assistants)
