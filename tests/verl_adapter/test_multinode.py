@@ -31,27 +31,20 @@ pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
+from fixtures.mediq_rows import COUGH_CASE
 from fixtures.servers import ScriptedServer
 from simulators.endpoints import Endpoint
 
 from verl_selflock.contracts import episode as ef
 from verl_selflock.contracts.names import AGENT_NAME
-from verl_selflock.data.mediq import MediQCase, build_mediq_rows
+from verl_selflock.data.mediq import build_mediq_rows
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 KEY_ENV = "SELFLOCK_SIMULATOR_API_KEY"
 KEY = "sk-multinode-test-key"
 IM_END = "<|im_end|>"
-CASE = MediQCase(
-    case_id="multinode-1",
-    initial="A 30-year-old woman has a cough.",
-    question="What is the most likely diagnosis?",
-    options=("Pneumonia", "Asthma", "Reflux", "Lung cancer"),
-    answer_index=0,
-    facts=("She has had a fever for three days.", "She coughs up yellow sputum.", "She does not smoke."),
-    source="fixture",
-)
+CASE = dataclasses.replace(COUGH_CASE, case_id="multinode-1")
 MEDIQ_SCRIPT = [
     "<scratch>a</scratch><interact>Query: Do you have a fever?</interact>" + IM_END,
     "<interact>Guess: 4,1,1,1</interact>" + IM_END,

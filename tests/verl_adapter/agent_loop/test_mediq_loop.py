@@ -8,25 +8,18 @@ import dataclasses
 
 import pytest
 from fixtures.harness import SAMPLING, Expected, build_loop, run_episode
+from fixtures.mediq_rows import COUGH_CASE
 from fixtures.openai_servers import FaultServer
 from fixtures.servers import ABORTED, ScriptedServer, scripted_logprob
 
 from verl_selflock.contracts import episode as ef
 from verl_selflock.contracts.critique import CHANNEL_AS, CHANNEL_BT, CHANNEL_NONE, CRITIQUE_FIELDS
 from verl_selflock.contracts.episode import CF_BRANCHES, CF_TIME
-from verl_selflock.data.mediq import MediQCase, build_mediq_rows
+from verl_selflock.data.mediq import build_mediq_rows
 from verl_selflock.envs.mediq.prompts import FIXED_REPLY
 
 IM_END = "<|im_end|>"
-CASE = MediQCase(
-    case_id="fixture-1",
-    initial="A 30-year-old woman has a cough.",
-    question="What is the most likely diagnosis?",
-    options=("Pneumonia", "Asthma", "Reflux", "Lung cancer"),
-    answer_index=0,
-    facts=("She has had a fever for three days.", "She coughs up yellow sputum.", "She does not smoke."),
-    source="fixture",
-)
+CASE = COUGH_CASE
 
 Q1 = "<scratch>a</scratch><interact>Query: Do you have a fever?</interact>"
 Q2 = "<interact>Query: Do you smoke?</interact>"
