@@ -45,7 +45,7 @@ class SFTSettings:
     lr: float = 2.0e-4
     batch_size: int = 8
     micro_batch_size: int = 2
-    max_length: int = 2048
+    max_length: int = 4096  # a 10-turn PE episode with the full prompt is ~2,500 tokens; nothing is padded
     seed: int = 0
 
 
