@@ -8,9 +8,11 @@ Shared by the experts that write supervised warm-start demonstrations (:mod:`ver
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Demonstration", "ExpertTurn"]
+from verl_selflock.envs.base import ActiveReasoningEnv, RoundKind
+
+__all__ = ["Demonstration", "Expert", "ExpertTurn", "play_turns"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,25 @@ class Demonstration:
     """PE only: the cosine of the answer with ``w*`` (None for other tasks)."""
     seed: int = 0
     """The expert's seed."""
+
+
+class Expert(Protocol):
+    """A policy that plays a round-based task: the text of the next turn, and what it learns from a reply."""
+
+    def turn(self, kind: RoundKind) -> str: ...
+
+    def observe(self, observation: str) -> None: ...
+
+
+async def play_turns(env: ActiveReasoningEnv, expert: Expert) -> list[ExpertTurn]:
+    """Play ``expert`` through ``env`` until the environment ends the episode (or its turn cap); every turn
+    as the environment judged it."""
+    turns: list[ExpertTurn] = []
+    while True:
+        kind = env.next_round()
+        text = expert.turn(kind)
+        step = await env.step(text)
+        turns.append(ExpertTurn(kind.value, text, step.observation, int(step.label.critique), bool(step.valid)))
+        if step.done or not step.observation or len(turns) >= env.max_turns:
+            return turns
+        expert.observe(step.observation)

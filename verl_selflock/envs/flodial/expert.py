@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.envs.base import EnvContext, RoundKind, make_env
-from verl_selflock.envs.demonstration import Demonstration, ExpertTurn
+from verl_selflock.envs.demonstration import Demonstration, play_turns
 from verl_selflock.envs.flodial.prompts import FEEDBACK_PREFIX
 from verl_selflock.envs.flodial.scripted_user import ScriptedFloDialUser
 
@@ -193,15 +193,7 @@ async def play_flodial_expert_async(spec: Mapping[str, Any], seed: int = 0, simu
     expert = FloDialExpert(spec, seed=seed)
     user = simulator if simulator is not None else ScriptedFloDialUser(spec["table"])
     env = make_env(spec, context=EnvContext(simulator=user, training=False))
-    turns: list[ExpertTurn] = []
-    while True:
-        kind = env.next_round()
-        text = expert.turn(kind)
-        step = await env.step(text)
-        turns.append(ExpertTurn(kind.value, text, step.observation, int(step.label.critique), bool(step.valid)))
-        if step.done or not step.observation or len(turns) >= env.max_turns:
-            break
-        expert.observe(step.observation)
+    turns = await play_turns(env, expert)
     result = env.result()
     return Demonstration(
         spec=dict(spec), turns=turns, success=bool(result.success), reward=float(result.reward), seed=int(seed)

@@ -29,6 +29,7 @@ turn text the agent loop keeps, :mod:`verl_selflock.episode.token_cut`), in the 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from verl_selflock.envs.base import EnvContext, RoundKind, make_env
-from verl_selflock.envs.demonstration import Demonstration, ExpertTurn
+from verl_selflock.envs.demonstration import Demonstration, ExpertTurn, play_turns
 from verl_selflock.envs.pe.geometry import DOMINANCE_TOL
 from verl_selflock.envs.pe.oracle import PEVersionSpace, seed_of
 from verl_selflock.envs.pe.prompts import FEEDBACK_PREFIX
@@ -174,15 +175,7 @@ def play_pe_expert(spec: Mapping[str, Any], seed: int = 0, n_samples: int = EXPE
     """
     expert = PEExpert(spec, seed=seed, n_samples=n_samples)
     env = make_env(spec, context=EnvContext(training=False))
-    turns: list[ExpertTurn] = []
-    while True:
-        kind = env.next_round()
-        text = expert.turn(kind)
-        step = env.step_sync(text)  # type: ignore[attr-defined]  (PE is synchronous)
-        turns.append(ExpertTurn(kind.value, text, step.observation, int(step.label.critique), bool(step.valid)))
-        if step.done or not step.observation or len(turns) >= env.max_turns:
-            break
-        expert.observe(step.observation)
+    turns = asyncio.run(play_turns(env, expert))  # PE's step never awaits: this is a plain loop
     result = env.result()
     return Demonstration(
         spec=dict(spec),
