@@ -39,15 +39,15 @@ class Endpoint:
         self.seen.append((request.method, request.path, request.headers.get("Authorization", "")))
         if self.key is not None and request.headers.get("Authorization") != f"Bearer {self.key}":
             return web.json_response({"error": {"message": "Incorrect API key"}}, status=401)
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return web.json_response({"error": {"message": "loading"}}, status=503)
         return None
 
     async def _models(self, request: web.Request) -> web.Response:
         refused = self._refused(request)
         if refused is not None:
             return refused
-        if self.fail_first > 0:
-            self.fail_first -= 1
-            return web.json_response({"error": {"message": "loading"}}, status=503)
         if self.status is not None:
             return web.json_response({"error": {"message": "forced"}}, status=self.status)
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
@@ -56,9 +56,6 @@ class Endpoint:
         refused = self._refused(request)
         if refused is not None:
             return refused
-        if self.fail_first > 0:
-            self.fail_first -= 1
-            return web.json_response({"error": {"message": "loading"}}, status=503)
         if not self.chat_ok:
             return web.json_response({"error": {"message": "The model does not exist."}}, status=404)
         return web.json_response(completion_body("OK"))

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures.hf_server import server_on
 from fixtures.log_probs import teacher_forced_log_probs
 
-from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
 from verl_selflock.verl_adapter.cpu.sampling import GenerationRequest, filter_top_k_top_p, generate_batch
 
 # One intra-op thread: on a shared 2-core machine OpenMP spin contention makes small matmuls ~30x
@@ -203,7 +203,7 @@ def test_stop_strings_end_the_generation_as_vllm_does(tiny_lm):
     with pytest.raises(ValueError, match="decode"):
         generate_batch(tiny_lm, [GenerationRequest([5], max_tokens=2, stop=("x",))], [], 0)
 
-    server = _server_on(tiny_lm, tokenizer_eos=63, response_length=12)
+    server = server_on(tiny_lm, 63, 12)
     server.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: _bracketed(ids))
     greedy = {"temperature": 0.0, "stop": [single], "include_stop_str_in_output": True}
     out = asyncio.run(server.generate(request_id="s", prompt_ids=[5, 6, 7], sampling_params=greedy))
@@ -221,24 +221,8 @@ def test_top_k_one_is_greedy_and_top_p_keeps_nucleus():
     assert probs[0, 0] < 0.7 < probs[0, :2].sum()
 
 
-def _server_on(model, tokenizer_eos: int, response_length: int) -> HFGenerationServer:
-    """An HFGenerationServer around an in-memory model (skips the file loading in __init__)."""
-    server = HFGenerationServer.__new__(HFGenerationServer)
-    server.config = SimpleNamespace(
-        prompt_length=256, response_length=response_length, temperature=1.0, max_model_len=None, max_num_seqs=8,
-        repetition_penalty=1.0, ignore_eos=False,
-    )
-    server.model, server.eos_token_ids, server.pad_token_id = model, [tokenizer_eos], 0
-    server.replica_rank, server.max_batch_size, server.batch_wait_s = 0, 8, 0.01
-    server.generator = torch.Generator().manual_seed(0)
-    server.global_steps, server._queue, server._wakeup, server._batcher, server._lock = None, [], None, None, None
-    server._pending_names, server._pending_unexpected = set(), []
-    server.stats = {"requests": 0, "batches": 0, "tokens": 0, "generate_s": 0.0, "weight_updates": 0}
-    return server
-
-
 def test_server_caps_lengths_batches_concurrent_requests_and_tags_steps(tiny_lm):
-    server = _server_on(tiny_lm, tokenizer_eos=63, response_length=6)
+    server = server_on(tiny_lm, 63, 6)
 
     async def main():
         await server.set_global_steps(3)
@@ -263,7 +247,7 @@ def test_update_weights_changes_generation(tiny_lm):
     import copy
 
     model = copy.deepcopy(tiny_lm)
-    server = _server_on(model, tokenizer_eos=63, response_length=8)
+    server = server_on(model, 63, 8)
     greedy = {"temperature": 0.0}
 
     async def generate():
@@ -285,7 +269,7 @@ def test_adapter_streams_trainer_weights_in_buckets(tiny_lm):
 
     from verl_selflock.verl_adapter.cpu.hf_rollout import HFServerAdapter
 
-    server = _server_on(copy.deepcopy(tiny_lm), tokenizer_eos=63, response_length=8)
+    server = server_on(copy.deepcopy(tiny_lm), 63, 8)
     calls = []
 
     class _Method:
@@ -367,7 +351,7 @@ def test_smollm2_stop_string_ends_at_the_same_tokens(smollm2):
 @pytest.mark.slow
 def test_smollm2_server_respects_response_length_and_weight_updates(smollm2):
     model, tokenizer, eos = smollm2
-    server = _server_on(model, tokenizer_eos=eos[0], response_length=10)
+    server = server_on(model, eos[0], 10)
     prompt = _chat(tokenizer, "Write a long story about a dragon.")
 
     async def generate():

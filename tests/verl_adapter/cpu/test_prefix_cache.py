@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures.hf_server import server_on
 from fixtures.log_probs import teacher_forced_log_probs
 
 from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
@@ -156,25 +157,6 @@ def test_config_switches_and_bounds():
         PrefixCache(max_bytes=0)
 
 
-def _server(model, cache: PrefixCache | None) -> HFGenerationServer:
-    server = HFGenerationServer.__new__(HFGenerationServer)  # no file loading
-    server.config = SimpleNamespace(
-        prompt_length=256,
-        response_length=8,
-        temperature=1.0,
-        max_model_len=None,
-        repetition_penalty=1.0,
-        ignore_eos=False,
-    )
-    server.model, server.eos_token_ids, server.pad_token_id, server.prefix_cache = model, [63], 0, cache
-    server.replica_rank, server.max_batch_size, server.batch_wait_s = 0, 8, 0.01
-    server.generator = torch.Generator().manual_seed(0)
-    server.global_steps, server._queue, server._wakeup, server._batcher, server._lock = None, [], None, None, None
-    server._pending_names, server._pending_unexpected = set(), []
-    server.stats = {"requests": 0, "batches": 0, "tokens": 0, "generate_s": 0.0, "weight_updates": 0}
-    return server
-
-
 def _turns(server: HFGenerationServer, prompt: list[int], n: int) -> list[list[int]]:
     async def main():
         ids, outs = list(prompt), []
@@ -189,8 +171,8 @@ def _turns(server: HFGenerationServer, prompt: list[int], n: int) -> list[list[i
 
 def test_server_reuses_per_request_and_drops_the_cache_on_weight_update(tiny_lm):
     model = copy.deepcopy(tiny_lm)
-    server = _server(model, PrefixCache())
-    reference = _server(copy.deepcopy(tiny_lm), None)
+    server = server_on(model, 63, 8, PrefixCache())
+    reference = server_on(copy.deepcopy(tiny_lm), 63, 8, None)
     assert _turns(server, [5, 6, 7], 3) == _turns(reference, [5, 6, 7], 3)
     stats = asyncio.run(server.get_stats())
     assert stats["prefix_cache_hits"] == 2 and stats["reused_tokens"] > stats["prefill_tokens"] / 2
