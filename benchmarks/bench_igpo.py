@@ -1,16 +1,23 @@
 """IGPO's scoring cost against veRL's old-log-prob pass (``cost``, the default) and against the rollout it
 scores, with the tokens T3 saves (``rollout``), on CPU with SmolLM2-135M.
 
-    python benchmarks/bench_igpo.py                      # cost: ~1-2 min
+    python benchmarks/bench_igpo.py                      # cost: ~5 min (the per-prefix pass is most of it)
     python benchmarks/bench_igpo.py --part rollout --episodes 4 --max-turns 6 --turn-tokens 32   # ~10 min
 
 ``cost``: PE-G paper shapes (512 prompts x n 5, 10 turns of
 <= 512 tokens, ~900-token prompt, ~150-token observations) with every length scaled by
 ``--length-scale`` and the batch cut to ``--prompts`` prompts, token ids random (the cost does not
 depend on them). It times the old-log-prob pass (one forward over every trajectory) and IGPO's scoring
-(one forward per distinct turn prefix, in chunks of ``--chunk-tokens``) with the same token-budget
-micro-batching, prints the ratio, and the chunks' partition sizes and driver bytes; then builds the
-plan at the full paper shapes (no forward) to show the chunk bounds there.
+both ways: per prefix (one forward per distinct turn prefix, in chunks of ``--chunk-tokens``) and packed
+(``algorithm.igpo.scoring=packed``: one forward per row under a tree attention mask, rows concatenated up
+to ``--micro-tokens``), prints both ratios (target <= 1.5x), the packed scores' largest difference from the
+per-prefix ones, and the chunks' partition sizes and driver bytes; then builds the plan at the full
+paper shapes (no forward) to show the tokens of both ways and the chunk bounds there.
+
+Measured 2026-12-06 (defaults, one thread, while another job ran at nice 19 on the other core):
+old-log-prob pass 10 sequences, 7,674 tokens, 27.6 s; per prefix 92 sequences, 44,373 tokens, 157.3 s
+(5.70x); packed 10,878 tokens, 35.8 s (**1.30x** in time, 1.42x in tokens), scores within 1.9e-6. At full
+paper shapes: per prefix 83.6M tokens (5.37x), packed 15.5M (1.00x).
 
 ``rollout``:
 
@@ -19,7 +26,7 @@ plan at the full paper shapes (no forward) to show the chunk bounds there.
    decoding with a KV cache), SmolLM2-135M-Instruct sampling at temperature 1.
 2. IGPO scoring of those episodes: one teacher-forced sequence per (episode, turn prefix), scored in
    batches by the same model (:func:`verl_selflock.algorithms.igpo_plan.score_with_hf_model`; in training
-   the actor's ``compute_log_prob`` does this). Printed: its wall time / the rollout's wall time.
+   the actor does this, packed by default). Printed: its wall time / the rollout's wall time.
 3. T3: the same prompts rolled out again with T3 on (PE default: similarity gain, k = 2, or
    ``--t3-signal movement``): truncation rate, mean turn of the cut, generated tokens with and without T3
    and T3's own estimate of the budget it left unused.
@@ -27,21 +34,13 @@ plan at the full paper shapes (no forward) to show the chunk bounds there.
 Both clocks are wall time on a shared machine: run it a few times; ``--threads`` sets torch's intra-op
 threads (1 by default, as in the CPU backend).
 
-``cost`` measured on the shared 2-core machine under heavy load (load average ~16, so the wall times
-are noisy; the token counts are exact), ``--prompts 1 --length-scale 0.0625``: old-log-prob pass 5
-sequences, 1,882 tokens, 41.5 s; IGPO scoring 46 sequences (50 (row, turn) pairs, 4 shared), 11,862
-tokens, 369 s in 3 chunks of <= 4,096 tokens -> 8.9x in time, 6.3x in tokens. At full paper shapes (plan
-only): 23,552 sequences (2,048 shared), 83.6M tokens = 5.37x the old-log-prob pass's 15.6M; 40 chunks of
-<= 2,097,152 tokens, 80 MiB on the driver per chunk instead of ~3.1 GiB for one call. The cost is the sum
-of the prefix lengths: prefix k re-reads the whole dialogue before turn k, so T turns cost ~T/2 times the
-trajectory; sharing identical sequences only removes the prompt-only prefix of each group's rollouts.
-
 Measured on the 2-core shared development machine (defaults: 4 episodes, 6 turns, 32 tokens per turn):
 rollout 269 s (680 generated tokens), scoring 220 s (24 sequences, 29,939 tokens) -> scoring / rollout
 0.82; T3 cut 4/4 episodes at turn 4: 507 instead of 680 generated tokens, rollout 104 s instead of 269 s.
 Inside veRL's training loop (the e2e test's 1-step IGPO run: 4 episodes, T3 cut at turn 2, so 2 prefixes
 each) ``igpo/scoring_time_s`` was 29 s against 68 s of generation (``igpo/scoring_time_ratio_to_gen`` 0.43);
-on 2026-11-30, 24 s for 8 sequences against 58 s (0.41), and without T3 (4 turns, 16 sequences) 64 s (0.49).
+on 2026-11-30, 24 s for 8 sequences against 58 s (0.41), and without T3 (4 turns, 16 sequences) 64 s (0.49);
+on 2026-12-06 with packed scoring, 4.0 s for 6 sequences against 26 s of generation (0.15).
 This script scores every episode, finished or not (as ``algorithm.igpo.unfinished=score``).
 On CPU the rollout is dominated by re-reading the whole context every turn, like the scoring; the ratio
 grows with the number of turns (one scored sequence per turn, each as long as the dialogue so far).
@@ -189,6 +188,8 @@ def build_plan(prompts: list[torch.Tensor], responses: list[torch.Tensor], turn_
 def run_cost(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
+    from verl_selflock.algorithms.igpo_packing import packed_chunks, packed_lengths, score_packed_with_hf_model
+    from verl_selflock.algorithms.igpo_plan import score_with_hf_model
     from verl_selflock.models import smollm2_path
     from verl_selflock.verl_adapter.cpu.sampling import load_causal_lm
 
@@ -211,6 +212,15 @@ def run_cost(args: argparse.Namespace) -> None:
     chunks = plan.chunks(args.chunk_tokens)
     score_s = sum(forward_all(model, plan.subset(c).input_ids, args.micro_tokens) for c in chunks)
     sizes = [chunk_bytes(plan, c) for c in chunks]
+    packed_chunk_list = packed_chunks(plan, args.chunk_tokens)
+    packed_tokens = int(packed_lengths(plan).sum())
+    start = time.perf_counter()
+    packed = torch.cat([
+        score_packed_with_hf_model(model, plan.subset(c), max_tokens=args.micro_tokens) for c in packed_chunk_list
+    ])
+    packed_s = time.perf_counter() - start
+    reference = score_with_hf_model(model, plan.subset(packed_chunk_list[0]), batch_size=8)
+    worst = float((packed[: len(reference)] - reference).abs().max())
 
     print(f"device: CPU, torch threads {args.threads}; model SmolLM2-135M-Instruct (fp32)", flush=True)
     print(f"shapes: PE-G paper x {scale} in length ({shape['prompt']}-token prompt, {PAPER['turns']} turns of "
@@ -222,7 +232,11 @@ def run_cost(args: argparse.Namespace) -> None:
     print(f"IGPO scoring:      {len(plan)} sequences ({plan.entry_seq.numel()} (row, turn) pairs, "
           f"{plan.entry_seq.numel() - len(plan)} shared), {plan.num_tokens} tokens, {score_s:.2f} s in "
           f"{len(chunks)} chunks; plan built in {plan_s * 1000:.0f} ms")
-    print(f"ratio scoring / old-log-prob: time {score_s / old_s:.2f}x, tokens {plan.num_tokens / old_tokens:.2f}x "
+    print(f"ratio scoring / old-log-prob: time {score_s / old_s:.2f}x, tokens {plan.num_tokens / old_tokens:.2f}x")
+    print(f"IGPO packed scoring (algorithm.igpo.scoring=packed, the default): {len(packed_chunk_list)} chunks, "
+          f"{packed_tokens} tokens (one forward per row: trunk + tails under a tree mask), {packed_s:.2f} s; "
+          f"max |packed - per-prefix| mean log-prob {worst:.1e} on the first chunk")
+    print(f"ratio packed scoring / old-log-prob: time {packed_s / old_s:.2f}x, tokens {packed_tokens / old_tokens:.2f}x "
           "(target <= 1.5x)")
     print(f"per chunk (--chunk-tokens {args.chunk_tokens}): max {max(t for t, _ in sizes)} tokens, "
           f"max {max(b for _, b in sizes) / 2**20:.2f} MiB on the driver (sequences + TensorDict fields); "
@@ -234,6 +248,7 @@ def paper_shapes(tokenizer: Any, vocab: int, seed: int) -> None:
     """The plan at full PE-G paper shapes (no forward): tokens, chunks and driver bytes per chunk at the
     default ``algorithm.igpo.scoring_chunk_tokens``."""
     from verl_selflock.algorithms.igpo_config import DEFAULT_SCORING_CHUNK_TOKENS
+    from verl_selflock.algorithms.igpo_packing import packed_lengths
 
     rss0 = _rss_mib()
     prompts, responses, turn_ids = synthetic_batch(PAPER["prompts"], PAPER["n"], PAPER["turns"], PAPER["prompt"],
@@ -247,9 +262,11 @@ def paper_shapes(tokenizer: Any, vocab: int, seed: int) -> None:
     tokens, nbytes = chunk_bytes(plan, largest)
     rss1 = _rss_mib()
     print(f"\n== full PE-G paper shapes: {len(prompts)} rows, {old_tokens / 1e6:.1f}M trajectory tokens (plan only) ==")
-    print(f"scoring: {len(plan)} sequences ({plan.entry_seq.numel() - len(plan)} shared), "
+    packed_tokens = int(packed_lengths(plan).sum())
+    print(f"scoring per prefix: {len(plan)} sequences ({plan.entry_seq.numel() - len(plan)} shared), "
           f"{plan.num_tokens / 1e6:.1f}M tokens = {plan.num_tokens / old_tokens:.2f}x the old-log-prob pass; "
           f"plan built in {plan_s:.1f} s")
+    print(f"scoring packed: {packed_tokens / 1e6:.1f}M tokens = {packed_tokens / old_tokens:.2f}x the old-log-prob pass")
     print(f"default scoring_chunk_tokens {DEFAULT_SCORING_CHUNK_TOKENS}: {len(chunks)} chunks; largest "
           f"{tokens} tokens, {len(largest)} sequences, {nbytes / 2**20:.0f} MiB on the driver "
           f"(one call: ~{nbytes / tokens * plan.num_tokens / 2**30:.1f} GiB); process RSS grew by "

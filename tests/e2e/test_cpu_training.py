@@ -122,6 +122,7 @@ def test_arew_and_igpo_with_t3_train_on_cpu(tmp_path):
     igpo = {key: value for key, value in first.items() if key.startswith("igpo/")}
     assert all(math.isfinite(value) for value in igpo.values()), igpo
     assert igpo["igpo/scored_sequences"] >= 4 and igpo["igpo/scoring_time_s"] > 0
+    assert igpo["igpo/packed"] == 1.0  # the actor worker's packed forward scored them (the FSDP default)
     assert 0 < igpo["igpo/p_mean"] < 1 and igpo["igpo/frac_rows_outcome_only"] == 0.0
     assert igpo["igpo/adv_abs_mean"] > 0 and igpo["igpo/scoring_time_ratio_to_gen"] > 0
     t3 = {key: value for key, value in first.items() if key.startswith("t3/")}

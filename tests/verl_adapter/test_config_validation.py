@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from verl_selflock.verl_adapter.config_validation import SelflockConfigError, validate_selflock_config
+from verl_selflock.verl_adapter.config_validation import SelflockConfigError, igpo_scoring_mode_of, validate_selflock_config
 
 GOOD = [
     "algorithm.adv_estimator=arew",
@@ -160,3 +160,27 @@ def test_igpo_refuses_routing_replay(verl_config, real_data):
 
 def test_rollout_n_is_not_checked_for_arew(verl_config, real_data):
     validate_selflock_config(verl_config(GOOD + ["actor_rollout_ref.rollout.n=1"] + real_data))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron"),
+        (["actor_rollout_ref.model.use_fused_kernels=true"], "use_fused_kernels=true"),
+    ],
+)
+def test_igpo_packed_scoring_is_refused_where_it_cannot_run_and_auto_falls_back(verl_config, real_data, overrides, reason):
+    base = IGPO + ["actor_rollout_ref.rollout.n=2"] + real_data + overrides
+    with pytest.raises(SelflockConfigError, match=f"{reason}.*algorithm.igpo.scoring=prefix"):
+        validate_selflock_config(verl_config(base + ["+algorithm.igpo.scoring=packed"]))
+    for mode in ("auto", "prefix"):
+        config = verl_config(base + [f"+algorithm.igpo.scoring={mode}"])
+        validate_selflock_config(config)
+        assert igpo_scoring_mode_of(config) == "prefix"
+
+
+def test_igpo_scores_packed_by_default_on_fsdp(verl_config, real_data):
+    config = verl_config(IGPO + ["actor_rollout_ref.rollout.n=2"] + real_data)
+    assert igpo_scoring_mode_of(config) == "packed"
+    with pytest.raises(SelflockConfigError, match=r"algorithm\.igpo\.scoring must be one of"):
+        validate_selflock_config(verl_config(IGPO + ["actor_rollout_ref.rollout.n=2", "+algorithm.igpo.scoring=fast"]))

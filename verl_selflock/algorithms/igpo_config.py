@@ -13,6 +13,9 @@ CONFIG_PATH = "algorithm.igpo"
 INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")
 NORM_MODES = ("joint", "separate")
 UNFINISHED_MODES = ("outcome_only", "score")
+SCORING_MODES = ("auto", "packed", "prefix")
+PACKED_STRATEGIES = ("fsdp", "fsdp2")
+"""Actor strategies whose engine runs the model's own ``transformers`` forward, which packed scoring calls."""
 DEFAULT_BRIDGE = "<scratch>I now have enough information to give my final answer.</scratch>\n<answer>"
 DEFAULT_SCORING_CHUNK_TOKENS = 2_097_152
 """2M tokens: ~120 MB of per-token fields on the driver and in TransferQueue per chunk (ids, positions,
@@ -60,6 +63,12 @@ class IgpoConfig:
     ground-truth answer: a short statement that the agent is ready, then the opening ``<answer>``. Not
     scored. Nothing follows the answer: the reference's closing tag and end-of-turn token are never
     scored and, under causal attention, cannot change the answer tokens' log-probs."""
+    scoring: str = "auto"
+    """How the actor scores: ``packed`` (one forward per trajectory: its turn prefixes share the dialogue
+    under a tree attention mask, ~1 trajectory of tokens), ``prefix`` (one causal forward per turn prefix
+    through veRL's ``compute_log_prob``, ~T/2 trajectories), or ``auto``: packed wherever the actor's
+    engine allows it (FSDP, no fused kernels), else prefix. Both give the same scores up to float
+    summation order."""
     scoring_chunk_tokens: int = DEFAULT_SCORING_CHUNK_TOKENS
     """Most tokens of scoring sequences built on the driver and put into TransferQueue at once: the
     step's sequences are scored in consecutive chunks of at most this many tokens, one
@@ -83,6 +92,8 @@ class IgpoConfig:
                 raise ValueError(f"{CONFIG_PATH}.{name} must be a finite number >= 0, got {value!r}")
         if self.unfinished not in UNFINISHED_MODES:
             raise ValueError(f"{CONFIG_PATH}.unfinished must be one of {list(UNFINISHED_MODES)}, got {self.unfinished!r}")
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"{CONFIG_PATH}.scoring must be one of {list(SCORING_MODES)}, got {self.scoring!r}")
         if not isinstance(self.bridge, str):
             raise ValueError(f"{CONFIG_PATH}.bridge must be a string, got {self.bridge!r}")
         if not isinstance(self.scoring_chunk_tokens, int) or isinstance(self.scoring_chunk_tokens, bool) or (
@@ -106,3 +117,34 @@ class IgpoConfig:
         if mapping is None:
             return cls()
         return cls(**checked_kwargs(cls, mapping, CONFIG_PATH))
+
+
+def resolve_scoring_mode(requested: str, strategy: str, fused_kernels: bool) -> str:
+    """``packed`` or ``prefix``: how the actor scores for ``algorithm.igpo.scoring`` = ``requested``.
+
+    Packed scoring runs the actor's own ``transformers`` forward with a tree attention mask
+    (:mod:`verl_selflock.verl_adapter.igpo_worker`): not on other engines (Megatron), nor with
+    ``model.use_fused_kernels`` (veRL then replaces the forward with one that returns no logits).
+    ``auto`` picks packed wherever it is available.
+
+    Args:
+        requested: ``auto``, ``packed`` or ``prefix``.
+        strategy: ``actor_rollout_ref.actor.strategy``.
+        fused_kernels: ``actor_rollout_ref.model.use_fused_kernels``.
+
+    Raises:
+        ValueError: ``packed`` where it is not available, saying what to change.
+    """
+    reasons = []
+    if strategy not in PACKED_STRATEGIES:
+        reasons.append(f"actor_rollout_ref.actor.strategy={strategy} (packed scoring needs one of {list(PACKED_STRATEGIES)})")
+    if fused_kernels:
+        reasons.append("actor_rollout_ref.model.use_fused_kernels=true (the fused forward returns no logits)")
+    if requested == "prefix" or (requested == "auto" and reasons):
+        return "prefix"
+    if reasons:
+        raise ValueError(
+            f"{CONFIG_PATH}.scoring=packed is not available with " + "; ".join(reasons)
+            + f": set {CONFIG_PATH}.scoring=prefix (one causal forward per turn prefix, ~T/2 times the tokens) or auto"
+        )
+    return "packed"

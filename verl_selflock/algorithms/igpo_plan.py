@@ -23,9 +23,9 @@ Cost control: (row, turn) pairs whose sequences are identical (every finished ro
 prefix 0) are scored once; sequences are described by reference and built only chunk by chunk
 (:meth:`ScoringPlan.chunks`, ``algorithm.igpo.scoring_chunk_tokens``); a row whose longest sequence
 exceeds the scorer's token limit (``max_sequence_tokens``: veRL's dynamic-batch limit) is not scored.
-Each prefix is still a forward pass of its own: at PE-G paper shapes the scored tokens are ~5.4x the
-trajectories' (``benchmarks/bench_igpo.py``); reusing the shared dialogue between a row's prefixes would
-need a forward with a tree attention mask or a KV cache, which veRL's ``compute_log_prob`` does not offer.
+Scored one by one, each prefix is a forward pass of its own: at PE-G paper shapes the scored tokens are
+~5.4x the trajectories' (``benchmarks/bench_igpo.py``). :mod:`verl_selflock.algorithms.igpo_packing`
+scores all of a row's prefixes in one forward under a tree attention mask (~1x), from this same plan.
 
 In training the plan is scored by the actor (:func:`verl_selflock.verl_adapter.igpo_scoring.score_with_actor`);
 :func:`score_with_hf_model` is the same computation on a local ``transformers`` model (CPU benchmarks,

@@ -24,7 +24,7 @@ from typing import Any
 
 from verl_selflock.algorithms.arew import ArewConfig
 from verl_selflock.algorithms.arew_config import BUILTIN_BASES
-from verl_selflock.algorithms.igpo_config import IgpoConfig
+from verl_selflock.algorithms.igpo_config import IgpoConfig, resolve_scoring_mode
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 from verl_selflock.errors import UserError
 from verl_selflock.tools.loop_config import TOOL_CONFIG_KEY
@@ -60,6 +60,16 @@ def arew_config_of(config: Any) -> ArewConfig:
 def igpo_config_of(config: Any) -> IgpoConfig:
     """The validated ``algorithm.igpo`` node of a full veRL config (defaults if absent)."""
     return IgpoConfig.from_mapping(_get(config, "algorithm.igpo"))
+
+
+def igpo_scoring_mode_of(config: Any) -> str:
+    """``packed`` or ``prefix``: how IGPO's scores are computed with this config (``algorithm.igpo.scoring``
+    resolved against the actor's engine; raises ValueError where ``packed`` cannot run)."""
+    return resolve_scoring_mode(
+        igpo_config_of(config).scoring,
+        str(_get(config, "actor_rollout_ref.actor.strategy", "fsdp")),
+        bool(_get(config, "actor_rollout_ref.model.use_fused_kernels", False)),
+    )
 
 
 def validate_selflock_config(config: Any) -> None:
@@ -111,6 +121,8 @@ def _check_settings(config: Any) -> None:
     try:
         arew = arew_config_of(config)
         igpo_config_of(config)
+        if estimator == "igpo":
+            igpo_scoring_mode_of(config)
         if estimator == "arew" and arew.base not in BUILTIN_BASES:  # built-in names need no veRL import
             from verl_selflock.verl_adapter.private_names import adv_estimator_registry
 

@@ -1,6 +1,10 @@
 """IGPO's teacher-forced scoring on the actor: the plan of :mod:`verl_selflock.algorithms.igpo_plan` scored by veRL.
 
-:func:`score_with_actor` runs one chunk of a step's sequences (``algorithm.igpo.scoring_chunk_tokens``,
+:func:`score_packed_with_actor` (``algorithm.igpo.scoring`` packed, the default on FSDP) packs each row's
+prefixes into one sequence (:mod:`verl_selflock.algorithms.igpo_packing`) and has the actor workers
+forward them under a tree attention mask (:mod:`verl_selflock.verl_adapter.igpo_worker`).
+
+:func:`score_with_actor` (``scoring=prefix``) runs one chunk of a step's sequences (``algorithm.igpo.scoring_chunk_tokens``,
 split by :func:`verl_selflock.verl_adapter.igpo_step.compute_igpo_step`) as one batch through the actor
 worker group's ``compute_log_prob``: the same call, model, weights and temperature veRL uses for the
 old log-probs (``PPOTrainer._compute_old_log_prob`` in ``verl/trainer/ppo/v1/trainer_base.py``, 0.9.1),
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 from verl_selflock.algorithms.igpo_plan import ScoringPlan, segment_means
-from verl_selflock.verl_adapter.jagged import as_jagged
+from verl_selflock.verl_adapter.jagged import as_jagged, rows
 from verl_selflock.verl_adapter.private_names import (
     actor_dp_size,
     balanced_partitions,
@@ -177,6 +181,64 @@ def score_with_actor(trainer: Any, plan: ScoringPlan, temperature: float, uids: 
         return answer_mean_logprobs(data["log_probs"], data["response_mask"])
     finally:
         tq.kv_clear(keys=list(meta.keys), partition_id=SCORING_PARTITION)
+
+
+def packed_micro_tokens(config: Any) -> int:
+    """Tokens per packed scoring forward: veRL's dynamic-batch log-prob budget where set, else the
+    longest trajectory times the log-prob micro-batch size (a longer packed row is forwarded alone)."""
+    limit = scoring_token_limit(config)
+    if limit is not None:
+        return limit
+    rollout = config.actor_rollout_ref.rollout
+    longest = int(rollout.get("prompt_length", 0) or 0) + int(rollout.get("response_length", 0) or 0)
+    return max(longest, 1) * max(int(rollout.get("log_prob_micro_batch_size_per_gpu") or 1), 1)
+
+
+def packed_fields(packed: Sequence[Any]) -> Any:
+    """Packed rows (:class:`~verl_selflock.algorithms.igpo_packing.PackedRow`) as the per-sample fields
+    :meth:`SelflockActorWorker.compute_igpo_answer_logprobs` reads (``PACKED_FIELDS``, jagged int64)."""
+    return list_of_dict_to_tensordict([
+        {"input_ids": row.input_ids, "position_ids": row.position_ids, "igpo_segment": row.segment,
+         "igpo_answer_mask": row.answer_mask.long()}
+        for row in packed
+    ])
+
+
+def score_packed_with_actor(trainer: Any, plan: ScoringPlan, temperature: float) -> torch.Tensor:
+    """Mean answer log-prob of every plan sequence, one packed forward per row on the actor workers.
+
+    The chunk's contexts are packed (:func:`verl_selflock.algorithms.igpo_packing.pack_plan`), padded with
+    one-token rows to a multiple of the actor's DP size, spread over the ranks by tokens, and scored by
+    :meth:`SelflockActorWorker.compute_igpo_answer_logprobs` through TransferQueue (partition
+    :data:`SCORING_PARTITION`, cleared afterwards).
+
+    Returns:
+        (len(plan),) float32 mean log-prob of each sequence's answer tokens.
+    """
+    import transfer_queue as tq
+
+    from verl_selflock.algorithms.igpo_packing import PackedRow, pack_plan, scores_from_rows
+    from verl_selflock.verl_adapter.igpo_worker import MICRO_TOKENS_KEY, OUTPUT_FIELD, PACKED_FIELDS
+
+    packed = pack_plan(plan)
+    dp_size = actor_dp_size(trainer.actor_rollout_wg)
+    packed += [PackedRow.padding(int(trainer.tokenizer.eos_token_id or 0))] * (-len(packed) % dp_size)
+    keys = [f"igpo-packed-{uuid.uuid4().hex}-{i}" for i in range(len(packed))]
+    fields = packed_fields(packed)
+    tags = [{"status": "success", "seq_len": len(row)} for row in packed]
+    meta = tq.kv_batch_put(keys=keys, partition_id=SCORING_PARTITION, fields=fields, tags=tags)
+    del fields
+    try:
+        partitions = balanced_partitions(torch.tensor([len(row) for row in packed], dtype=torch.int64), dp_size)
+        meta.reorder([index for partition in partitions for index in partition])
+        meta.fields = list(PACKED_FIELDS)
+        meta.extra_info.update({"temperature": temperature, MICRO_TOKENS_KEY: packed_micro_tokens(trainer.config)})
+        output = trainer.actor_rollout_wg.compute_igpo_answer_logprobs(meta)
+        assert len(output) == len(meta)
+        data = tq.kv_batch_get(keys=keys, partition_id=SCORING_PARTITION, select_fields=[OUTPUT_FIELD])
+        return scores_from_rows(packed, rows(as_jagged(data[OUTPUT_FIELD])), len(plan))
+    finally:
+        tq.kv_clear(keys=keys, partition_id=SCORING_PARTITION)
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

@@ -24,9 +24,15 @@ from verl_selflock.algorithms.igpo import (
     group_ids,
 )
 from verl_selflock.algorithms.igpo_config import IgpoConfig
+from verl_selflock.algorithms.igpo_packing import packed_chunks, packed_lengths
 from verl_selflock.algorithms.igpo_plan import ScoringPlan, plan_scoring, scoring_answers
 from verl_selflock.contracts.episode import T3_BUDGET_SAVED, T3_ENABLED, T3_TRUNCATED, T3_TURN
-from verl_selflock.verl_adapter.igpo_scoring import score_with_actor, scoring_token_limit, timed
+from verl_selflock.verl_adapter.igpo_scoring import (
+    score_packed_with_actor,
+    score_with_actor,
+    scoring_token_limit,
+    timed,
+)
 from verl_selflock.verl_adapter.jagged import padded, rows
 from verl_selflock.verl_adapter.private_names import generation_seconds, padding_flags, response_to_nested
 
@@ -59,7 +65,7 @@ def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Seq
     return metrics
 
 
-def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) -> Any:
+def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig, mode: str = "prefix") -> Any:
     """Compute IGPO advantages (= returns) for a v1 batch and write them to TransferQueue.
 
     Args:
@@ -67,6 +73,8 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
         batch: the step's ``KVBatchMeta`` (rows may include veRL's synthetic padding rows).
         metrics: the step's metrics dict (``igpo/*`` added).
         config: validated ``algorithm.igpo``.
+        mode: ``packed`` (the actor worker's packed forward; needs :class:`SelflockActorWorker` in the actor
+            role) or ``prefix`` (veRL's ``compute_log_prob`` per turn prefix), as resolved on the driver.
 
     Returns:
         The ``KVBatchMeta`` returned by ``kv_batch_put``.
@@ -82,6 +90,13 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
     uids = list(data["uid"])
     response_mask_nested = data["response_mask"]
     temperature = float(trainer.config.actor_rollout_ref.rollout.temperature)
+    packed = mode == "packed"
+    if packed:
+        def score(chunk: ScoringPlan) -> torch.Tensor:
+            return score_packed_with_actor(trainer, chunk, temperature)
+    else:
+        def score(chunk: ScoringPlan) -> torch.Tensor:
+            return score_with_actor(trainer, chunk, temperature, uids)
     advantages, step_metrics = compute_igpo_step(
         # The rows as tensors (views of the fetched batch), not Python lists: ~36 bytes per token as lists.
         prompts=rows(data["prompts"]),
@@ -93,9 +108,11 @@ def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig) 
         outcome=padded(data["rm_scores"], 0.0).float().sum(dim=1),
         tokenizer=trainer.tokenizer,
         config=config,
-        score=lambda chunk: score_with_actor(trainer, chunk, temperature, uids),
+        score=score,
         gen_time=generation_seconds(trainer),
-        max_sequence_tokens=scoring_token_limit(trainer.config),
+        # Packed rows run in our own forward, which has no per-sequence limit (a long row goes alone).
+        max_sequence_tokens=None if packed else scoring_token_limit(trainer.config),
+        packed=packed,
     )
     # Write back: advantages = returns (no critic).
     nested = response_to_nested(advantages, response_mask_nested)
@@ -117,6 +134,7 @@ def compute_igpo_step(
     score: Callable[[ScoringPlan], torch.Tensor],
     gen_time: float = 0.0,
     max_sequence_tokens: int | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """IGPO's token advantages of one batch, given a scorer for the teacher-forced sequences (no veRL, no I/O).
 
@@ -135,6 +153,9 @@ def compute_igpo_step(
         gen_time: the step's generation time in seconds, for ``igpo/scoring_time_ratio_to_gen``.
         max_sequence_tokens: the longest sequence ``score`` takes (:func:`scoring_token_limit`); rows
             with a longer one get the outcome only (``igpo/rows_over_token_limit``). None: no limit.
+        packed: ``score`` packs each row's prefixes into one forward: chunks hold whole rows
+            (:func:`verl_selflock.algorithms.igpo_packing.packed_chunks`) and ``igpo/scored_tokens``
+            counts the packed tokens.
 
     Returns:
         ``(advantages, metrics)``: (bs, L) float32 advantages, 0 off generated tokens and on padding rows,
@@ -163,7 +184,7 @@ def compute_igpo_step(
             "and get the outcome reward only; raise actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu "
             "to score them", int(plan.over_limit.sum()), max_sequence_tokens,
         )
-    chunks = plan.chunks(config.scoring_chunk_tokens)
+    chunks = packed_chunks(plan, config.scoring_chunk_tokens) if packed else plan.chunks(config.scoring_chunk_tokens)
     mean_logprob, scoring_time = timed(_score_in_chunks, plan, chunks, score)
 
     # 2. Turn rewards, group normalisation, discounted turn advantages, spread over each turn's tokens.
@@ -174,6 +195,9 @@ def compute_igpo_step(
     advantages = broadcast_turn_values(table.advantages, turn_index, response_mask)
     metrics = _igpo_metrics(table, plan, num_turns, mean_logprob, scoring_time, advantages, response_mask, gen_time)
     metrics["igpo/scoring_chunks"] = float(len(chunks))
+    metrics["igpo/packed"] = float(packed)
+    if packed:
+        metrics["igpo/scored_tokens"] = float(packed_lengths(plan).sum())
     metrics["igpo/rows_over_token_limit"] = float(plan.over_limit.sum())
     return advantages, metrics
 

@@ -29,7 +29,12 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl_selflock.algorithms.advantage import apply_arew_bonus
 from verl_selflock.contracts.names import SELFLOCK_ESTIMATORS, TRAINER_MODE
 from verl_selflock.diagnostics.training import TrainingDiagnostics
-from verl_selflock.verl_adapter.config_validation import arew_config_of, igpo_config_of, validate_selflock_config
+from verl_selflock.verl_adapter.config_validation import (
+    arew_config_of,
+    igpo_config_of,
+    igpo_scoring_mode_of,
+    validate_selflock_config,
+)
 from verl_selflock.verl_adapter.igpo_step import igpo_advantage, t3_metrics
 from verl_selflock.verl_adapter.jagged import padded
 from verl_selflock.verl_adapter.private_names import metrics_file_path, padding_flags, response_to_nested
@@ -48,6 +53,22 @@ class SelflockTrainer(PPOTrainerSync):
         validate_selflock_config(config)
         super().__init__(config=config)
         self.selflock_diagnostics = TrainingDiagnostics(config)
+
+    def _init_resource_pool_mgr(self) -> None:
+        """veRL's roles, with IGPO's packed scoring method on the actor's worker where IGPO scores packed
+        (as veRL's own ``trainer_separate_async`` swaps in ``DetachActorWorker``)."""
+        super()._init_resource_pool_mgr()
+        if str(self.config.algorithm.adv_estimator) != "igpo" or igpo_scoring_mode_of(self.config) != "packed":
+            return
+        import ray
+        from verl.trainer.ppo.utils import Role
+
+        from verl_selflock.verl_adapter.igpo_worker import SelflockActorWorker
+
+        for role in (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef):
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(SelflockActorWorker)
+                break
 
     def fit(self, agent_loop_manager) -> None:
         super().fit(agent_loop_manager)
@@ -90,7 +111,7 @@ class SelflockTrainer(PPOTrainerSync):
     def _compute_advantage(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         estimator = str(self.config.algorithm.adv_estimator)
         if estimator == "igpo":
-            return igpo_advantage(self, batch, metrics, igpo_config_of(self.config))
+            return igpo_advantage(self, batch, metrics, igpo_config_of(self.config), igpo_scoring_mode_of(self.config))
         if estimator not in SELFLOCK_ESTIMATORS:
             return super()._compute_advantage(batch, metrics)
 
