@@ -164,6 +164,8 @@ def generate_batch(
     top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=device)
     penalty = torch.tensor([r.repetition_penalty for r in requests], dtype=torch.float32, device=device)
     use_penalty = bool((penalty != 1.0).any())
+    samples = bool((~greedy).any())
+    filters = bool(((top_k > 0) | (top_p < 1.0)).any())
     max_tokens = torch.tensor([r.max_tokens for r in requests], dtype=torch.long, device=device)
     stops_at_eos = torch.tensor([not r.ignore_eos for r in requests], dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
@@ -198,9 +200,13 @@ def generate_batch(
             logits = torch.where(seen, penalised, logits)
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
         log_probs = torch.log_softmax(scaled, dim=-1)
-        filtered = filter_top_k_top_p(scaled, top_k, top_p)
-        sampled = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator).squeeze(1)
-        next_tokens = torch.where(greedy, scaled.argmax(dim=-1), sampled)
+        if samples:
+            # a sort of the vocabulary per step only when some row filters (vLLM skips it likewise)
+            probs = torch.softmax(filter_top_k_top_p(scaled, top_k, top_p), dim=-1) if filters else log_probs.exp()
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            next_tokens = torch.where(greedy, scaled.argmax(dim=-1), sampled)
+        else:
+            next_tokens = scaled.argmax(dim=-1)
         next_log_probs = log_probs.gather(1, next_tokens[:, None]).squeeze(1)
 
         hit_stop = torch.zeros(bs, dtype=torch.bool, device=device)
