@@ -39,8 +39,20 @@ class _Engine:
         return True
 
 
+@pytest.fixture
+def cpu_platform(monkeypatch):
+    """veRL's platform singleton as a CPU worker of our backend has it (``VERL_PLATFORM=cpu``)."""
+    from verl.plugin.platform import platform_manager
+
+    from verl_selflock.verl_adapter.cpu.platform import PlatformCPU
+
+    monkeypatch.setattr(platform_manager, "_current_platform", PlatformCPU())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_worker_scores_the_drivers_fields_like_the_per_prefix_reference(smollm2_dir, chatml_tokenizer, temperature):
+def test_worker_scores_the_drivers_fields_like_the_per_prefix_reference(
+    smollm2_dir, chatml_tokenizer, cpu_platform, temperature
+):
     from verl_selflock.verl_adapter.cpu.sampling import load_causal_lm
 
     model = load_causal_lm(smollm2_dir).float().eval()

@@ -216,14 +216,16 @@ def mask_capable_attention(model: Any) -> Iterator[str]:
         model.set_attn_implementation(current)
 
 
-def packed_answer_logprobs(model: Any, rows: Sequence[PackedRow], temperature: float = 1.0) -> list[torch.Tensor]:
+def packed_answer_logprobs(model: Any, rows: Sequence[PackedRow], temperature: float = 1.0,
+                           device: torch.device | None = None) -> list[torch.Tensor]:
     """Per row, (N,) float32 log-probs of its answer tokens (0 elsewhere), from one forward of the rows
     concatenated into a single sequence under :func:`tree_attention_mask`.
 
     ``model`` is a ``transformers`` causal LM (or an FSDP-wrapped one); logits are divided by
     ``temperature`` as veRL does for log-probs. Only the predictor positions reach the LM head.
+    ``device``: where the inputs go (default: the model's first parameter's device).
     """
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if device is None else device
     row = torch.cat([torch.full((len(r),), i, dtype=torch.int64) for i, r in enumerate(rows)]).to(device)
     segment = torch.cat([r.segment for r in rows]).to(device)
     position = torch.cat([r.position_ids for r in rows]).to(device)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tensordict import TensorDict
 from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils import tensordict_utils as tu
-from verl.utils.device import get_device_name
+from verl.utils.device import get_device_id, get_device_name
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from verl_selflock.algorithms.igpo_packing import PackedRow, packed_answer_logprobs
@@ -52,7 +52,8 @@ class SelflockActorWorker(ActorRolloutRefWorker):
         ]
         runs = chunk_by_tokens([len(row) for row in packed], micro_tokens)
         module = engine.module
-        device = next(module.parameters()).device
+        # the engine's device, as its forward_step uses (parameters may sit on the CPU when offloaded)
+        device = torch.device("cpu") if get_device_name() == "cpu" else torch.device(get_device_name(), get_device_id())
         forwards = torch.tensor([len(runs)], dtype=torch.int64, device=device)
         if dist.is_initialized():
             dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
@@ -61,13 +62,14 @@ class SelflockActorWorker(ActorRolloutRefWorker):
             nullcontext() if autocast_dtype == torch.float32
             else torch.autocast(device_type=get_device_name(), dtype=autocast_dtype)
         )
+        filler = [PackedRow.padding(int(packed[0].input_ids[0]) if packed else 0)]
         logprobs: list[torch.Tensor] = []
         with engine.eval_mode(), torch.no_grad(), autocast:
             for k in range(int(forwards.item())):
                 if k < len(runs):
-                    logprobs += packed_answer_logprobs(module, [packed[i] for i in runs[k]], temperature)
+                    logprobs += packed_answer_logprobs(module, [packed[i] for i in runs[k]], temperature, device)
                 else:
-                    packed_answer_logprobs(module, [PackedRow.padding(int(packed[0].input_ids[0]) if packed else 0)])
+                    packed_answer_logprobs(module, filler, temperature, device)
         if not engine.is_mp_src_rank_with_outputs():
             return None
         nested = torch.nested.as_nested_tensor(logprobs, layout=torch.jagged)
