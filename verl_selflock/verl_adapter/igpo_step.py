@@ -65,7 +65,7 @@ def t3_metrics(extra_fields: Sequence[Mapping[str, Any] | None], is_padding: Seq
     return metrics
 
 
-def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig, mode: str = "prefix") -> Any:
+def igpo_advantage(trainer: Any, batch: Any, metrics: dict, config: IgpoConfig, mode: str) -> Any:
     """Compute IGPO advantages (= returns) for a v1 batch and write them to TransferQueue.
 
     Args:
