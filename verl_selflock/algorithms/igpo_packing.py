@@ -216,6 +216,7 @@ def mask_capable_attention(model: Any) -> Iterator[str]:
         model.set_attn_implementation(current)
 
 
+@torch.no_grad()
 def packed_answer_logprobs(model: Any, rows: Sequence[PackedRow], temperature: float = 1.0,
                            device: torch.device | None = None) -> list[torch.Tensor]:
     """Per row, (N,) float32 log-probs of its answer tokens (0 elsewhere), from one forward of the rows
