@@ -4,7 +4,8 @@ from the same warm-started model, on the same data, steps and seeds.
 Each (arm, seed) is one run of veRL's real training loop (``python -m verl.trainer.main_ppo``) on the
 embedded CPU default (``recipes/pe_g/cpu_smoke.yaml``) with the arm's flags; its metrics go to
 ``<out>/<arm>_s<seed>.jsonl`` (veRL's file logger) and its console to ``<arm>_s<seed>.log``. Runs that
-already finished are not rerun, so the script can be stopped and started again.
+already finished are not rerun, and a run stopped part-way resumes from its last checkpoint (every
+``--save-freq`` steps), so the script can be stopped and started again, across sessions.
 
 The table: for every arm and metric, each seed's mean over the second half of training (steps > N/2),
 then the mean over seeds with a 95% t-interval (with two seeds the interval is wide: it is honest);
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,35 +56,53 @@ METRICS: dict[str, str] = {
 }
 
 
-def run_one(arm: str, seed: int, steps: int, out: Path, extra: list[str]) -> Path:
-    """Train one (arm, seed); return its metrics JSONL. Skipped when a finished run's file is there."""
-    jsonl = out / f"{arm}_s{seed}.jsonl"
-    if len(read_steps(jsonl)) >= steps:
-        print(f"[skip] {arm} seed {seed}: {jsonl} has {steps} steps", flush=True)
-        return jsonl
-    jsonl.unlink(missing_ok=True)
+def run_one(arm: str, seed: int, steps: int, out: Path, extra: list[str], save_freq: int) -> Path:
+    """Train one (arm, seed) to ``steps`` steps; return its metrics JSONL.
+
+    A run stopped part-way (the machine's session ended) goes on from its last checkpoint the next time
+    (veRL's ``resume_mode=auto``, a checkpoint every ``save_freq`` steps, the last one kept): each attempt
+    logs to its own ``<arm>_s<seed>.attempt<k>.jsonl`` (veRL's file logger truncates its file), and the
+    finished run's steps are merged into ``<arm>_s<seed>.jsonl``. Skipped when that file is complete.
+    """
+    final = out / f"{arm}_s{seed}.jsonl"
+    if len(read_steps(final)) >= steps:
+        print(f"[skip] {arm} seed {seed}: {final} has {steps} steps", flush=True)
+        return final
+    attempts = sorted(out.glob(f"{arm}_s{seed}.attempt*.jsonl"))
+    attempt = out / f"{arm}_s{seed}.attempt{len(attempts)}.jsonl"
+    checkpoints = out / "checkpoints" / f"{arm}_s{seed}"
     command = [
         sys.executable, "-m", "verl.trainer.main_ppo",
         "--config-path", str(ROOT / "recipes" / "pe_g"), "--config-name", "cpu_smoke",
         *ARMS[arm],
         f"trainer.total_training_steps={steps}",
-        "trainer.save_freq=-1",
+        f"trainer.save_freq={save_freq}",
+        "trainer.resume_mode=auto",
+        f"trainer.default_local_dir={checkpoints}",
+        "trainer.max_actor_ckpt_to_keep=1",
+        "trainer.max_critic_ckpt_to_keep=1",
         "trainer.logger=[console,file]",
         f"trainer.experiment_name=bench_{arm}_s{seed}",
         f"data.seed={seed}",
         f"actor_rollout_ref.rollout.seed={seed}",
         *extra,
     ]
-    env = {**os.environ, "VERL_PLATFORM": os.environ.get("VERL_PLATFORM", "cpu"), "VERL_FILE_LOGGER_PATH": str(jsonl)}
+    env = {**os.environ, "VERL_PLATFORM": os.environ.get("VERL_PLATFORM", "cpu"), "VERL_FILE_LOGGER_PATH": str(attempt)}
     start = time.perf_counter()
-    with (out / f"{arm}_s{seed}.log").open("w") as log:
+    with (out / f"{arm}_s{seed}.log").open("a") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
     took = time.perf_counter() - start
-    print(f"[done] {arm} seed {seed}: exit {done.returncode}, {took / 60:.1f} min, {len(read_steps(jsonl))} steps",
+    merged: dict[int, dict[str, float]] = {}
+    for path in [*attempts, attempt]:
+        merged.update(read_steps(path))  # a resumed attempt repeats no step; a later one wins if it did
+    print(f"[done] {arm} seed {seed}: exit {done.returncode}, {took / 60:.1f} min, {len(merged)} steps so far",
           flush=True)
-    return jsonl
+    if len(merged) >= steps:
+        final.write_text("".join(json.dumps({"step": k, "data": merged[k]}) + "\n" for k in sorted(merged)))
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return final
 
 
 def read_steps(jsonl: Path) -> dict[int, dict[str, float]]:
@@ -143,6 +163,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_learning")
+    parser.add_argument("--save-freq", type=int, default=5, help="checkpoint every N steps, to resume a stopped run")
     parser.add_argument("--report-only", action="store_true", help="print the table of the runs already there")
     parser.add_argument("overrides", nargs="*", help="extra veRL overrides for every run (key=value)")
     args = parser.parse_args()
@@ -152,7 +173,7 @@ def main() -> int:
         # Seed-major order: a stopped benchmark still has every arm for the first seeds.
         for seed in args.seeds:
             for arm in args.arms:
-                run_one(arm, seed, args.steps, args.out, args.overrides)
+                run_one(arm, seed, args.steps, args.out, args.overrides, args.save_freq)
 
     report = table(args.out, args.arms, args.seeds, args.steps)
     print(report)
