@@ -120,7 +120,12 @@ def balance_for_forward(trainer: Any, meta: Any) -> Any:
     multiple = forward_batch_multiple(
         dp_size, bool(roles.actor.use_dynamic_bsz), roles.rollout.get("log_prob_micro_batch_size_per_gpu")
     )
-    meta = upsample_to_multiple(meta, multiple, trainer.tokenizer.eos_token_id)
+    return spread_over_ranks(upsample_to_multiple(meta, multiple, trainer.tokenizer.eos_token_id), dp_size)
+
+
+def spread_over_ranks(meta: Any, dp_size: int) -> Any:
+    """Reorder a ``KVBatchMeta`` (a multiple of ``dp_size`` rows, tags carrying ``seq_len``) so that the
+    dispatch's equal chunks hold balanced token counts (veRL's ``_balance_batch`` partitions)."""
     seqlens = torch.tensor([tag["seq_len"] for tag in meta.tags], dtype=torch.int64)
     partitions = balanced_partitions(seqlens, dp_size)
     meta.reorder([index for partition in partitions for index in partition])
@@ -229,8 +234,7 @@ def score_packed_with_actor(trainer: Any, plan: ScoringPlan, temperature: float)
     meta = tq.kv_batch_put(keys=keys, partition_id=SCORING_PARTITION, fields=fields, tags=tags)
     del fields
     try:
-        partitions = balanced_partitions(torch.tensor([len(row) for row in packed], dtype=torch.int64), dp_size)
-        meta.reorder([index for partition in partitions for index in partition])
+        meta = spread_over_ranks(meta, dp_size)
         meta.fields = list(PACKED_FIELDS)
         meta.extra_info.update({"temperature": temperature, MICRO_TOKENS_KEY: packed_micro_tokens(trainer.config)})
         output = trainer.actor_rollout_wg.compute_igpo_answer_logprobs(meta)
