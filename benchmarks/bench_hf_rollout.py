@@ -1,5 +1,5 @@
 """Generation time of the CPU (``hf``) rollout per training step: before the prefix cache, and now
-without and with it.
+without it, with it, and with it and the main job's speculative decoding.
 
     python benchmarks/bench_hf_rollout.py                  # the main job's shapes, 2 steps
     python benchmarks/bench_hf_rollout.py --max-batch-size 1   # requests one by one (no batched decode)
@@ -12,17 +12,20 @@ episodes through :class:`HFGenerationServer` (the server the agent loop talks to
 every turn of an episode, both episodes' turns sent concurrently so that they are batched): greedy
 turns, cut after their first closing tag as the agent loop cuts them, judged by the real PE
 environment, whose feedback comes back as the next user message. The timer covers the ``generate``
-calls only. Each step runs three times on the same conversations (greedy decoding):
+calls only. Each step runs four times on the same conversations (greedy decoding):
 
 - ``before``: the decoding loop as it was before this work (``benchmarks/baselines/hf_generate_before.py``,
   commit d01a161: every turn re-prefills the whole conversation, full-vocabulary logits at every prefill
-  position, concatenated KV cache, plain sdpa attention);
+  position, concatenated KV cache, plain sdpa attention, plain linears);
 - ``off``: today's loop with the prefix cache off (the other speed-ups stay: last-position logits in
   prefill, a preallocated decode cache, grouped-query attention folded at decode);
-- ``on``: today's loop with each conversation's KV cache reused from its previous turn.
+- ``on``: today's loop with each conversation's KV cache reused from its previous turn;
+- ``spec``: ``on`` plus the recipe's n-gram speculative decoding
+  (``rollout.engine_kwargs.hf.speculative_config``), i.e. the main job's rollout.
 
-Printed: the ratios on / before (the issue's target: <= 0.5) and on / off (the cache alone). Tokens must
-be identical between ``off`` and ``on``; whether ``before`` matched them is printed too.
+Printed: each arm's ratio to ``before`` (the issue's target for the main job's rollout: <= 0.5), on / off
+(the cache alone) and spec / on (speculation alone), and the drafts' acceptance. Greedy tokens must be
+identical between ``off``, ``on`` and ``spec``; whether ``before`` matched them is printed too.
 
 Two clocks: wall time, and the process's CPU time (the server decodes on one torch thread, so on a
 shared machine the CPU time is the work done, the wall time adds the waits for a core).
@@ -48,6 +51,7 @@ from verl_selflock.envs import make_env
 from verl_selflock.episode.token_cut import cap_text_tokens, cut_turn, end_of_turn_ids
 from verl_selflock.verl_adapter.cpu import generation_server
 from verl_selflock.verl_adapter.cpu.generation_server import HFGenerationServer
+from verl_selflock.verl_adapter.cpu.packed_linear import PackedLinear
 from verl_selflock.verl_adapter.cpu.prefix_cache import PrefixCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +62,8 @@ from baselines import hf_generate_before
 def make_server(model_path: str, args: argparse.Namespace) -> HFGenerationServer:
     """The real server (its own ``__init__``: model, tokenizer, options) with the smoke recipe's rollout config."""
     config = SimpleNamespace(
-        engine_kwargs={"hf": {"num_threads": args.threads, "max_batch_size": args.max_batch_size}},
+        engine_kwargs={"hf": {"num_threads": args.threads, "max_batch_size": args.max_batch_size,
+                              "speculative_config": args.speculative_config}},
         max_num_seqs=256,
         seed=0,
         prompt_length=args.prompt_length,
@@ -128,6 +133,8 @@ def recipe_shapes(recipe: Path) -> dict[str, Any]:
 
     register_resolvers()
     config = OmegaConf.load(recipe)
+    hf_options = OmegaConf.select(config, "actor_rollout_ref.rollout.engine_kwargs.hf") or {}
+    speculative = hf_options.get("speculative_config") if hf_options else None
     return {
         "model": str(config.actor_rollout_ref.model.path),
         "train_file": str(config.data.train_files),
@@ -136,23 +143,30 @@ def recipe_shapes(recipe: Path) -> dict[str, Any]:
         "episodes": int(config.data.train_batch_size) * int(config.actor_rollout_ref.rollout.n),
         "prompt_length": int(config.data.max_prompt_length),
         "response_length": int(config.data.max_response_length),
+        "speculative_config": OmegaConf.to_container(speculative) if speculative is not None else None,
     }
 
 
 @contextlib.contextmanager
 def before_backend(server: HFGenerationServer) -> Iterator[None]:
-    """The server decoding with the loop from before the prefix cache, on plain sdpa attention."""
+    """The server decoding with the loop from before the prefix cache, on plain sdpa attention and linears."""
     def old_generate(model, requests, eos_token_ids, pad_token_id, generator=None, decode=None, prefixes=None,
                      keep_kv=False):
         return hf_generate_before.generate_batch(model, requests, eos_token_ids, pad_token_id, generator, decode)
 
     attention = server.model.config._attn_implementation
     server.model.set_attn_implementation("sdpa")
+    packed = [module for module in server.model.modules() if isinstance(module, PackedLinear)]
+    rows = [module.max_rows for module in packed]
     try:
+        for module in packed:
+            module.max_rows = 0
         with mock.patch.object(generation_server, "generate_batch", old_generate):
             yield
     finally:
         server.model.set_attn_implementation(attention)
+        for module, max_rows in zip(packed, rows, strict=True):
+            module.max_rows = max_rows
 
 
 def main() -> None:
@@ -164,20 +178,24 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="1: every request decoded alone")
     args = parser.parse_args()
     shapes = recipe_shapes(args.recipe)
-    for key in ("max_turn_tokens", "max_obs_tokens", "prompt_length", "response_length"):
+    for key in ("max_turn_tokens", "max_obs_tokens", "prompt_length", "response_length", "speculative_config"):
         setattr(args, key, shapes[key])
     episodes = shapes["episodes"]
 
     rows = pd.read_parquet(shapes["train_file"]).to_dict("records")
     server = make_server(shapes["model"], args)
     cache = server.prefix_cache or PrefixCache()
+    speculation = server.speculation
+    if speculation is None:
+        raise SystemExit(f"{args.recipe} sets no rollout.engine_kwargs.hf.speculative_config: nothing to time for spec")
+    arms = ("before", "off", "on", "spec")
 
     async def run() -> list[dict[str, dict]]:
         await server.generate(request_id="warmup", prompt_ids=[1, 2, 3], sampling_params={"max_tokens": 4})
         steps = []
         for step in range(args.steps):
             batch = rows[step * episodes : (step + 1) * episodes]
-            server.prefix_cache = None
+            server.prefix_cache, server.speculation = None, None
             with before_backend(server):
                 before = await play_step(server, batch, args, f"before{step}")
             off = await play_step(server, batch, args, f"off{step}")
@@ -185,32 +203,37 @@ def main() -> None:
             # a weight update between steps (the trainer's, here the same weights) drops the cache
             await server.update_weights(dict(server.model.state_dict()), global_steps=step)
             on = await play_step(server, batch, args, f"on{step}")
-            steps.append({"before": before, "off": off, "on": on})
+            await server.update_weights(dict(server.model.state_dict()), global_steps=step)
+            server.speculation = speculation
+            spec = await play_step(server, batch, args, f"spec{step}")
+            steps.append({"before": before, "off": off, "on": on, "spec": spec})
+            times = ", ".join(f"{arm} {steps[-1][arm]['generate_s']:.1f} / {steps[-1][arm]['cpu_s']:.1f}" for arm in arms)
             print(
-                f"step {step}: before {before['generate_s']:.1f} s wall / {before['cpu_s']:.1f} s CPU, "
-                f"cache off {off['generate_s']:.1f} / {off['cpu_s']:.1f}, on {on['generate_s']:.1f} / "
-                f"{on['cpu_s']:.1f}; prompts {off['prompt_tokens']} -> {off['final_tokens']} tokens, "
-                f"turns {[len(t) for t in off['turns']]}",
+                f"step {step} (s wall / s CPU): {times}; prompts {off['prompt_tokens']} -> {off['final_tokens']} "
+                f"tokens, turns {[len(t) for t in off['turns']]}",
                 flush=True,
             )
         return steps
 
     steps = asyncio.run(run())
-    identical = all(s["off"]["turns"] == s["on"]["turns"] for s in steps)
+    identical = all(s["off"]["turns"] == s["on"]["turns"] == s["spec"]["turns"] for s in steps)
     before_identical = all(s["before"]["turns"] == s["on"]["turns"] for s in steps)
     print(f"model {shapes['model']}; {episodes} episodes per step, turns <= {args.max_turn_tokens} tokens, "
           f"observations <= {args.max_obs_tokens}; torch threads {torch.get_num_threads()}, "
-          f"max_batch_size {args.max_batch_size}, {len(steps)} steps")
+          f"max_batch_size {args.max_batch_size}, {len(steps)} steps; speculation {args.speculative_config}")
     for clock, label in (("generate_s", "wall"), ("cpu_s", "process CPU")):
-        mean = {arm: sum(s[arm][clock] for s in steps) / len(steps) for arm in ("before", "off", "on")}
+        mean = {arm: sum(s[arm][clock] for s in steps) / len(steps) for arm in arms}
         print(
-            f"generation per step ({label}): before {mean['before']:.1f} s, cache off {mean['off']:.1f} s, "
-            f"cache on {mean['on']:.1f} s; on / before {mean['on'] / mean['before']:.2f} (target <= 0.5), "
-            f"on / off {mean['on'] / mean['off']:.2f}"
+            f"generation per step ({label}): "
+            + ", ".join(f"{arm} {mean[arm]:.1f} s ({mean[arm] / mean['before']:.2f}x before)" for arm in arms)
+            + f"; spec / before {mean['spec'] / mean['before']:.2f} (target <= 0.5), on / off "
+            f"{mean['on'] / mean['off']:.2f}, spec / on {mean['spec'] / mean['on']:.2f}"
         )
-    print(f"prefix cache: {cache.stats}, {len(cache)} entries, {cache.nbytes / 2**20:.1f} MiB")
-    print(f"greedy tokens identical with and without the cache: {identical}; before's tokens the same: "
-          f"{before_identical}")
+    stats = asyncio.run(server.get_stats())
+    print(f"prefix cache: {cache.stats}, {len(cache)} entries, {cache.nbytes / 2**20:.1f} MiB; drafts: "
+          f"{stats['accepted_draft_tokens']} of {stats['draft_tokens']} draft tokens accepted")
+    print(f"greedy tokens identical without the cache, with it and with speculation: {identical}; before's "
+          f"tokens the same: {before_identical}")
     if not identical:
         raise SystemExit(1)
 

@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-from verl_selflock.verl_adapter.config_validation import SelflockConfigError, igpo_scoring_mode_of, validate_selflock_config
+from verl_selflock.verl_adapter.config_validation import (
+    SelflockConfigError,
+    igpo_scoring_mode_of,
+    validate_selflock_config,
+)
 
 GOOD = [
     "algorithm.adv_estimator=arew",
@@ -43,6 +47,18 @@ def test_diagnostics_settings_are_checked_for_any_estimator(verl_config):
     validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo", "+selflock_diagnostics.window=20"]))
     with pytest.raises(SelflockConfigError, match=r"selflock_diagnostics\.min_reward_rise"):
         validate_selflock_config(verl_config(["algorithm.adv_estimator=gae", "+selflock_diagnostics.min_reward_rise=0"]))
+
+
+def test_hf_rollout_options_are_checked_for_any_estimator(verl_config):
+    speculative = "{method: ngram, num_speculative_tokens: 3}"
+    hf = ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.name=hf"]
+    validate_selflock_config(verl_config([*hf, f"+actor_rollout_ref.rollout.engine_kwargs.hf.speculative_config={speculative}"]))
+    with pytest.raises(SelflockConfigError, match=r"engine_kwargs.hf: unknown keys \['prefix_cach_mb'\]"):
+        validate_selflock_config(verl_config([*hf, "+actor_rollout_ref.rollout.engine_kwargs.hf.prefix_cach_mb=64"]))
+    with pytest.raises(SelflockConfigError, match="'ngram' only"):
+        validate_selflock_config(verl_config([*hf, "+actor_rollout_ref.rollout.engine_kwargs.hf.speculative_config={method: eagle, num_speculative_tokens: 3}"]))
+    # another rollout's engine_kwargs are its own business
+    validate_selflock_config(verl_config(["algorithm.adv_estimator=grpo", "+actor_rollout_ref.rollout.engine_kwargs.hf.bogus=1"]))
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,13 @@ def validate_selflock_config(config: Any) -> None:
 
 
 def _check_settings(config: Any) -> None:
+    if str(_get(config, "actor_rollout_ref.rollout.name", "")) == "hf":  # = cpu.selection.ROLLOUT_NAME
+        from verl_selflock.verl_adapter.cpu.engine_options import check_hf_engine_options
+
+        try:
+            check_hf_engine_options(_get(config, "actor_rollout_ref.rollout.engine_kwargs.hf") or {})
+        except ValueError as err:
+            raise SelflockConfigError(str(err)) from None
     diagnostics = _get(config, "selflock_diagnostics")
     if diagnostics is not None:
         from verl_selflock.diagnostics.monitor import MonitorConfig

@@ -5,8 +5,10 @@ every process that imports veRL: driver, TaskRunner, FSDP workers, agent-loop an
 
 * a platform ``cpu`` (:mod:`.platform`): device ``cpu``, gloo collectives, Ray resource ``GPU``;
 * a rollout ``hf`` (:mod:`.hf_rollout`: replica and weight adapter; :mod:`.generation_server`: the
-  batching server actor; :mod:`.sampling`: transformers decoding with token log-probs), fed with the
-  trainer's weights after every update;
+  batching server actor; :mod:`.sampling`: transformers decoding with token log-probs, sped up by
+  :mod:`.prefix_cache` (each conversation's K/V kept between turns), :mod:`.speculation` (n-gram
+  speculative decoding) and :mod:`.packed_linear` (oneDNN-packed weights); its options in
+  :mod:`.engine_options`), fed with the trainer's weights after every update;
 * the few fixes veRL's FSDP path needs on CPU (:mod:`.patches`), applied only on the CPU platform.
 
 How to switch it on: set the environment variable ``VERL_PLATFORM=cpu`` (veRL's own platform

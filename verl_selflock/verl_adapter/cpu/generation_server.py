@@ -23,7 +23,10 @@ how long the server waits for concurrent requests before it starts a batch), ``n
 (default 1, or ``VERL_SELFLOCK_CPU_THREADS``: on a busy 2-core machine more threads are slower),
 ``prefix_cache_mb`` (default 512) and ``prefix_cache_entries`` (default 64): bounds of the prefix
 cache, which veRL's ``rollout.enable_prefix_caching`` (default true) switches and
-``rollout.full_determinism`` turns off.
+``rollout.full_determinism`` turns off; ``speculative_config`` (default none): vLLM's n-gram speculative
+decoding keys, ``{method: ngram, num_speculative_tokens: K, prompt_lookup_max: 3, prompt_lookup_min: 1}``
+(:mod:`~verl_selflock.verl_adapter.cpu.speculation`: exact, several tokens per forward when the agent
+repeats itself). An unknown key is an error (:func:`check_hf_engine_options`, also run on the driver).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 from verl.workers.rollout.replica import TokenOutput
 
+from verl_selflock.verl_adapter.cpu.engine_options import check_hf_engine_options
 from verl_selflock.verl_adapter.cpu.prefix_cache import PrefixCache, prefix_cache_from_config
 from verl_selflock.verl_adapter.cpu.sampling import (
     GenerationRequest,
@@ -77,6 +81,7 @@ class HFGenerationServer:
         self.model_config = model_config
         self.replica_rank = replica_rank
         options = _engine_kwargs(config)
+        self.speculation = check_hf_engine_options(options)
         torch.set_num_threads(int(options.get("num_threads", os.environ.get(THREADS_ENV, 1))))
         self.dtype = getattr(torch, str(options.get("dtype", "float32")))
         self.max_batch_size = int(options.get("max_batch_size", getattr(config, "max_num_seqs", 64) or 64))
@@ -101,7 +106,7 @@ class HFGenerationServer:
         self._batcher: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
         self.stats = {"requests": 0, "batches": 0, "tokens": 0, "generate_s": 0.0, "weight_updates": 0}
-        self.stats.update(prefill_tokens=0, reused_tokens=0)
+        self.stats.update(prefill_tokens=0, reused_tokens=0, draft_tokens=0, accepted_draft_tokens=0)
 
     # -- request handling -----------------------------------------------------------------------
     def _request_from(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> GenerationRequest:
@@ -172,7 +177,7 @@ class HFGenerationServer:
                         started = time.perf_counter()
                         results = await asyncio.to_thread(self._run_batch, requests)
                         self.stats["generate_s"] += time.perf_counter() - started
-                except Exception as error:  # noqa: BLE001  (hand the failure to every waiting caller)
+                except Exception as error:
                     logger.exception("hf rollout batch failed")
                     for _, _, future in batch:
                         if not future.done():
@@ -202,11 +207,14 @@ class HFGenerationServer:
             decode=self._decode,
             prefixes=prefixes,
             keep_kv=cache is not None,
+            speculation=self.speculation,
         )
         reused = sum(len(prefix) for prefix in prefixes or () if prefix is not None)
         prefilled = sum(len(request.prompt_ids) for request in requests) - reused
         self.stats["prefill_tokens"] = self.stats.get("prefill_tokens", 0) + prefilled
         self.stats["reused_tokens"] = self.stats.get("reused_tokens", 0) + reused
+        self.stats["draft_tokens"] = self.stats.get("draft_tokens", 0) + sum(r.drafted for r in results)
+        self.stats["accepted_draft_tokens"] = self.stats.get("accepted_draft_tokens", 0) + sum(r.accepted for r in results)
         for (request_id, _), result in zip(batch, results, strict=True):
             if cache is not None and result.cache is not None:
                 cache.store(request_id, result.cache, epoch)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from verl_selflock.verl_adapter.cpu.packed_linear import use_packed_linears
 from verl_selflock.verl_adapter.cpu.prefix_cache import (
     CachedPrefix,
     batch_cache_of,
@@ -31,6 +32,7 @@ from verl_selflock.verl_adapter.cpu.prefix_cache import (
     reusable_layers,
     row_kv,
 )
+from verl_selflock.verl_adapter.cpu.speculation import NgramSpeculation, accept_drafts
 
 
 @dataclass
@@ -67,12 +69,16 @@ class GenerationResult:
         log_probs: log-prob of each generated token, (num_generated,), see module docstring.
         stop_reason: ``"completed"`` (eos or a stop string) or ``"length"`` (hit ``max_tokens``).
         cache: with ``generate_batch(keep_kv=True)``, the K/V of ``prompt_ids + token_ids[:-1]``.
+        drafted: draft tokens checked for this request (speculative decoding; 0 without).
+        accepted: draft tokens it emitted.
     """
 
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     stop_reason: str = "length"
     cache: CachedPrefix | None = field(default=None, repr=False)
+    drafted: int = 0
+    accepted: int = 0
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -97,7 +103,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.masked_fill(mask, float("-inf"))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module,
     requests: Sequence[GenerationRequest],
@@ -107,6 +113,7 @@ def generate_batch(
     decode: Callable[[list[int]], str] | None = None,
     prefixes: Sequence[CachedPrefix | None] | None = None,
     keep_kv: bool = False,
+    speculation: NgramSpeculation | None = None,
 ) -> list[GenerationResult]:
     """Decode several prompts together: per-row prefill, then one left-padded KV cache, per-row settings.
 
@@ -127,6 +134,9 @@ def generate_batch(
             (:meth:`~verl_selflock.verl_adapter.cpu.prefix_cache.PrefixCache.lookup`); only the rest is run.
         keep_kv: set each result's ``cache`` to the K/V of ``prompt_ids + token_ids[:-1]`` (the last
             token was never fed to the model), for the next turn.
+        speculation: draft tokens from each row's own sequence, checked several per forward
+            (:mod:`~verl_selflock.verl_adapter.cpu.speculation`: the same tokens when greedy, the same
+            distribution when sampling); None decodes one token per step. Ignored under a repetition penalty.
 
     Returns:
         One :class:`GenerationResult` per request, in order.
@@ -166,9 +176,7 @@ def generate_batch(
     use_penalty = bool((penalty != 1.0).any())
     samples = bool((~greedy).any())
     filters = bool(((top_k > 0) | (top_p < 1.0)).any())
-    max_tokens = torch.tensor([r.max_tokens for r in requests], dtype=torch.long, device=device)
-    stops_at_eos = torch.tensor([not r.ignore_eos for r in requests], dtype=torch.bool, device=device)
-    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    eos_ids = {int(t) for t in eos_token_ids}
 
     results = [GenerationResult() for _ in requests]
     # Text of the last few tokens is enough to see a stop string complete: each token adds >= 1 character.
@@ -180,67 +188,129 @@ def generate_batch(
         seen = torch.zeros((bs, first_logits[0].shape[-1]), dtype=torch.bool, device=device)
         for row, request in enumerate(requests):
             seen[row, torch.tensor(request.prompt_ids, dtype=torch.long, device=device)] = True
-    logits = torch.stack(first_logits)
-    next_positions = torch.tensor(prompt_lens, dtype=torch.long, device=device)[:, None]
-    step_input = next_positions  # (bs, 1): replaced by the sampled tokens before the first decode step
-    # 2. sample from the prefill's logits, then decode one token per step for the whole batch
-    for step in range(int(max_tokens.max())):
+    if use_penalty:
+        speculation = None  # the penalty of a draft position depends on the drafts before it
+    logits = torch.stack(first_logits)[:, None]  # (bs, Q, vocab): Q fed positions, 1 after the prefill
+    lengths = torch.tensor(prompt_lens, dtype=torch.long, device=device)  # prompt + generated tokens per row
+    step_input = torch.full((bs, 1), pad_token_id, dtype=torch.long, device=device)  # last emitted token
+    drafts = torch.zeros((bs, 0), dtype=torch.long, device=device)
+    draft_lens = torch.zeros(bs, dtype=torch.long, device=device)
+    divisor = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None, None]
+    # 2. sample from the prefill's logits, then feed each row's last token (and its draft) per step
+    for step in range(max_steps):  # every step emits at least one token per unfinished row
         if step > 0:
+            fed = torch.cat([step_input, drafts], dim=1)  # (bs, Q)
+            offsets = torch.arange(fed.shape[1], device=device)
+            # columns of finished rows and beyond a row's draft are masked (holes, skipped by attention)
+            columns = (~finished)[:, None] & (offsets[None] <= draft_lens[:, None])
+            attention_mask = torch.cat([attention_mask, columns.long()], dim=1)
             out = model(
-                input_ids=step_input,
+                input_ids=fed,
                 attention_mask=attention_mask,
-                position_ids=next_positions + step - 1,
+                position_ids=(lengths - 1)[:, None] + offsets,
                 past_key_values=cache,
                 use_cache=True,
             )
             cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits.float()
         if use_penalty:
-            penalised = torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None])
-            logits = torch.where(seen, penalised, logits)
-        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+            penalised = torch.where(logits > 0, logits / penalty[:, None, None], logits * penalty[:, None, None])
+            logits = torch.where(seen[:, None], penalised, logits)
+        scaled = logits / divisor
         log_probs = torch.log_softmax(scaled, dim=-1)
+        probs = None
         if samples:
             # a sort of the vocabulary per step only when some row filters (vLLM skips it likewise)
-            probs = torch.softmax(filter_top_k_top_p(scaled, top_k, top_p), dim=-1) if filters else log_probs.exp()
-            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            next_tokens = torch.where(greedy, scaled.argmax(dim=-1), sampled)
-        else:
-            next_tokens = scaled.argmax(dim=-1)
-        next_log_probs = log_probs.gather(1, next_tokens[:, None]).squeeze(1)
+            if filters:
+                q_len = scaled.shape[1]
+                flat = filter_top_k_top_p(
+                    scaled.flatten(0, 1), top_k.repeat_interleave(q_len), top_p.repeat_interleave(q_len)
+                )
+                probs = torch.softmax(flat, dim=-1).view_as(scaled)
+            else:
+                probs = log_probs.exp()
+        tokens, num_emitted = accept_drafts(scaled, probs, drafts, draft_lens, greedy, generator)
+        token_log_probs = log_probs.gather(2, tokens[..., None]).squeeze(2)
 
-        hit_stop = torch.zeros(bs, dtype=torch.bool, device=device)
+        # emit row by row, token by token: eos, stop strings and max_tokens may end a row inside its draft
+        taken = [0] * bs
+        emitted, emitted_log_probs, counts = tokens.tolist(), token_log_probs.tolist(), num_emitted.tolist()
         for row in torch.nonzero(~finished).flatten().tolist():
-            results[row].token_ids.append(int(next_tokens[row]))
-            results[row].log_probs.append(float(next_log_probs[row]))
-            if stop_window[row]:
-                tail = decode(results[row].token_ids[-stop_window[row] :])
-                hit_stop[row] = any(text in tail for text in requests[row].stop)
-        hit_eos = (torch.isin(next_tokens, eos) & stops_at_eos) | hit_stop
-        for row in torch.nonzero(hit_eos & ~finished).flatten().tolist():
-            results[row].stop_reason = "completed"
-        if use_penalty:
-            seen[~finished, next_tokens[~finished]] = True
-        finished |= hit_eos | (max_tokens <= step + 1)
+            result, request = results[row], requests[row]
+            for token, log_prob in zip(emitted[row][: counts[row]], emitted_log_probs[row][: counts[row]]):
+                result.token_ids.append(token)
+                result.log_probs.append(log_prob)
+                taken[row] += 1
+                hit_stop = bool(stop_window[row]) and any(
+                    text in decode(result.token_ids[-stop_window[row] :]) for text in request.stop
+                )
+                if hit_stop or (token in eos_ids and not request.ignore_eos):
+                    result.stop_reason = "completed"
+                if result.stop_reason == "completed" or len(result.token_ids) >= request.max_tokens:
+                    finished[row] = True
+                    break
+            if use_penalty:
+                seen[row, result.token_ids[-1]] = True
+        if step > 0:
+            for row, drafted in enumerate(draft_lens.tolist()):
+                results[row].drafted += drafted
+                results[row].accepted += min(taken[row], counts[row] - 1)
+        taken = torch.tensor(taken, dtype=torch.long, device=device)
+        if step > 0:
+            # the fed columns a row keeps: its last token and the drafts it emitted before the final one
+            attention_mask[:, -fed.shape[1] :] *= (offsets[None] < taken[:, None]).long()
+        lengths += taken
         if bool(finished.all()):
             break
 
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-        step_input = next_tokens[:, None]
-        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
+        last = tokens.gather(1, (taken - 1).clamp(min=0)[:, None])
+        step_input = torch.where(finished[:, None], torch.full_like(last, pad_token_id), last)
+        drafts, draft_lens = _next_drafts(speculation, requests, results, finished, pad_token_id, device)
 
     # 3. each row's K/V for its next turn: the prompt's, then the generated tokens that were fed back
     if keep_kv:
         for row, (request, result) in enumerate(zip(requests, results, strict=True)):
-            fed = len(result.token_ids) - 1
-            decoded = row_kv(cache, row, width, width + fed) if fed else []
-            parts = [prompt_kv[row]] + ([decoded] if fed else [])
+            kept = width + torch.nonzero(attention_mask[row, width:]).flatten()  # fed, not masked: no holes
+            if kept.numel() != len(result.token_ids) - 1:
+                raise RuntimeError(f"generate_batch: row {row} kept {kept.numel()} columns for {len(result.token_ids)} tokens")
+            decoded = [(layer.keys[row][:, kept], layer.values[row][:, kept]) for layer in cache.layers]
+            parts = [prompt_kv[row]] + ([decoded] if kept.numel() else [])
             result.cache = prefix_of(request.prompt_ids + result.token_ids[:-1], parts)
     return results
 
 
+def _next_drafts(
+    speculation: NgramSpeculation | None,
+    requests: Sequence[GenerationRequest],
+    results: Sequence[GenerationResult],
+    finished: torch.Tensor,
+    pad_token_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unfinished row's draft for the next forward, right-padded: (bs, D) tokens and (bs,) lengths.
+
+    A draft never runs past the row's ``max_tokens`` (the forward emits it plus one more token)."""
+    bs = len(requests)
+    proposals: list[list[int]] = [[] for _ in range(bs)]
+    if speculation is not None:
+        for row in torch.nonzero(~finished).flatten().tolist():
+            request, result = requests[row], results[row]
+            room = request.max_tokens - len(result.token_ids) - 1
+            if room > 0:
+                sequence = torch.tensor(request.prompt_ids + result.token_ids, dtype=torch.long)
+                proposals[row] = speculation.propose(sequence, room)
+    width = max(map(len, proposals))
+    drafts = torch.full((bs, width), pad_token_id, dtype=torch.long, device=device)
+    for row, proposal in enumerate(proposals):
+        if proposal:
+            drafts[row, : len(proposal)] = torch.tensor(proposal, dtype=torch.long, device=device)
+    return drafts, torch.tensor([len(p) for p in proposals], dtype=torch.long, device=device)
+
+
 GQA_DECODE_ATTENTION = "selflock_sdpa_gqa_decode"
-"""Attention implementation of the rollout's model: transformers' SDPA, except for one-token queries."""
+"""Attention implementation of the rollout's model: transformers' SDPA, except for short queries."""
+MAX_FOLDED_QUERY = 16
+"""Longest query (a decode token and its draft) whose heads are folded onto their K/V heads."""
 
 
 def _sdpa_gqa_decode(
@@ -252,26 +322,31 @@ def _sdpa_gqa_decode(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA for a decode step without copying K/V per query head.
+    """SDPA for decode steps without copying K/V per query head.
 
     With a padding mask, transformers' SDPA path repeats K/V (batch, kv_heads, L, head_dim) n_rep times
     to match the query heads at every layer and step (``repeat_kv``): an O(L) copy that dominates a CPU
-    decode step at 1,000 cached tokens. For one query token, the n_rep query heads that share a K/V
-    head are instead laid along the query-length axis, (batch, heads, 1, d) -> (batch, kv_heads, n_rep, d)
-    (head h reads K/V head h // n_rep, as in ``repeat_kv``): the same products, the (batch, 1, 1, L) mask
-    broadcasts over them, nothing is copied. Longer queries (prefill) take transformers' own path.
+    decode step at 1,000 cached tokens. For a short query (one token, or a speculative draft) the n_rep
+    query heads that share a K/V head are instead laid along the query-length axis, (batch, heads, q, d)
+    -> (batch, kv_heads, n_rep * q, d) (head h reads K/V head h // n_rep, as in ``repeat_kv``), with the
+    (batch, 1, q, L) mask repeated n_rep times along its query axis: the same products, no K/V copied.
+    Longer queries (prefill), and a multi-token query without an explicit mask, take transformers' path.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     n_rep = int(getattr(module, "num_key_value_groups", 1))
-    if query.shape[2] != 1 or n_rep == 1 or (attention_mask is not None and attention_mask.shape[-2] != 1):
+    batch, heads, q_len, head_dim = query.shape
+    explicit = attention_mask is not None and attention_mask.shape[-2] == q_len
+    if n_rep == 1 or q_len > MAX_FOLDED_QUERY or not (explicit or (q_len == 1 and attention_mask is None)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    batch, heads, _, head_dim = query.shape
-    grouped = query.reshape(batch, heads // n_rep, n_rep, head_dim)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grouped, key, value, attn_mask=attention_mask, scale=kwargs.get("scaling")
-    )
-    return out.reshape(batch, 1, heads, head_dim), None  # transformers' layout: (batch, q_len, heads, head_dim)
+    grouped = query.reshape(batch, heads // n_rep, n_rep * q_len, head_dim)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[..., : key.shape[-2]]
+        mask = mask.repeat(1, 1, n_rep, 1) if q_len > 1 else mask
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=kwargs.get("scaling"))
+    # transformers' layout: (batch, q_len, heads, head_dim)
+    return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), None
 
 
 def use_gqa_decode_attention(model: torch.nn.Module) -> None:
@@ -285,14 +360,16 @@ def use_gqa_decode_attention(model: torch.nn.Module) -> None:
 
 
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load ``path`` as an eval-mode causal LM with SDPA attention on the CPU (decode steps without
-    K/V copies: :func:`use_gqa_decode_attention`)."""
+    """Load ``path`` as an eval-mode causal LM with SDPA attention on the CPU: decode steps without
+    K/V copies (:func:`use_gqa_decode_attention`) and with oneDNN-packed weights
+    (:func:`~verl_selflock.verl_adapter.cpu.packed_linear.use_packed_linears`)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
     )
     use_gqa_decode_attention(model)
+    use_packed_linears(model)
     return model.eval()
 
 
