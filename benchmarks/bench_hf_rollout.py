@@ -151,7 +151,7 @@ def recipe_shapes(recipe: Path) -> dict[str, Any]:
 def before_backend(server: HFGenerationServer) -> Iterator[None]:
     """The server decoding with the loop from before the prefix cache, on plain sdpa attention and linears."""
     def old_generate(model, requests, eos_token_ids, pad_token_id, generator=None, decode=None, prefixes=None,
-                     keep_kv=False):
+                     keep_kv=False, speculation=None):
         return hf_generate_before.generate_batch(model, requests, eos_token_ids, pad_token_id, generator, decode)
 
     attention = server.model.config._attn_implementation
