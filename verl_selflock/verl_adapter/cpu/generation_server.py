@@ -177,7 +177,7 @@ class HFGenerationServer:
                         started = time.perf_counter()
                         results = await asyncio.to_thread(self._run_batch, requests)
                         self.stats["generate_s"] += time.perf_counter() - started
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001  (hand the failure to every waiting caller)
                     logger.exception("hf rollout batch failed")
                     for _, _, future in batch:
                         if not future.done():

@@ -188,7 +188,6 @@ def generate_batch(
         seen = torch.zeros((bs, first_logits[0].shape[-1]), dtype=torch.bool, device=device)
         for row, request in enumerate(requests):
             seen[row, torch.tensor(request.prompt_ids, dtype=torch.long, device=device)] = True
-    if use_penalty:
         speculation = None  # the penalty of a draft position depends on the drafts before it
     logits = torch.stack(first_logits)[:, None]  # (bs, Q, vocab): Q fed positions, 1 after the prefill
     lengths = torch.tensor(prompt_lens, dtype=torch.long, device=device)  # prompt + generated tokens per row
@@ -251,19 +250,18 @@ def generate_batch(
                     break
             if use_penalty:
                 seen[row, result.token_ids[-1]] = True
+        num_taken = torch.tensor(taken, dtype=torch.long, device=device)
         if step > 0:
+            # the fed columns a row keeps: its last token and the drafts it emitted before the final one
+            attention_mask[:, -fed.shape[1] :] *= (offsets[None] < num_taken[:, None]).long()
             for row, drafted in enumerate(draft_lens.tolist()):
                 results[row].drafted += drafted
                 results[row].accepted += min(taken[row], counts[row] - 1)
-        taken = torch.tensor(taken, dtype=torch.long, device=device)
-        if step > 0:
-            # the fed columns a row keeps: its last token and the drafts it emitted before the final one
-            attention_mask[:, -fed.shape[1] :] *= (offsets[None] < taken[:, None]).long()
-        lengths += taken
+        lengths += num_taken
         if bool(finished.all()):
             break
 
-        last = tokens.gather(1, (taken - 1).clamp(min=0)[:, None])
+        last = tokens.gather(1, (num_taken - 1).clamp(min=0)[:, None])
         step_input = torch.where(finished[:, None], torch.full_like(last, pad_token_id), last)
         drafts, draft_lens = _next_drafts(speculation, requests, results, finished, pad_token_id, device)
 
