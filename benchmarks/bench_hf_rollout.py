@@ -133,8 +133,7 @@ def recipe_shapes(recipe: Path) -> dict[str, Any]:
 
     register_resolvers()
     config = OmegaConf.load(recipe)
-    hf_options = OmegaConf.select(config, "actor_rollout_ref.rollout.engine_kwargs.hf") or {}
-    speculative = hf_options.get("speculative_config") if hf_options else None
+    speculative = OmegaConf.select(config, "actor_rollout_ref.rollout.engine_kwargs.hf.speculative_config")
     return {
         "model": str(config.actor_rollout_ref.model.path),
         "train_file": str(config.data.train_files),

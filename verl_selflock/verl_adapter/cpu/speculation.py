@@ -84,6 +84,8 @@ class NgramSpeculation:
         sequence's last n tokens, for the longest n in [lookup_min, lookup_max] that occurs; [] if none.
         """
         width = min(self.num_tokens, limit)
+        if width <= 0:
+            return []
         length = int(sequence.shape[0])
         for n in range(min(self.lookup_max, length - 1), self.lookup_min - 1, -1):
             # windows starting at i with i + n <= length - 1: a token follows, and the suffix itself is excluded
@@ -91,7 +93,7 @@ class NgramSpeculation:
             hits = torch.nonzero((windows == sequence[length - n :]).all(dim=1))
             if hits.numel():
                 start = int(hits[-1, 0]) + n
-                return sequence[start : start + width].tolist() if width > 0 else []
+                return sequence[start : start + width].tolist()
         return []
 
 
